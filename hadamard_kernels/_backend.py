@@ -1,0 +1,106 @@
+"""Backend availability and selection: the one place that decides which implementation runs.
+
+Backends: "reference" (plain PyTorch, any device and dtype), "triton" (CUDA GPUs, or CPU tensors under
+TRITON_INTERPRET=1) and "cuda" (the nvcc-built extension `hadamard_kernels._C`, CUDA GPUs).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+ENV_BACKEND = "HADAMARD_KERNELS_BACKEND"
+
+# Auto's choice per op for CUDA tensors, first available wins. A backend moves to the front only once its
+# GPU tests passed and it measured fastest on a GPU (recorded in benchmarks/results/).
+AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "poly_chain": ("triton", "cuda"),
+}
+DEFAULT_PREFERENCE = ("triton", "cuda")
+
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return f"triton failed to import ({type(exc).__name__}: {exc}); pip install triton"
+    return None
+
+
+@functools.cache
+def cuda_extension():
+    """Return (module, None) or (None, why it is unavailable)."""
+    try:
+        return importlib.import_module("hadamard_kernels._C"), None
+    except ImportError as exc:
+        return None, (f"the extension hadamard_kernels._C is not built ({exc}); reinstall with nvcc on PATH: "
+                      "HADAMARD_KERNELS_CUDA=1 pip install --no-build-isolation -e .")
+
+
+def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when `backend` can run tensors of this device and dtype, else a sentence saying why not."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        if (err := triton_import_error()) is not None:
+            return err
+        if device.type == "cuda":
+            return None if dtype in GPU_DTYPES else f"the triton backend supports {_names(GPU_DTYPES)} on GPU, got {dtype}"
+        if device.type == "cpu" and triton_interpreting():
+            if dtype == torch.bfloat16:
+                # The interpreter multiplies raw bf16 bit patterns in tl.dot (triton issue #11584): wrong answers.
+                return "bfloat16 tl.dot is wrong under the Triton interpreter; run bfloat16 on a GPU"
+            return None
+        return (f"the triton backend needs CUDA tensors (got {device.type}); "
+                "set TRITON_INTERPRET=1 before importing hadamard_kernels to run it on the CPU interpreter")
+    if backend == "cuda":
+        ext, err = cuda_extension()
+        if ext is None:
+            return err
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors (got {device.type})"
+        if dtype not in GPU_DTYPES:
+            return f"the cuda backend supports {_names(GPU_DTYPES)}, got {dtype}"
+        return None
+    raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+
+
+def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs `op`: the argument, else $HADAMARD_KERNELS_BACKEND, else auto. Never falls back."""
+    requested, source = backend, "backend"
+    if requested is None and os.environ.get(ENV_BACKEND):
+        requested, source = os.environ[ENV_BACKEND], ENV_BACKEND
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise ValueError(f"{source} must be one of {BACKENDS} or None, got {requested!r}")
+        if (why := unavailable_reason(requested, device, dtype)) is not None:
+            raise RuntimeError(f"{op}: backend {requested!r} (from {source}) is not available: {why}")
+        return requested
+    if device.type == "cuda":
+        for name in AUTO_PREFERENCE.get(op, DEFAULT_PREFERENCE):
+            if unavailable_reason(name, device, dtype) is None:
+                return name
+    return "reference"
+
+
+def available_backends(device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> dict[str, str | None]:
+    """{backend: None if it can run on `device` (default: cuda if present, else cpu), else why not}."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    return {name: unavailable_reason(name, device, dtype) for name in BACKENDS}
+
+
+def _names(dtypes) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)

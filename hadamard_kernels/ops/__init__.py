@@ -1,0 +1,1 @@
+"""Op families. Each sub-package registers its torch.library custom ops on import."""

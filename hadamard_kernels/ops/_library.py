@@ -1,0 +1,68 @@
+"""Machinery every op family shares, so a family's op.py only states what is specific to it.
+
+A family `hadamard_kernels.ops.<family>` has backend modules `reference`, `triton` and `cuda`, each exposing
+`forward(*inputs, *options)` and `backward(grad, *inputs, *options, needs)` with the same signatures. Its op.py
+defines two torch.library custom ops (the forward and its backward, both opaque to the compiler) whose bodies
+call `run_forward` / `run_backward`, and wires them with `register_autograd`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .. import _backend
+
+
+class BackendModules:
+    """The backend modules of one op family, imported when first selected."""
+
+    def __init__(self, op: str, package: str):
+        self.op = op
+        self.package = package
+
+    def select(self, backend: str | None, like: torch.Tensor):
+        name = _backend.resolve(self.op, backend, like.device, like.dtype)
+        return importlib.import_module(f"{self.package}.{name}")
+
+
+def grads_to_tensors(grads: Sequence[torch.Tensor | None], like: torch.Tensor) -> list[torch.Tensor]:
+    """Custom ops cannot return None: a gradient that was not asked for travels as an empty tensor."""
+    return [like.new_empty(0) if g is None else g for g in grads]
+
+
+def fake_backward(num_inputs: int) -> Callable:
+    """Fake (meta) implementation for a backward op `(grad, *inputs[num_inputs], *options, needs)`."""
+
+    def fake(grad, *args):
+        inputs, needs = args[:num_inputs], args[-1]
+        return [torch.empty_like(t) if (t is not None and need) else grad.new_empty(0)
+                for t, need in zip(inputs, needs)]
+
+    return fake
+
+
+def register_autograd(forward_op, backward_op, num_inputs: int) -> None:
+    """Autograd for `forward_op(*inputs[num_inputs], *options)`: saves the inputs (never intermediates) and calls
+    `backward_op(grad, *inputs, *options, needs)`, which recomputes what it needs."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:num_inputs])
+        ctx.options = inputs[num_inputs:]
+
+    def backward(ctx, grad):
+        needs = list(ctx.needs_input_grad[:num_inputs])
+        grads = backward_op(grad.contiguous(), *ctx.saved_tensors, *ctx.options, needs)
+        return (*[g if need else None for g, need in zip(grads, needs)], *[None] * len(ctx.options))
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
+
+
+def triton_autotune(configs, key):
+    """triton.autotune over `configs` on a GPU; the first config alone under the interpreter, where the autotuner's
+    benchmarker cannot run."""
+    import triton
+
+    return triton.autotune(configs=configs[:1] if _backend.triton_interpreting() else configs, key=key)

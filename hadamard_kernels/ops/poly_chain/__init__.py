@@ -1,0 +1,3 @@
+from .op import poly_chain
+
+__all__ = ["poly_chain"]
