@@ -17,6 +17,7 @@ _IMPLS = BackendModules("poly_chain", __package__)
 @torch.library.custom_op("hadamard_kernels::poly_chain", mutates_args=())
 def poly_chain_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], mode: str, activation: str, scale: float,
                   backend: Optional[str]) -> Tensor:
+    # Also reached by torch.ops.hadamard_kernels.poly_chain directly, so the kernels never see unchecked input.
     check_args(x, weight, bias, mode, activation)
     if x.numel() == 0:
         return x.new_zeros((*x.shape[:-1], weight.shape[1]))
@@ -53,5 +54,7 @@ def poly_chain(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, mode
     mode="ccp": y_1 = u_1, y_n = u_n * y_{n-1} + y_{n-1};  mode="product": y_n = u_n * y_{n-1}.
     Returns y_N [..., k]. backend: None (auto), "reference", "triton" or "cuda".
     """
+    # Checked here too, so wrong types get a ValueError rather than the schema's cast error.
+    check_args(x, weight, bias, mode, activation)
     scale = _checks.check_finite_float("scale", scale)
     return poly_chain_op(x, weight, bias, mode, activation, scale, backend)

@@ -1,0 +1,8 @@
+import os
+
+import torch
+
+# Without a GPU the Triton kernels run on CPU tensors through the interpreter. The variable must be set before
+# triton.jit sees the kernels, i.e. before any backend module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

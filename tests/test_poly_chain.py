@@ -1,0 +1,258 @@
+"""poly_chain: every backend available here against the float64 reference, forward and all gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import hadamard_kernels as hk
+from hadamard_kernels.ops.poly_chain.common import ACTIVATIONS, MODES
+from hadamard_kernels.ops.poly_chain.op import poly_chain_op
+from utils import HAS_CUDA, assert_close, cpu_backends, cuda, gpu_backends, requires_cuda
+
+
+def make_inputs(lead=(3, 13), d=45, k=23, N=3, dtype=torch.float64, device="cpu", bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, d, generator=g, dtype=torch.float64)
+    # Scale the projections so every u_n is O(1) and long chains stay finite.
+    weight = torch.randn(N, k, d, generator=g, dtype=torch.float64) / math.sqrt(d)
+    b = torch.randn(N, k, generator=g, dtype=torch.float64) * 0.5 if bias else None
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(x), cast(weight), cast(b)
+
+
+def run(x, weight, bias, grad_y=None, **options):
+    """Output and (dx, dweight, dbias) of poly_chain on leaf copies of the inputs."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+    y = hk.poly_chain(*leaves, **options)
+    if grad_y is None:
+        grad_y = torch.randn_like(y)
+    y.backward(grad_y.to(y.dtype))
+    return y.detach(), [None if t is None else t.grad for t in leaves], grad_y
+
+
+def check_against_reference(x, weight, bias, backend, **options):
+    """Runs `backend` on the given inputs and the reference on their float64 copies; compares all outputs."""
+    y, grads, grad_y = run(x, weight, bias, backend=backend, **options)
+    ref_y, ref_grads, _ = run(*(None if t is None else t.double() for t in (x, weight, bias)), grad_y=grad_y.double(),
+                              backend="reference", **options)
+    assert_close("y", y, ref_y, x.dtype)
+    for name, g, ref_g in zip(("dx", "dweight", "dbias"), grads, ref_grads):
+        if ref_g is not None:
+            assert_close(name, g, ref_g, x.dtype)
+
+
+# ---------------------------------------------------------------- the reference is the survey's formula
+def survey_loop(x, weight, bias, mode, activation, scale):
+    """Brute force: every output element from scalar sums, exactly as the survey writes the recursion."""
+    act = {"identity": lambda v: v, "relu": lambda v: max(v, 0.0), "tanh": math.tanh,
+           "sigmoid": lambda v: 1 / (1 + math.exp(-v)), "gelu": lambda v: 0.5 * v * (1 + math.erf(v / math.sqrt(2)))}[activation]
+    N, k, d = weight.shape
+    rows = x.reshape(-1, d).tolist()
+    out = []
+    for row in rows:
+        out_row = []
+        for j in range(k):
+            y = None
+            for n in range(N):
+                z = sum(row[i] * weight[n, j, i].item() for i in range(d)) + (bias[n, j].item() if bias is not None else 0.0)
+                u = scale * act(z)
+                y = u if y is None else (u * y + y if mode == "ccp" else u * y)
+            out_row.append(y)
+        out.append(out_row)
+    return torch.tensor(out, dtype=torch.float64).reshape(*x.shape[:-1], k)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_reference_matches_survey_loop(mode, activation):
+    x, weight, bias = make_inputs(lead=(2, 3), d=5, k=4, N=3)
+    y = hk.poly_chain(x, weight, bias, mode=mode, activation=activation, scale=0.8, backend="reference")
+    assert_close("y", y, survey_loop(x, weight, bias, mode, activation, 0.8), tol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_reference_backward_gradcheck(mode, activation):
+    x, weight, bias = make_inputs(lead=(4,), d=5, k=3, N=3)
+    fn = lambda *t: hk.poly_chain(*t, mode=mode, activation=activation, scale=0.9, backend="reference")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, [t.requires_grad_() for t in (x, weight, bias)])
+
+
+# ---------------------------------------------------------------- fused backends on this machine
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_matches_reference(backend, dtype, mode, activation):
+    if backend not in cpu_backends(dtype):
+        pytest.skip(f"{backend} does not run {dtype} on the CPU")
+    x, weight, bias = make_inputs(dtype=dtype)
+    check_against_reference(x, weight, bias, backend, mode=mode, activation=activation, scale=0.7)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("shape", [
+    dict(lead=(1,), d=1, k=1, N=1),      # smallest
+    dict(lead=(70,), d=33, k=17, N=1),   # N = 1: y = u_1
+    dict(lead=(2, 2, 3), d=20, k=9, N=16),  # long chain, several leading dims
+    dict(lead=(5,), d=130, k=70, N=2),   # d and k past one tile
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_shapes(backend, shape, bias):
+    x, weight, b = make_inputs(**shape, bias=bias)
+    check_against_reference(x, weight, b, backend, mode="ccp", activation="tanh", scale=0.5)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("mode", MODES)
+def test_zero_factors_exact_gradients(backend, mode):
+    """A factor of exactly 0 (1 + u = 0 in ccp, u = 0 in product): leave-one-out products, not division."""
+    x, weight, bias = make_inputs(lead=(9,), d=6, k=5, N=4)
+    weight[1] = 0.0
+    bias[1] = -1.0 if mode == "ccp" else 0.0  # identity: u_2 = bias -> factor 0
+    check_against_reference(x, weight, bias, backend, mode=mode, activation="identity", scale=1.0)
+    _, grads, _ = run(x, weight, bias, backend=backend, mode=mode, activation="identity")
+    assert grads[1][1].abs().sum() > 0, "dweight of the zero factor must not vanish"
+    assert grads[2][1].abs().sum() > 0, "dbias of the zero factor must not vanish"
+    assert grads[1][[0, 2, 3]].abs().sum() == 0, "the other factors see the zero: their gradients are exactly 0"
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_relu_many_zeros_product_mode(backend):
+    x, weight, bias = make_inputs(lead=(31,), d=12, k=10, N=5)
+    check_against_reference(x, weight, bias, backend, mode="product", activation="relu", scale=math.sqrt(2 / 10))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_nan_propagates(backend):
+    x, weight, bias = make_inputs(lead=(6,), d=8, k=5, N=2)
+    x[2, 3] = float("nan")
+    y = hk.poly_chain(x, weight, bias, backend=backend)
+    assert torch.isnan(y[2]).all() and not torch.isnan(y[[0, 1, 3, 4, 5]]).any()
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_strided_inputs(backend):
+    """Inputs sliced from wider tensors and a transposed weight view give the contiguous result."""
+    x, weight, bias = make_inputs(lead=(11,), d=9, k=6, N=3)
+    wide_x = torch.zeros(11, 20, dtype=x.dtype)
+    wide_x[:, 3:12] = x
+    weight_t = weight.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not wide_x[:, 3:12].is_contiguous() and not weight_t.is_contiguous()
+    y = hk.poly_chain(wide_x[:, 3:12], weight_t, bias, backend=backend)
+    assert_close("y", y, hk.poly_chain(x, weight, bias, backend="reference"))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_empty_batch(backend):
+    x, weight, bias = make_inputs(lead=(0, 4), d=7, k=3, N=2)
+    y, grads, _ = run(x, weight, bias, backend=backend)
+    assert y.shape == (0, 4, 3)
+    assert grads[0].shape == x.shape and grads[1].abs().sum() == 0 and grads[2].abs().sum() == 0
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_gradcheck(backend):
+    x, weight, bias = make_inputs(lead=(4,), d=5, k=3, N=3)
+    fn = lambda *t: hk.poly_chain(*t, mode="ccp", activation="gelu", scale=0.9, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, [t.requires_grad_() for t in (x, weight, bias)])
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_opcheck(backend):
+    x, weight, bias = make_inputs(lead=(4,), d=5, k=3, N=2)
+    for b in (bias, None):
+        args = (x.requires_grad_(), weight.requires_grad_(), b, "ccp", "tanh", 0.5, backend)
+        torch.library.opcheck(poly_chain_op, args)
+
+
+def test_torch_compile_fullgraph():
+    x, weight, bias = make_inputs(lead=(8,), d=6, k=4, N=3, dtype=torch.float32)
+    fn = lambda *t: hk.poly_chain(*t, activation="relu", scale=0.5).square().sum()  # noqa: E731
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    compiled(*leaves).backward()
+    expected = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    fn(*expected).backward()
+    for name, a, b in zip(("dx", "dweight", "dbias"), leaves, expected):
+        assert_close(name, a.grad, b.grad.double())
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("change, argument", [
+    (lambda a: a.update(x=a["x"][..., :-1]), "x"),
+    (lambda a: a.update(x=a["x"].to(torch.int32)), "x"),
+    (lambda a: a.update(x=[1.0, 2.0]), "x"),
+    (lambda a: a.update(weight=a["weight"][0]), "weight"),
+    (lambda a: a.update(weight=a["weight"][:, :0]), "weight.shape[1]"),
+    (lambda a: a.update(weight=a["weight"][:0]), "weight.shape[0]"),
+    (lambda a: a.update(weight=a["weight"].float()), "weight"),
+    (lambda a: a.update(bias=a["bias"][:, 1:]), "bias"),
+    (lambda a: a.update(bias=a["bias"].float()), "bias"),
+    (lambda a: a.update(mode="ncp"), "mode"),
+    (lambda a: a.update(activation="swish"), "activation"),
+    (lambda a: a.update(scale=float("inf")), "scale"),
+    (lambda a: a.update(scale="1"), "scale"),
+    (lambda a: a.update(backend="gpu"), "backend"),
+])
+def test_bad_input_raises_value_error(change, argument):
+    x, weight, bias = make_inputs(lead=(3,), d=4, k=2, N=2)
+    args = dict(x=x, weight=weight, bias=bias, mode="ccp", activation="identity", scale=1.0, backend="reference")
+    change(args)
+    with pytest.raises(ValueError, match=argument.replace("[", r"\[").replace("]", r"\]")):
+        hk.poly_chain(args.pop("x"), args.pop("weight"), args.pop("bias"), **args)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error on a machine without a GPU")
+def test_unavailable_backend_raises_runtime_error():
+    x, weight, bias = make_inputs(lead=(3,), d=4, k=2, N=2)
+    with pytest.raises(RuntimeError, match="backend 'cuda'.*not available"):
+        hk.poly_chain(x, weight, bias, backend="cuda")
+
+
+# ---------------------------------------------------------------- GPU
+@cuda
+@requires_cuda
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_gpu_matches_reference(backend, dtype, mode, activation, bias):
+    x, weight, b = make_inputs(lead=(3, 37), d=45, k=23, N=5, dtype=dtype, device="cuda", bias=bias)
+    check_against_reference(x, weight, b, backend, mode=mode, activation=activation, scale=0.7)
+
+
+@cuda
+@requires_cuda
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [
+    dict(lead=(1,), d=1, k=1, N=1), dict(lead=(1000,), d=257, k=129, N=16),
+    dict(lead=(4, 512), d=512, k=512, N=3), dict(lead=(3,), d=8, k=300, N=2),
+])
+def test_gpu_shapes(backend, dtype, shape):
+    x, weight, b = make_inputs(**shape, dtype=dtype, device="cuda")
+    check_against_reference(x, weight, b, backend, mode="ccp", activation="tanh", scale=0.5)
+
+
+@cuda
+@requires_cuda
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("mode", MODES)
+def test_gpu_zero_factors(backend, mode):
+    x, weight, bias = make_inputs(lead=(99,), d=40, k=33, N=4, dtype=torch.float32, device="cuda")
+    weight[1] = 0.0
+    bias[1] = -1.0 if mode == "ccp" else 0.0
+    check_against_reference(x, weight, bias, backend, mode=mode, activation="identity", scale=1.0)
+
+
+@cuda
+@requires_cuda
+def test_gpu_auto_backend_and_compile():
+    x, weight, bias = make_inputs(lead=(64,), d=32, k=16, N=3, dtype=torch.bfloat16, device="cuda")
+    fn = torch.compile(lambda *t: hk.poly_chain(*t, activation="gelu"), fullgraph=True)
+    assert_close("y", fn(x, weight, bias), hk.poly_chain(x.double(), weight.double(), bias.double(), activation="gelu"))
