@@ -1,0 +1,77 @@
+"""`python -m hadamard_kernels check`: every op on every backend available here, against the float64 reference.
+
+A family joins by adding one entry to CASES: a function that builds small example inputs and the call."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from . import _backend
+
+
+def _poly_chain_case(gen):
+    from . import poly_chain
+    N, k, d = 3, 23, 45
+    inputs = [torch.randn(37, d, generator=gen), torch.randn(N, k, d, generator=gen) / math.sqrt(d),
+              torch.randn(N, k, generator=gen) * 0.5]
+    return inputs, lambda x, w, b, backend: poly_chain(x, w, b, mode="ccp", activation="tanh", scale=0.7, backend=backend)
+
+
+# (op name, builder(generator) -> (CPU example inputs, call(*inputs, backend)))
+CASES: list[tuple[str, Callable]] = [
+    ("poly_chain", _poly_chain_case),
+]
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+
+
+def _rel_err(out, ref) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    if torch.isnan(out).any():
+        return math.nan
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def _run(call, inputs, backend):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = call(*leaves, backend=backend)
+    grad = torch.ones_like(out)
+    grads = torch.autograd.grad(out, leaves, grad)
+    return out.detach(), grads
+
+
+def run_checks(device: str | None = None) -> bool:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = [torch.float32, torch.bfloat16, torch.float16] if device == "cuda" else [torch.float64, torch.float32, torch.float16]
+    print(f"device: {device}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""))
+    header = f"{'op':<14}{'backend':<11}{'dtype':<10}{'forward':>10}{'grads (max)':>13}  result"
+    print(header)
+    print("-" * len(header))
+    all_ok = True
+    for op, build in CASES:
+        for dtype in dtypes:
+            inputs, call = build(torch.Generator().manual_seed(0))
+            inputs64 = [t.double() for t in inputs]
+            ref_out, ref_grads = _run(call, inputs64, "reference")
+            inputs = [t.to(device=device, dtype=dtype) for t in inputs]
+            for backend in _backend.BACKENDS:
+                why = _backend.unavailable_reason(backend, torch.device(device), dtype)
+                name = str(dtype).removeprefix("torch.")
+                if why is not None:
+                    print(f"{op:<14}{backend:<11}{name:<10}{'':>10}{'':>13}  skipped: {why}")
+                    continue
+                try:
+                    out, grads = _run(call, inputs, backend)
+                    fwd = _rel_err(out, ref_out)
+                    bwd = max(_rel_err(g, r) for g, r in zip(grads, ref_grads))
+                    ok = fwd < TOLERANCE[dtype] and bwd < TOLERANCE[dtype]
+                    print(f"{op:<14}{backend:<11}{name:<10}{fwd:>10.1e}{bwd:>13.1e}  {'PASS' if ok else 'FAIL'}")
+                except Exception as exc:  # report and keep checking the others
+                    ok = False
+                    print(f"{op:<14}{backend:<11}{name:<10}{'':>10}{'':>13}  FAIL: {type(exc).__name__}: {exc}")
+                all_ok &= ok
+    print("all checks passed" if all_ok else "SOME CHECKS FAILED")
+    return all_ok

@@ -1,0 +1,74 @@
+"""Backend selection (_backend.py): auto, the environment override, and errors that say why."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hadamard_kernels as hk
+from hadamard_kernels import _backend
+from utils import HAS_CUDA
+
+CPU = torch.device("cpu")
+
+
+def test_auto_picks_reference_for_cpu_tensors(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_BACKEND, raising=False)
+    assert _backend.resolve("poly_chain", None, CPU, torch.float32) == "reference"
+
+
+def test_env_override(monkeypatch):
+    monkeypatch.setenv(_backend.ENV_BACKEND, "reference")
+    assert _backend.resolve("poly_chain", None, CPU, torch.float32) == "reference"
+    monkeypatch.setenv(_backend.ENV_BACKEND, "fastest")
+    with pytest.raises(ValueError, match=_backend.ENV_BACKEND):
+        _backend.resolve("poly_chain", None, CPU, torch.float32)
+
+
+def test_argument_beats_env(monkeypatch):
+    monkeypatch.setenv(_backend.ENV_BACKEND, "cuda")
+    assert _backend.resolve("poly_chain", "reference", CPU, torch.float32) == "reference"
+
+
+def test_unknown_backend_is_value_error():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        _backend.resolve("poly_chain", "tpu", CPU, torch.float32)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the messages on a machine without a GPU")
+def test_cuda_backend_on_cpu_tensors_says_why():
+    with pytest.raises(RuntimeError, match="cuda.*not available"):
+        _backend.resolve("poly_chain", "cuda", CPU, torch.float32)
+
+
+def test_triton_needs_interpreter_on_cpu(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    why = _backend.unavailable_reason("triton", CPU, torch.float32)
+    assert why is not None and "TRITON_INTERPRET=1" in why
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _backend.unavailable_reason("triton", CPU, torch.float32) is None
+    assert "bfloat16" in _backend.unavailable_reason("triton", CPU, torch.bfloat16)
+
+
+def test_env_choice_of_unavailable_backend_is_runtime_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv(_backend.ENV_BACKEND, "triton")
+    with pytest.raises(RuntimeError, match=f"from {_backend.ENV_BACKEND}"):
+        hk.poly_chain(torch.randn(2, 3), torch.randn(1, 2, 3))
+
+
+def test_available_backends_lists_all():
+    found = hk.available_backends("cpu")
+    assert set(found) == set(_backend.BACKENDS) and found["reference"] is None
+
+
+def test_cli_info_and_check():
+    info = subprocess.run([sys.executable, "-m", "hadamard_kernels", "info"], capture_output=True, text=True, check=True)
+    assert "backends for cpu tensors" in info.stdout
+    check = subprocess.run([sys.executable, "-m", "hadamard_kernels", "check", "--device", "cpu"],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "all checks passed" in check.stdout and "FAIL" not in check.stdout
