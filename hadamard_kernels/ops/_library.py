@@ -9,6 +9,8 @@ call `run_forward` / `run_backward`, and wires them with `register_autograd`.
 from __future__ import annotations
 
 import importlib
+import math
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -61,8 +63,14 @@ def register_autograd(forward_op, backward_op, num_inputs: int) -> None:
 
 
 def triton_autotune(configs, key):
-    """triton.autotune over `configs` on a GPU; the first config alone under the interpreter, where the autotuner's
-    benchmarker cannot run."""
+    """triton.autotune over `configs` on a GPU, where configs[0] is the default. One config only under the
+    interpreter (the autotuner's benchmarker needs a GPU): the smallest tiles, since the interpreter's cost grows
+    with the block and test shapes are small. configs[0] only when HADAMARD_KERNELS_AUTOTUNE=0 (quick GPU test runs,
+    where every constexpr variant would otherwise compile once per config)."""
     import triton
 
-    return triton.autotune(configs=configs[:1] if _backend.triton_interpreting() else configs, key=key)
+    if _backend.triton_interpreting():
+        configs = [min(configs, key=lambda c: math.prod(c.kwargs.values()))]
+    elif os.environ.get("HADAMARD_KERNELS_AUTOTUNE", "1") == "0":
+        configs = configs[:1]
+    return triton.autotune(configs=configs, key=key)

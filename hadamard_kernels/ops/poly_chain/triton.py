@@ -23,11 +23,12 @@ from .common import ACTIVATIONS, grads_from_grad_z
 _ACT_CODE = {name: code for code, name in enumerate(ACTIVATIONS)}
 _MODE_CCP, _MODE_PRODUCT = 0, 1
 
+# The first entry is the default when autotuning is off; the rest are shapes that suit H100 wgmma tiles.
 _CONFIGS = [
     triton.Config({"BM": bm, "BK": bk, "BD": bd}, num_warps=w, num_stages=s)
     for bm, bk, bd, w, s in [
-        (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
-        (64, 32, 64, 4, 4), (32, 64, 64, 4, 4), (128, 32, 64, 4, 3), (32, 32, 32, 2, 4),
+        (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4), (128, 64, 32, 4, 4), (64, 32, 64, 4, 4), (32, 32, 32, 2, 4),
     ]
 ]
 
