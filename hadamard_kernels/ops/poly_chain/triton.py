@@ -5,10 +5,11 @@ tl.dot, applies the activation and multiplies the factor into the running produc
 [M, k] tensors never leave registers.
 
 Backward: y_N = prod_n f_n with f_1 = u_1 and f_n = 1 + u_n (ccp) or u_n (product), so
-dL/du_n = dy * prod_{m != n} f_m. That leave-one-out product is prefix * suffix (exact when a factor is 0, no
-division): pass 1 walks n forward and parks the prefix products in an fp32 workspace; pass 2 walks n backward,
-recomputes z_n, multiplies prefix by the running suffix and writes grad_z = dL/dz_n. Two GEMMs on grad_z give
-dx and dweight (common.grads_from_grad_z).
+dL/dz_n = dy * prod_{m != n} f_m * scale * act'(z_n). Only the inputs are saved by the forward; the backward
+recomputes all projections with one GEMM, z = x @ W.view(N*k, d)^T laid out [M, N, k] (transient), then one
+elementwise kernel holds the N factors of a block of (row, column) pairs in registers and forms the leave-one-out
+products as exclusive prefix * exclusive suffix scans (exact when a factor is 0, no division), writing
+grad_z [M, N, k]. Two GEMMs on grad_z give dx and dweight (common.grads_from_grad_z).
 """
 
 from __future__ import annotations
@@ -113,34 +114,39 @@ def _poly_chain_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, D, K, N, scale, stride
     tl.store(y_ptr + o_m[:, None] * stride_ym + o_k[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton_autotune(_CONFIGS, key=["D", "K", "N", "HAS_BIAS", "MODE", "ACT"])
 @triton.jit
-def _poly_chain_bwd_kernel(x_ptr, w_ptr, b_ptr, gy_ptr, gz_ptr, prefix_ptr, M, D, K, N, scale, stride_xm, stride_gym,
-                           HAS_BIAS: tl.constexpr, MODE: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
-                           ACC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
-    """grad_z [M, N, k] = dy * (prod_{m<n} f_m) * (prod_{m>n} f_m) * scale * act'(z_n)."""
-    i_m, i_k = tl.program_id(0), tl.program_id(1)
-    o_m = i_m.to(tl.int64) * BM + tl.arange(0, BM)
-    o_k = i_k * BK + tl.arange(0, BK)
-    mask = (o_m < M)[:, None] & (o_k < K)[None, :]
-    # [M, N, k] offsets of this tile for degree 0; degree n adds n * K.
-    o_mnk = o_m[:, None] * N * K + o_k[None, :]
+def _chain_factor(z_ptr, b_ptr, p, o_n, mask, K, N, scale, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
+                  ACT: tl.constexpr, ACC: tl.constexpr):
+    """Factor f_n at z offsets p, degree o_n; 1 where the degree is outside 0..N-1 (the identity of the scans)."""
+    z = tl.load(z_ptr + p, mask=mask, other=0.0).to(ACC)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + o_n * K + p % K, mask=mask, other=0.0).to(ACC)
+    f = _factor(scale * _activation(z, ACT), o_n, MODE)
+    return tl.where(mask, f, 1.0), z
 
-    prefix = tl.full((BM, BK), 1.0, ACC)
-    for n in range(N):
-        tl.store(prefix_ptr + o_mnk + n * K, prefix, mask=mask)
-        z = _projection(x_ptr, w_ptr, b_ptr, n, o_m, o_k, M, D, K, stride_xm, HAS_BIAS, IEEE, ACC, BM, BK, BD)
-        prefix *= _factor(scale * _activation(z, ACT), n, MODE)
 
-    dy = tl.load(gy_ptr + o_m[:, None] * stride_gym + o_k[None, :], mask=mask, other=0.0).to(ACC)
-    suffix = tl.full((BM, BK), 1.0, ACC)
-    for i in range(N):
-        n = N - 1 - i
-        z = _projection(x_ptr, w_ptr, b_ptr, n, o_m, o_k, M, D, K, stride_xm, HAS_BIAS, IEEE, ACC, BM, BK, BD)
-        before = tl.load(prefix_ptr + o_mnk + n * K, mask=mask, other=0.0)
-        dz = dy * before * suffix * scale * _activation_grad(z, ACT)
-        tl.store(gz_ptr + o_mnk + n * K, dz.to(gz_ptr.dtype.element_ty), mask=mask)
-        suffix *= _factor(scale * _activation(z, ACT), n, MODE)
+@triton.jit
+def _poly_chain_grad_z_kernel(z_ptr, b_ptr, gy_ptr, gz_ptr, R, K, N, scale, HAS_BIAS: tl.constexpr,
+                              MODE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, NP: tl.constexpr,
+                              BR: tl.constexpr):
+    """grad_z[m, n, j] = dy[m, j] * (prod_{i<n} f_i) * (prod_{i>n} f_i) * scale * act'(z[m, n, j]).
+
+    A program owns BR (row, column) pairs r = m*K + j and all N degrees ([BR, NP] block, NP = next pow2 of N)."""
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    o_n = tl.arange(0, NP)[None, :]
+    m_r = (o_r < R)[:, None]
+    # Element (m, n, j) of the [M, N, K] tensors sits at (m*N + n)*K + j.
+    p = ((o_r // K) * N * K + o_r % K)[:, None] + o_n * K
+    f_prev, _ = _chain_factor(z_ptr, b_ptr, p - K, o_n - 1, m_r & (o_n >= 1) & (o_n <= N), K, N, scale,
+                              HAS_BIAS, MODE, ACT, ACC)
+    f_next, _ = _chain_factor(z_ptr, b_ptr, p + K, o_n + 1, m_r & (o_n + 1 < N), K, N, scale,
+                              HAS_BIAS, MODE, ACT, ACC)
+    _, z = _chain_factor(z_ptr, b_ptr, p, o_n, m_r & (o_n < N), K, N, scale, HAS_BIAS, MODE, ACT, ACC)
+    # Inclusive scans of the shifted factors are the exclusive prefix / suffix products.
+    leave_one_out = tl.cumprod(f_prev, axis=1) * tl.cumprod(f_next, axis=1, reverse=True)
+    dy = tl.load(gy_ptr + o_r, mask=o_r < R, other=0.0).to(ACC)[:, None]
+    dz = dy * leave_one_out * scale * _activation_grad(z, ACT)
+    tl.store(gz_ptr + p, dz.to(gz_ptr.dtype.element_ty), mask=m_r & (o_n < N))
 
 
 def _launch_args(x, weight, bias, mode, activation):
@@ -171,11 +177,13 @@ def forward(x, weight, bias, mode, activation, scale):
 
 
 def backward(grad_y, x, weight, bias, mode, activation, scale, needs):
-    x2d, weight, bias, (M, D, K, N), flags, grid = _launch_args(x, weight, bias, mode, activation)
+    x2d, weight, bias, (M, D, K, N), flags, _ = _launch_args(x, weight, bias, mode, activation)
     gy = grad_y.reshape(M, K).contiguous()
+    z = x2d @ weight.view(N * K, D).T  # [M, N*K]: every projection, recomputed (bias added in the kernel)
     grad_z = torch.empty((M, N, K), device=x.device, dtype=x.dtype)
-    prefix = torch.empty((M, N, K), device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    _poly_chain_bwd_kernel[grid](x2d, weight, bias if bias is not None else x2d, gy, grad_z, prefix, M, D, K, N, scale,
-                                 x2d.stride(0), gy.stride(0), **flags)
+    BR = 128 if N <= 8 else 64  # keep the [BR, NP] blocks of the three factor loads in registers
+    _poly_chain_grad_z_kernel[(triton.cdiv(M * K, BR),)](
+        z, bias if bias is not None else z, gy, grad_z, M * K, K, N, scale, HAS_BIAS=flags["HAS_BIAS"],
+        MODE=flags["MODE"], ACT=flags["ACT"], ACC=flags["ACC"], NP=triton.next_power_of_2(N), BR=BR)
     dx, dw, db = grads_from_grad_z(grad_z, x2d, weight, bias is not None, needs)
     return (dx.view(x.shape) if dx is not None else None), dw, db
