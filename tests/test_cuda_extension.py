@@ -1,0 +1,230 @@
+"""The CUDA C++ extension hadamard_kernels._C: it is built, its host-side math and codes agree with Python, and
+(on a GPU) the cuda backend of every op matches the float64 reference."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import hadamard_kernels as hk
+from hadamard_kernels import _backend
+from hadamard_kernels.ops.poly_chain.common import ACTIVATIONS, MODES
+from utils import HAS_CUDA, assert_close, cuda, requires_cuda
+
+EXT, EXT_MISSING = _backend.cuda_extension()
+
+
+def nvcc_present() -> bool:
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = [Path(cuda_home) / "bin" / "nvcc"] if cuda_home else []
+    candidates += [Path(p) for p in filter(None, [shutil.which("nvcc")])] + [Path("/usr/local/cuda/bin/nvcc")]
+    return any(c.is_file() for c in candidates)
+
+
+needs_ext = pytest.mark.skipif(EXT is None, reason=f"hadamard_kernels._C not built: {EXT_MISSING}")
+
+
+# ---------------------------------------------------------------- the build
+def test_extension_built_where_nvcc_is():
+    """CI installs with HADAMARD_KERNELS_CUDA=1 on a machine with nvcc, so an import failure here means a kernel
+    or the binding stopped compiling (or linking). Opt out with HADAMARD_KERNELS_CUDA=0."""
+    if EXT is not None:
+        return
+    if os.environ.get("HADAMARD_KERNELS_CUDA", "auto") == "0" or not nvcc_present():
+        pytest.skip(f"no CUDA build requested here ({EXT_MISSING})")
+    pytest.fail(f"nvcc is present but {EXT_MISSING}")
+
+
+# ---------------------------------------------------------------- codes shared with Python
+@needs_ext
+def test_codes_match_python():
+    assert tuple(EXT.ACTIVATIONS) == ACTIVATIONS
+    assert tuple(EXT.POLY_CHAIN_MODES) == MODES
+    assert tuple(EXT.DTYPES) == tuple(str(d).removeprefix("torch.") for d in _backend.GPU_DTYPES)
+
+
+# ---------------------------------------------------------------- the device math, compiled for the host
+_Z = [0.0, -0.0, 1e-4, -1e-4, 0.3, -0.3, 1.0, -1.0, 2.5, -2.5, 5.0, -5.0, 9.0, -9.0, 20.0, -20.0, 60.0, -60.0,
+      100.0, -100.0, 1e4, -1e4]
+
+
+def _reference(activation: str, z: torch.Tensor):
+    """(act(z), act'(z)) in float64 from torch's own functions."""
+    z = z.clone().requires_grad_()
+    fn = {"identity": lambda t: t * 1, "relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+          "gelu": torch.nn.functional.gelu}[activation]
+    out = fn(z)
+    (grad,) = torch.autograd.grad(out.sum(), z)
+    return out.detach(), grad
+
+
+@needs_ext
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activation_host_matches_torch(activation):
+    code = ACTIVATIONS.index(activation)
+    # float32 inputs, as the kernels see them.
+    z = torch.tensor(_Z, dtype=torch.float32).double()
+    ref, ref_grad = _reference(activation, z)
+    out = torch.tensor([EXT.activation_host(code, v) for v in z.tolist()], dtype=torch.float64)
+    grad = torch.tensor([EXT.activation_grad_host(code, v) for v in z.tolist()], dtype=torch.float64)
+    for name, got, want in (("act", out, ref), ("act'", grad, ref_grad)):
+        assert not torch.isnan(got).any(), f"{activation} {name}: NaN at z = {z[torch.isnan(got)].tolist()}"
+        bad = (got - want).abs() > 4e-7 * (1 + want.abs())
+        assert not bad.any(), (f"{activation} {name}: z = {z[bad].tolist()} gives {got[bad].tolist()}, "
+                               f"expected {want[bad].tolist()}")
+
+
+@needs_ext
+def test_activation_host_rejects_unknown_code():
+    with pytest.raises(ValueError, match="activation code"):
+        EXT.activation_host(len(ACTIVATIONS), 0.0)
+
+
+# ---------------------------------------------------------------- launchers reject bad params without a GPU
+@needs_ext
+def test_launcher_errors_become_runtime_errors():
+    """Invalid sizes are refused before any launch (so this is safe on a GPU too) and surface as RuntimeError."""
+    params = EXT.PolyChainParams(x=0, weight=0, M=0, d=4, k=4, N=1, x_row_stride=4, y_row_stride=4, dtype=0,
+                                 activation=0, mode=0, scale=1.0)
+    with pytest.raises(RuntimeError, match="poly_chain_fwd failed"):
+        EXT.poly_chain_fwd(params, 0)
+    with pytest.raises(RuntimeError, match="poly_chain_bwd failed"):
+        EXT.poly_chain_bwd(params, 0)
+    assert EXT.poly_chain_bwd_workspace_bytes(params) == 0
+
+
+@needs_ext
+def test_workspace_bytes():
+    # 2 x 3 tiles of 64 x 64, N = 5, one float2 per element.
+    params = EXT.PolyChainParams(x=16, weight=16, M=100, d=7, k=130, N=5, x_row_stride=7, y_row_stride=130,
+                                 dtype=2, activation=1, mode=1, scale=0.5)
+    assert EXT.poly_chain_bwd_workspace_bytes(params) == 2 * 3 * 5 * 64 * 64 * 8
+
+
+@needs_ext
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error path of a machine without a GPU")
+def test_launch_without_gpu_raises():
+    params = EXT.PolyChainParams(x=256, weight=256, y=256, M=1, d=1, k=1, N=1, x_row_stride=1, y_row_stride=1,
+                                 dtype=0, activation=0, mode=0, scale=1.0)
+    with pytest.raises(RuntimeError, match="poly_chain_fwd failed"):
+        EXT.poly_chain_fwd(params, 0)
+
+
+# ---------------------------------------------------------------- poly_chain on a GPU against the reference
+def make_inputs(M=37, d=45, k=23, N=5, dtype=torch.float32, bias=True, seed=0, lead=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*(lead or (M,)), d, generator=g, dtype=torch.float64)
+    weight = torch.randn(N, k, d, generator=g, dtype=torch.float64) / math.sqrt(d)  # u_n = O(1)
+    b = torch.randn(N, k, generator=g, dtype=torch.float64) * 0.5 if bias else None
+    cast = lambda t: None if t is None else t.to(device="cuda", dtype=dtype)  # noqa: E731
+    return cast(x), cast(weight), cast(b)
+
+
+def run(x, weight, bias, grad_y, **options):
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+    y = hk.poly_chain(*leaves, **options)
+    y.backward(grad_y.to(y.dtype))
+    return y.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def check_cuda_backend(x, weight, bias, **options):
+    """backend="cuda" on the inputs vs backend="reference" on their float64 copies: y, dx, dweight, dbias."""
+    grad_y = torch.randn(*x.shape[:-1], weight.shape[1], device=x.device, dtype=torch.float64)
+    y, grads = run(x, weight, bias, grad_y, backend="cuda", **options)
+    ref_y, ref_grads = run(*(None if t is None else t.double() for t in (x, weight, bias)), grad_y,
+                           backend="reference", **options)
+    assert_close("y", y, ref_y, x.dtype)
+    for name, g, ref_g in zip(("dx", "dweight", "dbias"), grads, ref_grads):
+        if ref_g is not None:
+            assert g is not None, f"{name} missing"
+            assert_close(name, g, ref_g, x.dtype)
+    return y, grads
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32(monkeypatch):
+    # The float32 gradient GEMMs must be IEEE fp32 for the 1e-5 tolerance.
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_poly_chain_matches_reference(dtype, mode, activation, bias):
+    x, weight, b = make_inputs(dtype=dtype, bias=bias)
+    check_cuda_backend(x, weight, b, mode=mode, activation=activation, scale=0.7)
+
+
+@cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [
+    dict(M=1, d=1, k=1, N=1),                # smallest
+    dict(M=37, d=45, k=23, N=1),             # N = 1: y = u_1
+    dict(M=70, d=33, k=17, N=16),            # long chain (small scale below)
+    dict(M=130, d=128, k=128, N=3),          # aligned: 16-byte loads, paired stores, several tiles
+    dict(M=200, d=100, k=150, N=2),          # d % 8 = 4: scalar loads for 16-bit, vector for fp32
+    dict(M=65, d=97, k=66, N=4),             # odd d, even k, tiles with one row / two columns
+    dict(lead=(3, 5, 7), d=64, k=40, N=3),   # leading dims
+    dict(M=3000, d=256, k=192, N=2),         # many row tiles
+], ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
+def test_poly_chain_shapes(dtype, shape):
+    x, weight, b = make_inputs(dtype=dtype, **shape)
+    scale = 0.3 if shape["N"] >= 8 else 0.9
+    check_cuda_backend(x, weight, b, mode="ccp", activation="tanh", scale=scale)
+
+
+@cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_poly_chain_strided_input(dtype):
+    """x sliced from a wider tensor (the launcher makes it contiguous) and a non-contiguous weight."""
+    xw, weight, b = make_inputs(M=50, d=90, k=31, N=3, dtype=dtype)
+    x = xw[:, 5:72]
+    weight = weight[:, :, 5:72].transpose(0, 1).contiguous().transpose(0, 1)
+    check_cuda_backend(x, weight, b, mode="product", activation="gelu", scale=1.1)
+
+
+@cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_poly_chain_zero_factors(dtype, mode):
+    """Exact zeros among the factors: relu with mostly-negative pre-activations, and one degree whose factor is 0
+    everywhere (1 + u = 0 in ccp, u = 0 in product). Leave-one-out products must not divide."""
+    x, weight, b = make_inputs(M=45, d=40, k=27, N=4, dtype=dtype)
+    b[0] -= 0.8  # relu zeros in degree 1 (most of them)
+    check_cuda_backend(x, weight, b, mode=mode, activation="relu", scale=1.0)
+
+    weight[1] = 0
+    b[1] = -1.0 if mode == "ccp" else 0.0  # identity: u_2 = bias
+    y, grads = check_cuda_backend(x, weight, b, mode=mode, activation="identity", scale=1.0)
+    assert (y == 0).all()
+    # Only the zero factor's own gradient survives (its leave-one-out product is nonzero); dx is then exactly
+    # 0 because W_2 = 0, which check_cuda_backend has compared with the reference.
+    assert grads[1][1].abs().sum() > 0, "dweight of the zero factor must not vanish"
+    assert grads[2][1].abs().sum() > 0, "dbias of the zero factor must not vanish"
+
+
+@cuda
+@requires_cuda
+def test_poly_chain_uses_current_stream():
+    x, weight, b = make_inputs(M=300, d=64, k=64, N=3, dtype=torch.bfloat16)
+    expected = hk.poly_chain(x, weight, b, backend="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        y = hk.poly_chain(x, weight, b, backend="cuda")
+    torch.cuda.current_stream().wait_stream(stream)
+    assert torch.equal(y, expected)
