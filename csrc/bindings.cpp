@@ -14,6 +14,7 @@
 #include "hadamard_kernels/activation.h"
 #include "hadamard_kernels/common.h"
 #include "hadamard_kernels/poly_chain.h"
+#include "hadamard_kernels/poly_ncp.h"
 
 namespace py = pybind11;
 namespace hk = hadamard_kernels;
@@ -116,10 +117,56 @@ void bind_poly_chain(py::module_& m) {
   m.def("poly_chain_bwd_workspace_bytes", &hk::poly_chain_bwd_workspace_bytes, py::arg("params"));
 }
 
+// ---- poly_ncp (csrc/poly_ncp.cu)
+void bind_poly_ncp(py::module_& m) {
+  m.attr("POLY_NCP_MAX_K") = hk::kPolyNcpMaxK;
+  py::class_<hk::PolyNcpParams>(m, "PolyNcpParams")
+      .def(py::init([](Address x, Address a_weight, Address a_bias, Address s_weight, Address s_bias, Address y,
+                       Address grad_y, Address grad_a, Address grad_s, Address ys, int64_t M, int64_t d, int64_t k,
+                       int64_t N, int64_t x_row_stride, int64_t y_row_stride, int dtype) {
+             hk::PolyNcpParams p;
+             p.x = to_ptr(x);
+             p.a_weight = to_ptr(a_weight);
+             p.a_bias = to_ptr(a_bias);
+             p.s_weight = to_ptr(s_weight);
+             p.s_bias = to_ptr(s_bias);
+             p.y = to_ptr(y);
+             p.grad_y = to_ptr(grad_y);
+             p.grad_a = to_ptr(grad_a);
+             p.grad_s = to_ptr(grad_s);
+             p.ys = to_ptr(ys);
+             p.M = M;
+             p.d = d;
+             p.k = k;
+             p.N = N;
+             p.x_row_stride = x_row_stride;
+             p.y_row_stride = y_row_stride;
+             p.dtype = static_cast<hk::DType>(dtype);  // an unknown code makes the launcher fail cleanly
+             return p;
+           }),
+           py::kw_only(), py::arg("x"), py::arg("a_weight"), py::arg("a_bias") = 0, py::arg("s_weight") = 0,
+           py::arg("s_bias") = 0, py::arg("y") = 0, py::arg("grad_y") = 0, py::arg("grad_a") = 0,
+           py::arg("grad_s") = 0, py::arg("ys") = 0, py::arg("M"), py::arg("d"), py::arg("k"), py::arg("N"),
+           py::arg("x_row_stride"), py::arg("y_row_stride"), py::arg("dtype"));
+  m.def(
+      "poly_ncp_fwd",
+      [](const hk::PolyNcpParams& p, Address stream) {
+        check_cuda(hk::launch_poly_ncp_fwd(p, to_stream(stream)), "poly_ncp_fwd");
+      },
+      py::arg("params"), py::arg("stream"));
+  m.def(
+      "poly_ncp_bwd",
+      [](const hk::PolyNcpParams& p, Address stream) {
+        check_cuda(hk::launch_poly_ncp_bwd(p, to_stream(stream)), "poly_ncp_bwd");
+      },
+      py::arg("params"), py::arg("stream"));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "hadamard_kernels CUDA kernels (raw-pointer launchers; call through hadamard_kernels.ops)";
   bind_common(m);
   bind_poly_chain(m);
+  bind_poly_ncp(m);
 }

@@ -2,6 +2,8 @@
 
 from ._backend import BACKENDS, available_backends
 from .ops.poly_chain import poly_chain
+from .ops.poly_ncp import poly_ncp
+from . import nn
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "available_backends", "poly_chain", "__version__"]
+__all__ = ["BACKENDS", "available_backends", "poly_chain", "poly_ncp", "__version__"]

@@ -19,6 +19,7 @@ ENV_BACKEND = "HADAMARD_KERNELS_BACKEND"
 # GPU tests passed and it measured fastest on a GPU (recorded in benchmarks/results/).
 AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
     "poly_chain": ("triton", "cuda"),
+    "poly_ncp": ("triton", "cuda"),
 }
 DEFAULT_PREFERENCE = ("triton", "cuda")
 

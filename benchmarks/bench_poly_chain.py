@@ -1,0 +1,18 @@
+"""pytest-benchmark: poly_chain, every provider x mode x case (benchmarks/cases.py). Needs a CUDA GPU.
+
+    python -m pytest benchmarks/bench_poly_chain.py --benchmark-columns=median,iqr,rounds -k "bf16 and fwd+bwd"
+"""
+
+import pytest
+import torch
+
+import cases
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU")
+
+
+@pytest.mark.parametrize("case", cases.poly_chain_cases(), ids=str)
+@pytest.mark.parametrize("mode", cases.MODES)
+@pytest.mark.parametrize("provider", cases.PROVIDERS)
+def test_poly_chain(benchmark, provider, mode, case):
+    cases.run_pytest_benchmark(benchmark, case, provider, mode)

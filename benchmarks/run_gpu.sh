@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The one script a GPU machine runs, end to end, in about 9 minutes:
+#   environment (nvidia-smi, versions) -> CUDA extension build -> GPU tests -> benchmarks/run.py.
+#
+#   bash benchmarks/run_gpu.sh [extra run.py arguments, e.g. --quick]
+#
+# The GPU machine has torch, triton, pybind11, cmake, ninja, pytest and pytest-benchmark preinstalled and no
+# network, so pip never resolves anything there (--no-deps --no-build-isolation --no-index).
+# A failed build or failed tests do not stop the run: the benchmarks still run and record both outcomes.
+# Writes benchmarks/results/<device>-<date>.json, .md and -tests.log. When $OUT is set, env.txt, build.log and
+# tests.log are written there as the run goes (so a run cut short still returns them), then the .json and .md.
+# Budget (seconds, whole script): RUN_GPU_BUDGET_S, default 540.
+set -uo pipefail  # not -e: every stage runs whatever the previous one returned
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+BUDGET_S=${RUN_GPU_BUDGET_S:-540}
+BUILD_LIMIT_S=180
+TESTS_LIMIT_S=200
+RESULTS=benchmarks/results
+LOGS=${OUT:-$(mktemp -d)}
+mkdir -p "$RESULTS" "$LOGS"
+
+section() { printf '\n=== %s (t=%ss)\n' "$*" "$SECONDS"; }
+
+section "environment"
+{
+  nvidia-smi
+  "$PY" -c 'import platform, torch, triton; print("python", platform.python_version(), "| torch", torch.__version__,
+"| triton", triton.__version__, "| torch CUDA", torch.version.cuda, "| device", torch.cuda.get_device_name(0))'
+  nvcc --version | tail -n 2
+  cmake --version | head -n 1
+  git log -1 --format='commit %H %s' 2>/dev/null
+} 2>&1 | tee "$LOGS/env.txt"
+
+section "build the CUDA extension"
+archs=${HADAMARD_KERNELS_CUDA_ARCHS:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d '. ')}
+[ "$archs" = 90 ] && archs=90a  # Hopper: the arch-specific target
+HADAMARD_KERNELS_CUDA=1 HADAMARD_KERNELS_CUDA_ARCHS=$archs timeout "$BUILD_LIMIT_S" \
+  "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . >"$LOGS/build.log" 2>&1
+build_rc=$?
+tail -n 15 "$LOGS/build.log"
+echo "build exit status $build_rc (archs $archs)"
+"$PY" -c 'import hadamard_kernels as hk; print("backends on cuda:", hk.available_backends("cuda"))'
+
+section "GPU tests"
+STEM=$("$PY" benchmarks/run.py --print-stem 2>/dev/null) || STEM=gpu-$(date -u +%F)
+# SIGINT, not SIGTERM: an interrupted pytest still prints its summary of what ran.
+timeout -s INT -k 20 "$TESTS_LIMIT_S" "$PY" -m pytest -q -m cuda tests -rfE --durations=10 2>&1 \
+  | tee "$RESULTS/$STEM-tests.log" ${OUT:+"$OUT/tests.log"}
+tests_rc=${PIPESTATUS[0]}
+echo "tests exit status $tests_rc (124: stopped at the ${TESTS_LIMIT_S}s limit)"
+
+section "benchmarks"
+left=$((BUDGET_S - SECONDS))
+case_budget=$((left - 60))  # the case in flight when the budget ends, and writing the results, fit in the rest
+[ "$case_budget" -lt 30 ] && case_budget=30
+timeout -s INT -k 20 "$((left > 60 ? left - 15 : 45))" "$PY" benchmarks/run.py --time-budget "$case_budget" \
+  --tests-log "$RESULTS/$STEM-tests.log" --tests-rc "$tests_rc" --build-rc "$build_rc" ${OUT:+--copy-to "$OUT"} "$@"
+bench_rc=$?
+
+section "done"
+echo "build $build_rc, tests $tests_rc, benchmarks $bench_rc; results in $RESULTS/$STEM.*${OUT:+ and $OUT}"

@@ -1,0 +1,6 @@
+"""Modules built on the fused ops (DESIGN.md, "Modules"): drop-ins whose state_dict keys match the
+Hadamard-product survey's instructional code."""
+
+from .poly import CCP, NCP, PolyChain, ProductChain
+
+__all__ = ["CCP", "NCP", "PolyChain", "ProductChain"]

@@ -1,0 +1,3 @@
+from .op import poly_ncp
+
+__all__ = ["poly_ncp"]
