@@ -7,6 +7,7 @@ TRITON_INTERPRET=1) and "cuda" (the nvcc-built extension `hadamard_kernels._C`, 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 import importlib
 import os
 
@@ -49,6 +50,14 @@ def cuda_extension():
                       "HADAMARD_KERNELS_CUDA=1 pip install --no-build-isolation -e .")
 
 
+def require_cuda_extension():
+    """The built extension module, or RuntimeError saying why there is none."""
+    ext, why = cuda_extension()
+    if ext is None:
+        raise RuntimeError(why)
+    return ext
+
+
 def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """None when `backend` can run tensors of this device and dtype, else a sentence saying why not."""
     if backend == "reference":
@@ -77,8 +86,12 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
 
 
-def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that runs `op`: the argument, else $HADAMARD_KERNELS_BACKEND, else auto. Never falls back."""
+def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dtype,
+            supports: Callable[[str], bool] = lambda name: True) -> str:
+    """The backend that runs `op`: the argument, else $HADAMARD_KERNELS_BACKEND, else auto. Never falls back.
+
+    `supports(name)` tells auto whether a backend handles this call's sizes and options (a kernel's size limit,
+    say); a backend that was asked for by name is returned as is and raises on its own."""
     requested, source = backend, "backend"
     if requested is None and os.environ.get(ENV_BACKEND):
         requested, source = os.environ[ENV_BACKEND], ENV_BACKEND
@@ -90,7 +103,7 @@ def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dty
         return requested
     if device.type == "cuda":
         for name in AUTO_PREFERENCE.get(op, DEFAULT_PREFERENCE):
-            if unavailable_reason(name, device, dtype) is None:
+            if unavailable_reason(name, device, dtype) is None and supports(name):
                 return name
     return "reference"
 

@@ -72,3 +72,14 @@ def test_cli_info_and_check():
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     assert "all checks passed" in check.stdout and "FAIL" not in check.stdout
+
+
+def test_auto_skips_a_backend_that_does_not_support_the_call(monkeypatch):
+    """A kernel's size limit moves auto to the next backend (resolved for a CUDA device; nothing runs)."""
+    monkeypatch.delenv(_backend.ENV_BACKEND, raising=False)
+    cuda_device = torch.device("cuda")
+    first = _backend.resolve("poly_ncp", None, cuda_device, torch.float32)
+    assert _backend.resolve("poly_ncp", None, cuda_device, torch.float32, supports=lambda n: n != first) != first
+    assert _backend.resolve("poly_ncp", None, cuda_device, torch.float32, supports=lambda n: False) == "reference"
+    # Asked for by name, the backend is returned and raises NotImplementedError itself.
+    assert _backend.resolve("poly_ncp", "reference", CPU, torch.float32, supports=lambda n: False) == "reference"

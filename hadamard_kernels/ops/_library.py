@@ -19,15 +19,30 @@ from .. import _backend
 
 
 class BackendModules:
-    """The backend modules of one op family, imported when first selected."""
+    """The backend modules of one op family, imported when first selected.
+
+    A backend module may define `unsupported(*inputs, *options) -> str | None`: the reason it cannot run this call
+    (a size beyond its kernel's limit, say). Auto then moves on to the next backend; a backend asked for by name
+    raises NotImplementedError with that reason."""
 
     def __init__(self, op: str, package: str):
         self.op = op
         self.package = package
 
-    def select(self, backend: str | None, like: torch.Tensor):
-        name = _backend.resolve(self.op, backend, like.device, like.dtype)
+    def _module(self, name: str):
         return importlib.import_module(f"{self.package}.{name}")
+
+    def _unsupported(self, name: str, args) -> str | None:
+        check = getattr(self._module(name), "unsupported", None)
+        return None if check is None else check(*args)
+
+    def select(self, backend: str | None, like: torch.Tensor, args: Sequence = ()):
+        """The module that runs this call; `args` are the call's inputs and options, for `unsupported`."""
+        name = _backend.resolve(self.op, backend, like.device, like.dtype,
+                                supports=lambda candidate: self._unsupported(candidate, args) is None)
+        if (why := self._unsupported(name, args)) is not None:
+            raise NotImplementedError(f"{self.op}: backend {name!r} does not support this call: {why}")
+        return self._module(name)
 
 
 def grads_to_tensors(grads: Sequence[torch.Tensor | None], like: torch.Tensor) -> list[torch.Tensor]:

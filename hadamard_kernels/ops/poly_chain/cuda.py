@@ -3,22 +3,16 @@
 Forward: one kernel computes y [M, k] with the N projections of each 64 x 64 output tile and the chain in
 registers. Backward: one kernel computes grad_z [M, N, k] = dL/d(x W_n^T + b_n) with prefix/suffix products
 (an fp32 workspace holds the per-degree terms between its two passes), then two cuBLAS GEMMs give dx and
-dweight (common.grads_from_grad_z).
+dweight (ops/_projections.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ... import _backend
-from .common import ACTIVATIONS, MODES, grads_from_grad_z
-
-
-def _extension():
-    ext, why = _backend.cuda_extension()
-    if ext is None:
-        raise RuntimeError(why)
-    return ext
+from ..._backend import require_cuda_extension
+from .._projections import projection_grads
+from .common import ACTIVATIONS, MODES
 
 
 def _prepare(x, weight, bias):
@@ -38,7 +32,7 @@ def _params(ext, x2d, weight, bias, mode, activation, scale, **buffers):
 
 
 def forward(x, weight, bias, mode, activation, scale):
-    ext = _extension()
+    ext = require_cuda_extension()
     x2d, weight, bias = _prepare(x, weight, bias)
     K = weight.shape[1]
     y = torch.empty((x2d.shape[0], K), device=x.device, dtype=x.dtype)
@@ -49,7 +43,7 @@ def forward(x, weight, bias, mode, activation, scale):
 
 
 def backward(grad_y, x, weight, bias, mode, activation, scale, needs):
-    ext = _extension()
+    ext = require_cuda_extension()
     x2d, weight, bias = _prepare(x, weight, bias)
     N, K, _ = weight.shape
     M = x2d.shape[0]
@@ -61,5 +55,5 @@ def backward(grad_y, x, weight, bias, mode, activation, scale, needs):
         workspace = torch.empty(ext.poly_chain_bwd_workspace_bytes(params), device=x.device, dtype=torch.uint8)
         params.workspace = workspace.data_ptr()
         ext.poly_chain_bwd(params, torch.cuda.current_stream().cuda_stream)
-    dx, dw, db = grads_from_grad_z(grad_z, x2d, weight, bias is not None, needs)
+    dx, dw, db = projection_grads(grad_z, x2d, weight, bias is not None, needs)
     return (dx.view(x.shape) if dx is not None else None), dw, db

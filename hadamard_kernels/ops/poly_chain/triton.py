@@ -9,7 +9,7 @@ dL/dz_n = dy * prod_{m != n} f_m * scale * act'(z_n). Only the inputs are saved 
 recomputes all projections with one GEMM, z = x @ W.view(N*k, d)^T laid out [M, N, k] (transient), then one
 elementwise kernel holds the N factors of a block of (row, column) pairs in registers and forms the leave-one-out
 products as exclusive prefix * exclusive suffix scans (exact when a factor is 0, no division), writing
-grad_z [M, N, k]. Two GEMMs on grad_z give dx and dweight (common.grads_from_grad_z).
+grad_z [M, N, k]. Two GEMMs on grad_z give dx and dweight (ops/_projections.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import triton
 import triton.language as tl
 
 from .._library import triton_autotune
-from .common import ACTIVATIONS, grads_from_grad_z
+from .._triton_lib import activation, activation_grad, stacked_projection
+from .._projections import projection_grads
+from .common import ACTIVATIONS
 
 _ACT_CODE = {name: code for code, name in enumerate(ACTIVATIONS)}
 _MODE_CCP, _MODE_PRODUCT = 0, 1
@@ -32,62 +34,6 @@ _CONFIGS = [
         (64, 64, 64, 4, 4), (128, 64, 32, 4, 4), (64, 32, 64, 4, 4), (32, 32, 32, 2, 4),
     ]
 ]
-
-
-@triton.jit
-def _activation(z, ACT: tl.constexpr):
-    if ACT == 1:
-        z = tl.maximum(z, 0.0)
-    elif ACT == 2:
-        z = 2.0 * tl.sigmoid(2.0 * z) - 1.0  # tanh
-    elif ACT == 3:
-        z = tl.sigmoid(z)
-    elif ACT == 4:
-        z = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
-    return z
-
-
-@triton.jit
-def _activation_grad(z, ACT: tl.constexpr):
-    if ACT == 0:
-        g = tl.full(z.shape, 1.0, z.dtype)
-    elif ACT == 1:
-        g = tl.where(z > 0.0, 1.0, 0.0).to(z.dtype)
-    elif ACT == 2:
-        t = 2.0 * tl.sigmoid(2.0 * z) - 1.0
-        g = 1.0 - t * t
-    elif ACT == 3:
-        s = tl.sigmoid(z)
-        g = s * (1.0 - s)
-    else:
-        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
-        g = cdf + z * pdf
-    return g
-
-
-@triton.jit
-def _projection(x_ptr, w_ptr, b_ptr, n, o_m, o_k, M, D, K, stride_xm,
-                HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr,
-                BK: tl.constexpr, BD: tl.constexpr):
-    """z_n for the [BM, BK] tile: x[o_m, :] @ W[n, o_k, :]^T (+ b[n, o_k]), accumulated in ACC."""
-    acc = tl.zeros((BM, BK), dtype=ACC)
-    m_m = o_m < M
-    m_k = o_k < K
-    # Row n*K + o_k of the [N*K, D] weight; int64 before multiplying by D.
-    p_w = w_ptr + (n * K + o_k)[None, :].to(tl.int64) * D
-    for d0 in range(0, D, BD):
-        o_d = d0 + tl.arange(0, BD)
-        m_d = o_d < D
-        b_x = tl.load(x_ptr + o_m[:, None] * stride_xm + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
-        b_w = tl.load(p_w + o_d[:, None], mask=m_k[None, :] & m_d[:, None], other=0.0)
-        if IEEE:
-            acc += tl.dot(b_x, b_w, input_precision="ieee", out_dtype=ACC)
-        else:
-            acc += tl.dot(b_x, b_w, out_dtype=ACC)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + n * K + o_k, mask=m_k, other=0.0).to(ACC)[None, :]
-    return acc
 
 
 @triton.jit
@@ -108,8 +54,8 @@ def _poly_chain_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, D, K, N, scale, stride
     o_k = i_k * BK + tl.arange(0, BK)
     y = tl.full((BM, BK), 1.0, ACC)
     for n in range(N):
-        z = _projection(x_ptr, w_ptr, b_ptr, n, o_m, o_k, M, D, K, stride_xm, HAS_BIAS, IEEE, ACC, BM, BK, BD)
-        y *= _factor(scale * _activation(z, ACT), n, MODE)
+        z = stacked_projection(x_ptr, w_ptr, b_ptr, n, o_m, o_k, M, D, K, stride_xm, HAS_BIAS, IEEE, ACC, BM, BK, BD)
+        y *= _factor(scale * activation(z, ACT), n, MODE)
     mask = (o_m < M)[:, None] & (o_k < K)[None, :]
     tl.store(y_ptr + o_m[:, None] * stride_ym + o_k[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -121,7 +67,7 @@ def _chain_factor(z_ptr, b_ptr, p, o_n, mask, K, N, scale, HAS_BIAS: tl.constexp
     z = tl.load(z_ptr + p, mask=mask, other=0.0).to(ACC)
     if HAS_BIAS:
         z += tl.load(b_ptr + o_n * K + p % K, mask=mask, other=0.0).to(ACC)
-    f = _factor(scale * _activation(z, ACT), o_n, MODE)
+    f = _factor(scale * activation(z, ACT), o_n, MODE)
     return tl.where(mask, f, 1.0), z
 
 
@@ -145,7 +91,7 @@ def _poly_chain_grad_z_kernel(z_ptr, b_ptr, gy_ptr, gz_ptr, R, K, N, scale, HAS_
     # Inclusive scans of the shifted factors are the exclusive prefix / suffix products.
     leave_one_out = tl.cumprod(f_prev, axis=1) * tl.cumprod(f_next, axis=1, reverse=True)
     dy = tl.load(gy_ptr + o_r, mask=o_r < R, other=0.0).to(ACC)[:, None]
-    dz = dy * leave_one_out * scale * _activation_grad(z, ACT)
+    dz = dy * leave_one_out * scale * activation_grad(z, ACT)
     tl.store(gz_ptr + p, dz.to(gz_ptr.dtype.element_ty), mask=m_r & (o_n < N))
 
 
@@ -185,5 +131,5 @@ def backward(grad_y, x, weight, bias, mode, activation, scale, needs):
     _poly_chain_grad_z_kernel[(triton.cdiv(M * K, BR),)](
         z, bias if bias is not None else z, gy, grad_z, M * K, K, N, scale, HAS_BIAS=flags["HAS_BIAS"],
         MODE=flags["MODE"], ACT=flags["ACT"], ACC=flags["ACC"], NP=triton.next_power_of_2(N), BR=BR)
-    dx, dw, db = grads_from_grad_z(grad_z, x2d, weight, bias is not None, needs)
+    dx, dw, db = projection_grads(grad_z, x2d, weight, bias is not None, needs)
     return (dx.view(x.shape) if dx is not None else None), dw, db

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from ... import _checks
-from ..poly_chain.common import grads_from_grad_z
+from .._projections import projection_grads
 
 # Cap on the backward's transient memory (the per-row kernel outputs below): rows are processed in chunks
 # that fit it, so the backward never allocates more than this beyond the gradients themselves.
@@ -61,7 +61,7 @@ def backward_in_row_chunks(chain_grads: Callable, grad_y, x, a_weight, a_bias, s
     for r0 in range(0, M, rows):
         x_rows = x2d[r0:r0 + rows]
         grad_a, grad_s, ys = chain_grads(x_rows, gy[r0:r0 + rows])
-        dx, daw, dab = grads_from_grad_z(grad_a, x_rows, a_weight, a_bias is not None, (need_x, need_aw, need_ab))
+        dx, daw, dab = projection_grads(grad_a, x_rows, a_weight, a_bias is not None, (need_x, need_aw, need_ab))
         dsw = torch.bmm(grad_s.transpose(1, 2), ys) if need_sw else None
         dsb = grad_s.sum(1, dtype=acc) if (need_sb and s_bias is not None) else None
         dx_parts.append(dx)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..poly_chain.cuda import _extension
+from ..._backend import require_cuda_extension
 from .common import backward_in_row_chunks
 
 # kPolyNcpMaxK in csrc/include/hadamard_kernels/poly_ncp.h (exported as _C.POLY_NCP_MAX_K): a block keeps
@@ -18,12 +18,15 @@ from .common import backward_in_row_chunks
 MAX_K = 256
 
 
-def _prepare(a_weight, a_bias, s_weight, s_bias):
-    N, K, _ = a_weight.shape
+def unsupported(x, a_weight, a_bias, s_weight, s_bias):
+    K = a_weight.shape[1]
     if K > MAX_K:
-        raise NotImplementedError(
-            f"poly_ncp: the cuda backend keeps a block's k columns in shared memory and supports k <= {MAX_K}, "
-            f"got k={K}; use backend='reference'")
+        return f"the cuda kernels keep a block's k columns in shared memory and support k <= {MAX_K}, got k={K}"
+    return None
+
+
+def _prepare(a_weight, a_bias, s_weight, s_bias):
+    N = a_weight.shape[0]
     contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
     # With N = 1 the S tensors are empty and never read: pass null pointers.
     if N == 1:
@@ -42,7 +45,7 @@ def _params(ext, x2d, a_weight, a_bias, s_weight, s_bias, **buffers):
 
 
 def forward(x, a_weight, a_bias, s_weight, s_bias):
-    ext = _extension()
+    ext = require_cuda_extension()
     weights = _prepare(a_weight, a_bias, s_weight, s_bias)
     K = a_weight.shape[1]
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
@@ -54,7 +57,7 @@ def forward(x, a_weight, a_bias, s_weight, s_bias):
 
 
 def backward(grad_y, x, a_weight, a_bias, s_weight, s_bias, needs):
-    ext = _extension()
+    ext = require_cuda_extension()
     weights = _prepare(a_weight, a_bias, s_weight, s_bias)
     N, K, _ = a_weight.shape
 

@@ -20,7 +20,8 @@ def poly_ncp_op(x: Tensor, a_weight: Tensor, a_bias: Optional[Tensor], s_weight:
     check_args(x, a_weight, a_bias, s_weight, s_bias)
     if x.numel() == 0:
         return x.new_zeros((*x.shape[:-1], a_weight.shape[1]))
-    return _IMPLS.select(backend, x).forward(x, a_weight, a_bias, s_weight, s_bias)
+    inputs = (x, a_weight, a_bias, s_weight, s_bias)
+    return _IMPLS.select(backend, x, inputs).forward(*inputs)
 
 
 @poly_ncp_op.register_fake
@@ -36,7 +37,7 @@ def poly_ncp_backward_op(grad_y: Tensor, x: Tensor, a_weight: Tensor, a_bias: Op
     if x.numel() == 0:
         grads = [torch.zeros_like(t) if (t is not None and need) else None for t, need in zip(inputs, needs)]
     else:
-        grads = _IMPLS.select(backend, x).backward(grad_y, *inputs, needs)
+        grads = _IMPLS.select(backend, x, inputs).backward(grad_y, *inputs, needs)
     return grads_to_tensors(grads, x)
 
 

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .._library import triton_autotune
-from ..poly_chain.triton import _projection
+from .._triton_lib import stacked_projection
 from .common import backward_in_row_chunks
 
 # Largest k: the [KP, KP] tile of S_n is one dot operand, staged whole in shared memory next to the pipelined
@@ -87,11 +87,11 @@ def _poly_ncp_fwd_kernel(x_ptr, aw_ptr, ab_ptr, sw_ptr, sb_ptr, y_ptr, M, D, K, 
     i_m = tl.program_id(0)
     o_m = i_m.to(tl.int64) * BM + tl.arange(0, BM)
     o_k = tl.arange(0, KP)
-    y = _projection(x_ptr, aw_ptr, ab_ptr, 0, o_m, o_k, M, D, K, stride_xm, HAS_A_BIAS, IEEE, ACC, BM, KP, BD)
+    y = stacked_projection(x_ptr, aw_ptr, ab_ptr, 0, o_m, o_k, M, D, K, stride_xm, HAS_A_BIAS, IEEE, ACC, BM, KP, BD)
     for n in range(1, N):
         # s first: y is dead after it, which keeps one [BM, KP] tile fewer live during the d loop.
         s = _s_projection(y, sw_ptr, sb_ptr, n - 1, o_k, K, HAS_S_BIAS, IEEE, ACC)
-        y = s * _projection(x_ptr, aw_ptr, ab_ptr, n, o_m, o_k, M, D, K, stride_xm, HAS_A_BIAS, IEEE, ACC,
+        y = s * stacked_projection(x_ptr, aw_ptr, ab_ptr, n, o_m, o_k, M, D, K, stride_xm, HAS_A_BIAS, IEEE, ACC,
                             BM, KP, BD)
     mask = (o_m < M)[:, None] & (o_k < K)[None, :]
     tl.store(y_ptr + o_m[:, None] * stride_ym + o_k[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -112,13 +112,13 @@ def _poly_ncp_bwd_kernel(x_ptr, aw_ptr, ab_ptr, sw_ptr, sb_ptr, gy_ptr, ga_ptr, 
     o_mnk = o_m[:, None] * N * K + o_k[None, :]  # the tile in grad_a's degree-0 slab
 
     # Pass 1: the forward chain, parking y_1..y_{N-1}. a and s end as a_N and s_N.
-    a = _projection(x_ptr, aw_ptr, ab_ptr, 0, o_m, o_k, M, D, K, stride_xm, HAS_A_BIAS, IEEE, ACC, BM, KP, BD)
+    a = stacked_projection(x_ptr, aw_ptr, ab_ptr, 0, o_m, o_k, M, D, K, stride_xm, HAS_A_BIAS, IEEE, ACC, BM, KP, BD)
     y = a
     s = tl.zeros((BM, KP), dtype=ACC)
     for n in range(1, N):
         tl.store(ys_ptr + _slab_offsets(o_m, o_k, n - 1, M, K), y.to(ys_ptr.dtype.element_ty), mask=mask)
         s = _s_projection(y, sw_ptr, sb_ptr, n - 1, o_k, K, HAS_S_BIAS, IEEE, ACC)
-        a = _projection(x_ptr, aw_ptr, ab_ptr, n, o_m, o_k, M, D, K, stride_xm, HAS_A_BIAS, IEEE, ACC, BM, KP, BD)
+        a = stacked_projection(x_ptr, aw_ptr, ab_ptr, n, o_m, o_k, M, D, K, stride_xm, HAS_A_BIAS, IEEE, ACC, BM, KP, BD)
         y = a * s
 
     # Pass 2: g = dL/dy_n for n = N..2 (0-based n = N-1..1).
@@ -129,7 +129,7 @@ def _poly_ncp_bwd_kernel(x_ptr, aw_ptr, ab_ptr, sw_ptr, sb_ptr, gy_ptr, ga_ptr, 
             # Recompute from the parked y_{n-1}: the same rounded values pass 1 fed to the dot.
             y_prev = tl.load(ys_ptr + _slab_offsets(o_m, o_k, n - 1, M, K), mask=mask, other=0.0)
             s = _s_projection(y_prev, sw_ptr, sb_ptr, n - 1, o_k, K, HAS_S_BIAS, IEEE, ACC)
-            a = _projection(x_ptr, aw_ptr, ab_ptr, n, o_m, o_k, M, D, K, stride_xm, HAS_A_BIAS, IEEE, ACC,
+            a = stacked_projection(x_ptr, aw_ptr, ab_ptr, n, o_m, o_k, M, D, K, stride_xm, HAS_A_BIAS, IEEE, ACC,
                             BM, KP, BD)
         tl.store(ga_ptr + o_mnk + n * K, (g * s).to(ga_ptr.dtype.element_ty), mask=mask)
         g_s = (g * a).to(gs_ptr.dtype.element_ty)
@@ -138,13 +138,16 @@ def _poly_ncp_bwd_kernel(x_ptr, aw_ptr, ab_ptr, sw_ptr, sb_ptr, gy_ptr, ga_ptr, 
     tl.store(ga_ptr + o_mnk, g.to(ga_ptr.dtype.element_ty), mask=mask)
 
 
+def unsupported(x, a_weight, a_bias, s_weight, s_bias):
+    K = a_weight.shape[1]
+    if K > MAX_K:
+        return f"the triton kernels keep a row tile's k columns on chip and support k <= {MAX_K}, got k={K}"
+    return None
+
+
 def _launch_args(x, a_weight, a_bias, s_weight, s_bias):
     """Contiguous operands (a dummy pointer stands in for an absent or empty tensor) and constexpr flags."""
     N, K, D = a_weight.shape
-    if K > MAX_K:
-        raise NotImplementedError(
-            f"poly_ncp: the triton backend keeps a row tile's k columns in registers and supports k <= {MAX_K}, "
-            f"got k={K}; use backend='reference' or 'cuda'")
     a_weight = a_weight.contiguous()
     operands = (a_weight, a_bias.contiguous() if a_bias is not None else a_weight,
                 s_weight.contiguous() if N > 1 else a_weight,
