@@ -25,6 +25,7 @@
 
 #include "hadamard_kernels/activation.h"
 #include "hadamard_kernels/common.h"
+#include "hadamard_kernels/convert.h"
 #include "hadamard_kernels/poly_chain.h"
 
 namespace hadamard_kernels {
@@ -73,20 +74,6 @@ struct StagedTile {
     Bits e[kVecs * kVec];
   };
 };
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  if constexpr (std::is_same_v<T, float>) return v;
-  else if constexpr (std::is_same_v<T, __half>) return __half2float(v);
-  else return __bfloat162float(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, float>) return v;
-  else if constexpr (std::is_same_v<T, __half>) return __float2half_rn(v);
-  else return __float2bfloat16_rn(v);
-}
 
 // Stores two adjacent elements; dst must be aligned to 2 * sizeof(T).
 template <typename T>

@@ -29,6 +29,7 @@
 #include <type_traits>
 
 #include "hadamard_kernels/common.h"
+#include "hadamard_kernels/convert.h"
 #include "hadamard_kernels/poly_ncp.h"
 
 namespace hadamard_kernels {
@@ -39,20 +40,6 @@ namespace wmma = nvcuda::wmma;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunk = 32;  // slice of the contraction (d, or k for the S products) per shared-memory stage
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  if constexpr (std::is_same_v<T, float>) return v;
-  else if constexpr (std::is_same_v<T, __half>) return __half2float(v);
-  else return __bfloat162float(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, float>) return v;
-  else if constexpr (std::is_same_v<T, __half>) return __float2half_rn(v);
-  else return __float2bfloat16_rn(v);
-}
 
 constexpr size_t round_up_128(size_t bytes) { return (bytes + 127) / 128 * 128; }
 constexpr int max_int(int a, int b) { return a > b ? a : b; }

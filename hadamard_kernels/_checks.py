@@ -59,3 +59,20 @@ def check_finite_float(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
+
+
+def check_stacked_projection(x, weight_name: str, weight, bias_name: str, bias) -> tuple[int, int, int]:
+    """x [..., d], weight [N, k, d] with N, k, d >= 1, bias [N, k] or None: the stacked projections
+    x W_n^T + b_n of the polynomial families. Returns (N, k, d)."""
+    check_tensor("x", x, min_ndim=1)
+    check_tensor(weight_name, weight, ndim=3)
+    degree, out_features, in_features = weight.shape
+    check_positive(f"{weight_name}.shape[0]", degree, "the degree N")
+    check_positive(f"{weight_name}.shape[1]", out_features, "out_features k")
+    check_positive(f"{weight_name}.shape[2]", in_features, "in_features d")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x must have last dim {in_features} ({weight_name}.shape[2]), got shape {tuple(x.shape)}")
+    if bias is not None:
+        check_tensor(bias_name, bias)
+        check_shape(bias_name, bias, (degree, out_features), f"(N, k) like {weight_name}.shape[:2]")
+    return degree, out_features, in_features

@@ -61,7 +61,10 @@ def run_checks(device: str | None = None) -> bool:
                 why = _backend.unavailable_reason(backend, torch.device(device), dtype)
                 name = str(dtype).removeprefix("torch.")
                 if why is not None:
-                    print(f"{op:<14}{backend:<11}{name:<10}{'':>10}{'':>13}  skipped: {why}")
+                    # A broken triton install is a failure, not a skip: this command is how installs are checked.
+                    broken = backend == "triton" and _backend.triton_import_error() is not None
+                    all_ok &= not broken
+                    print(f"{op:<14}{backend:<11}{name:<10}{'':>10}{'':>13}  {'FAIL' if broken else 'skipped'}: {why}")
                     continue
                 try:
                     out, grads = _run(call, inputs, backend)

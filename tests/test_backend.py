@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -83,3 +84,10 @@ def test_auto_skips_a_backend_that_does_not_support_the_call(monkeypatch):
     assert _backend.resolve("poly_ncp", None, cuda_device, torch.float32, supports=lambda n: False) == "reference"
     # Asked for by name, the backend is returned and raises NotImplementedError itself.
     assert _backend.resolve("poly_ncp", "reference", CPU, torch.float32, supports=lambda n: False) == "reference"
+
+
+def test_triton_runs_wherever_it_is_expected():
+    """Under TRITON_INTERPRET=1 (CPU CI) or on a GPU the Triton backend must import: a broken install would
+    otherwise drop every Triton test from the parametrization without a failure."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or HAS_CUDA:
+        assert _backend.triton_import_error() is None, _backend.triton_import_error()

@@ -147,9 +147,13 @@ def check_cuda_backend(x, weight, bias, **options):
 
 
 @pytest.fixture(autouse=True)
-def _no_tf32(monkeypatch):
-    # The float32 gradient GEMMs must be IEEE fp32 for the 1e-5 tolerance.
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def _no_tf32():
+    # The float32 gradient GEMMs must be IEEE fp32 for the 1e-5 tolerance. (Saved and restored by hand:
+    # monkeypatch's undo deletes the attribute, which torch's cuBLAS module does not allow.)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

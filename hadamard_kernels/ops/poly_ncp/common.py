@@ -16,17 +16,7 @@ WORKSPACE_BYTES = 1 << 30
 
 
 def check_args(x, a_weight, a_bias, s_weight, s_bias) -> None:
-    _checks.check_tensor("x", x, min_ndim=1)
-    _checks.check_tensor("a_weight", a_weight, ndim=3)
-    degree, out_features, in_features = a_weight.shape
-    _checks.check_positive("a_weight.shape[0]", degree, "the degree N")
-    _checks.check_positive("a_weight.shape[1]", out_features, "out_features k")
-    _checks.check_positive("a_weight.shape[2]", in_features, "in_features d")
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x must have last dim {in_features} (a_weight.shape[2]), got shape {tuple(x.shape)}")
-    if a_bias is not None:
-        _checks.check_tensor("a_bias", a_bias)
-        _checks.check_shape("a_bias", a_bias, (degree, out_features), "(N, k) like a_weight.shape[:2]")
+    degree, out_features, _ = _checks.check_stacked_projection(x, "a_weight", a_weight, "a_bias", a_bias)
     _checks.check_tensor("s_weight", s_weight, ndim=3)
     _checks.check_shape("s_weight", s_weight, (degree - 1, out_features, out_features),
                         f"(N-1, k, k) with N={degree}, k={out_features} from a_weight")
