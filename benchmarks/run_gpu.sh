@@ -34,6 +34,15 @@ section "environment"
 } 2>&1 | tee "$LOGS/env.txt"
 
 section "build the CUDA extension"
+# The GPU image has been seen without pybind11 and has no network: install it from a carried wheel
+# (.whl/, ignored by git; see benchmarks/README.md) when it is missing.
+if ! "$PY" -c 'import pybind11' 2>/dev/null; then
+  if compgen -G '.whl/pybind11-*.whl' >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps .whl/pybind11-*.whl
+  else
+    echo "pybind11 is missing and no .whl/pybind11-*.whl was carried: the CUDA build will fail"
+  fi
+fi
 archs=${HADAMARD_KERNELS_CUDA_ARCHS:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d '. ')}
 [ "$archs" = 90 ] && archs=90a  # Hopper: the arch-specific target
 HADAMARD_KERNELS_CUDA=1 HADAMARD_KERNELS_CUDA_ARCHS=$archs timeout "$BUILD_LIMIT_S" \

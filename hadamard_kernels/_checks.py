@@ -36,6 +36,12 @@ def check_positive(name: str, value: int, what: str = "") -> None:
         raise ValueError(f"{name} must be >= 1{' (' + what + ')' if what else ''}, got {value}")
 
 
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    check_positive(name, value)
+
+
 def check_same_dtype_device(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
     for name, t in others.items():
         if t is None:

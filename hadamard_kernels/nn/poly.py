@@ -33,15 +33,24 @@ def stack_linears(layers: Sequence[nn.Linear]) -> tuple[Tensor, Tensor | None]:
     return weight, bias
 
 
-def _check_image_classifier_args(hidden_size, image_size, channels_in, n_degree, n_classes) -> None:
-    for name, value in (("hidden_size", hidden_size), ("image_size", image_size), ("channels_in", channels_in),
-                        ("n_degree", n_degree), ("n_classes", n_classes)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name} must be an int, got {value!r}")
-        _checks.check_positive(name, value)
+class _SurveyImageClassifier(nn.Module):
+    """The attributes the survey's Π-net classifiers share; subclasses add their layers in the survey's order."""
+
+    def __init__(self, hidden_size, image_size, channels_in, n_degree, n_classes, backend):
+        super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("image_size", image_size), ("channels_in", channels_in),
+                            ("n_degree", n_degree), ("n_classes", n_classes)):
+            _checks.check_positive_int(name, value)
+        self.image_size = image_size
+        self.channels_in = channels_in
+        self.total_image_size = image_size * image_size * channels_in
+        self.hidden_size = hidden_size
+        self.n_classes = n_classes
+        self.n_degree = n_degree
+        self.backend = backend
 
 
-class CCP(nn.Module):
+class CCP(_SurveyImageClassifier):
     """Π-net CCP classifier on flattened images, fused.
 
     h = z viewed as [B, channels_in * image_size**2];  y_1 = U_1 h,  y_n = (U_n h) * y_{n-1} + y_{n-1}
@@ -51,15 +60,7 @@ class CCP(nn.Module):
 
     def __init__(self, hidden_size: int = 16, image_size: int = 28, channels_in: int = 1, n_degree: int = 4,
                  bias: bool = True, n_classes: int = 10, *, backend: str | None = None):
-        super().__init__()
-        _check_image_classifier_args(hidden_size, image_size, channels_in, n_degree, n_classes)
-        self.image_size = image_size
-        self.channels_in = channels_in
-        self.total_image_size = image_size * image_size * channels_in
-        self.hidden_size = hidden_size
-        self.n_classes = n_classes
-        self.n_degree = n_degree
-        self.backend = backend
+        super().__init__(hidden_size, image_size, channels_in, n_degree, n_classes, backend)
         for i in range(1, n_degree + 1):
             setattr(self, f"U{i}", nn.Linear(self.total_image_size, hidden_size, bias=bias))
         self.fc_out = nn.Linear(hidden_size, n_classes, bias=True)
@@ -74,7 +75,7 @@ class CCP(nn.Module):
         return self.fc_out(y)
 
 
-class NCP(nn.Module):
+class NCP(_SurveyImageClassifier):
     """Π-net NCP classifier on flattened images, fused.
 
     h = z viewed as [B, channels_in * image_size**2];  y_1 = A_1 h,  y_n = (A_n h) * (S_n y_{n-1})
@@ -85,15 +86,7 @@ class NCP(nn.Module):
 
     def __init__(self, hidden_size: int = 16, image_size: int = 28, channels_in: int = 1, n_degree: int = 4,
                  bias: bool = True, n_classes: int = 10, *, backend: str | None = None):
-        super().__init__()
-        _check_image_classifier_args(hidden_size, image_size, channels_in, n_degree, n_classes)
-        self.image_size = image_size
-        self.channels_in = channels_in
-        self.total_image_size = image_size * image_size * channels_in
-        self.hidden_size = hidden_size
-        self.n_classes = n_classes
-        self.n_degree = n_degree
-        self.backend = backend
+        super().__init__(hidden_size, image_size, channels_in, n_degree, n_classes, backend)
         for i in range(1, n_degree + 1):
             setattr(self, f"A{i}", nn.Linear(self.total_image_size, hidden_size, bias=bias))
             if i > 1:
@@ -129,9 +122,7 @@ class PolyChain(nn.Module):
                  backend: str | None = None, device=None, dtype=None):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features), ("degree", degree)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an int, got {value!r}")
-            _checks.check_positive(name, value)
+            _checks.check_positive_int(name, value)
         _checks.check_choice("mode", mode, MODES)
         _checks.check_choice("activation", activation, ACTIVATIONS)
         self.in_features = in_features
