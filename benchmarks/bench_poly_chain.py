@@ -3,10 +3,9 @@
     python -m pytest benchmarks/bench_poly_chain.py --benchmark-columns=median,iqr,rounds -k "bf16 and fwd+bwd"
 """
 
+import cases
 import pytest
 import torch
-
-import cases
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU")
 

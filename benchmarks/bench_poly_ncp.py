@@ -4,10 +4,9 @@ every provider x mode x case (benchmarks/cases.py). Needs a CUDA GPU.
     python -m pytest benchmarks/bench_poly_ncp.py --benchmark-columns=median,iqr,rounds -k "module and fwd+bwd"
 """
 
+import cases
 import pytest
 import torch
-
-import cases
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU")
 

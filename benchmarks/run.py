@@ -28,9 +28,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 import cases
+import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

@@ -48,7 +48,8 @@ def check(device: str | None) -> int:
 def bench(args: list[str]) -> int:
     runner = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
     if not runner.is_file():
-        print("the benchmark suite lives in the source tree (benchmarks/run.py); run this from a checkout", file=sys.stderr)
+        print("the benchmark suite lives in the source tree (benchmarks/run.py); run this from a checkout",
+              file=sys.stderr)
         return 2
     import runpy
 

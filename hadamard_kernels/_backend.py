@@ -7,9 +7,9 @@ TRITON_INTERPRET=1) and "cuda" (the nvcc-built extension `hadamard_kernels._C`, 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 import importlib
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -68,7 +68,9 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
         if (err := triton_import_error()) is not None:
             return err
         if device.type == "cuda":
-            return None if dtype in GPU_DTYPES else f"the triton backend supports {_names(GPU_DTYPES)} on GPU, got {dtype}"
+            if dtype not in GPU_DTYPES:
+                return f"the triton backend supports {_names(GPU_DTYPES)} on GPU, got {dtype}"
+            return None
         if device.type == "cpu" and triton_interpreting():
             if dtype == torch.bfloat16:
                 # The interpreter multiplies raw bf16 bit patterns in tl.dot (triton issue #11584): wrong answers.
@@ -110,7 +112,8 @@ def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dty
     return "reference"
 
 
-def available_backends(device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> dict[str, str | None]:
+def available_backends(device: str | torch.device | None = None,
+                       dtype: torch.dtype = torch.float32) -> dict[str, str | None]:
     """{backend: None if it can run on `device` (default: cuda if present, else cpu), else why not}."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

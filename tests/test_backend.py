@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
+from utils import HAS_CUDA
 
 import hadamard_kernels as hk
 from hadamard_kernels import _backend
-from utils import HAS_CUDA
 
 CPU = torch.device("cpu")
 
@@ -67,7 +67,8 @@ def test_available_backends_lists_all():
 
 
 def test_cli_info_and_check():
-    info = subprocess.run([sys.executable, "-m", "hadamard_kernels", "info"], capture_output=True, text=True, check=True)
+    info = subprocess.run([sys.executable, "-m", "hadamard_kernels", "info"], capture_output=True, text=True,
+                          check=True)
     assert "backends for cpu tensors" in info.stdout
     check = subprocess.run([sys.executable, "-m", "hadamard_kernels", "check", "--device", "cpu"],
                            capture_output=True, text=True)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from utils import HAS_CUDA, assert_close
 
 import hadamard_kernels as hk
-from utils import HAS_CUDA, assert_close
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH_DIR))  # run.py imports its sibling `cases`, as it does when run as a script

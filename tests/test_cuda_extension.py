@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from utils import HAS_CUDA, assert_close, cuda, requires_cuda
 
 import hadamard_kernels as hk
 from hadamard_kernels import _backend
 from hadamard_kernels.ops.poly_chain.common import ACTIVATIONS, MODES
-from utils import HAS_CUDA, assert_close, cuda, requires_cuda
 
 EXT, EXT_MISSING = _backend.cuda_extension()
 

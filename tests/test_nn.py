@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 from torch import nn
+from utils import REL_TOL, assert_close, cpu_backends, cuda, gpu_backends, rel_err, requires_cuda
 
 import hadamard_kernels as hk
-from utils import REL_TOL, assert_close, cpu_backends, cuda, gpu_backends, rel_err, requires_cuda
 
 # Float32 agreement asked of a drop-in: outputs and every gradient within 1e-5 relative of the plain module.
 DROP_IN_TOL = 1e-5

@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from utils import HAS_CUDA, assert_close, cpu_backends, cuda, gpu_backends, requires_cuda
 
 import hadamard_kernels as hk
 from hadamard_kernels.ops.poly_chain.common import ACTIVATIONS, MODES
 from hadamard_kernels.ops.poly_chain.op import poly_chain_op
-from utils import HAS_CUDA, assert_close, cpu_backends, cuda, gpu_backends, requires_cuda
 
 
 def make_inputs(lead=(3, 13), d=45, k=23, N=3, dtype=torch.float64, device="cpu", bias=True, seed=0):
@@ -48,7 +48,8 @@ def check_against_reference(x, weight, bias, backend, **options):
 def survey_loop(x, weight, bias, mode, activation, scale):
     """Brute force: every output element from scalar sums, exactly as the survey writes the recursion."""
     act = {"identity": lambda v: v, "relu": lambda v: max(v, 0.0), "tanh": math.tanh,
-           "sigmoid": lambda v: 1 / (1 + math.exp(-v)), "gelu": lambda v: 0.5 * v * (1 + math.erf(v / math.sqrt(2)))}[activation]
+           "sigmoid": lambda v: 1 / (1 + math.exp(-v)),
+           "gelu": lambda v: 0.5 * v * (1 + math.erf(v / math.sqrt(2)))}[activation]
     N, k, d = weight.shape
     rows = x.reshape(-1, d).tolist()
     out = []
@@ -57,7 +58,8 @@ def survey_loop(x, weight, bias, mode, activation, scale):
         for j in range(k):
             y = None
             for n in range(N):
-                z = sum(row[i] * weight[n, j, i].item() for i in range(d)) + (bias[n, j].item() if bias is not None else 0.0)
+                z = sum(row[i] * weight[n, j, i].item() for i in range(d))
+                z += bias[n, j].item() if bias is not None else 0.0
                 u = scale * act(z)
                 y = u if y is None else (u * y + y if mode == "ccp" else u * y)
             out_row.append(y)

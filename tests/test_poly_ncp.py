@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+from utils import HAS_CUDA, assert_close, cpu_backends, cuda, gpu_backends, requires_cuda
 
 import hadamard_kernels as hk
 from hadamard_kernels import _backend
 from hadamard_kernels.ops.poly_ncp import common
 from hadamard_kernels.ops.poly_ncp.op import poly_ncp_op
-from utils import HAS_CUDA, assert_close, cpu_backends, cuda, gpu_backends, requires_cuda
 
 NAMES = ("x", "a_weight", "a_bias", "s_weight", "s_bias")
 

@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from .._library import triton_autotune
-from .._triton_lib import activation, activation_grad, stacked_projection
 from .._projections import projection_grads
+from .._triton_lib import activation, activation_grad, stacked_projection
 from .common import ACTIVATIONS
 
 _ACT_CODE = {name: code for code, name in enumerate(ACTIVATIONS)}

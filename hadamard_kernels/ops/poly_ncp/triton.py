@@ -118,7 +118,8 @@ def _poly_ncp_bwd_kernel(x_ptr, aw_ptr, ab_ptr, sw_ptr, sb_ptr, gy_ptr, ga_ptr, 
     for n in range(1, N):
         tl.store(ys_ptr + _slab_offsets(o_m, o_k, n - 1, M, K), y.to(ys_ptr.dtype.element_ty), mask=mask)
         s = _s_projection(y, sw_ptr, sb_ptr, n - 1, o_k, K, HAS_S_BIAS, IEEE, ACC)
-        a = stacked_projection(x_ptr, aw_ptr, ab_ptr, n, o_m, o_k, M, D, K, stride_xm, HAS_A_BIAS, IEEE, ACC, BM, KP, BD)
+        a = stacked_projection(x_ptr, aw_ptr, ab_ptr, n, o_m, o_k, M, D, K, stride_xm, HAS_A_BIAS, IEEE, ACC,
+                               BM, KP, BD)
         y = a * s
 
     # Pass 2: g = dL/dy_n for n = N..2 (0-based n = N-1..1).
