@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import triton
 from utils import HAS_CUDA, assert_close, cpu_backends, cuda, gpu_backends, requires_cuda
 
 import hadamard_kernels as hk
@@ -183,6 +184,27 @@ def test_torch_compile_fullgraph():
         assert_close(name, a.grad, b.grad.double())
 
 
+def triton_forward_with(config, x, weight, bias, mode, activation, scale):
+    """The Triton forward launched with one explicit tile config (autotuning would pick only one per shape)."""
+    from hadamard_kernels.ops.poly_chain import triton as triton_backend
+
+    launch = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    return triton_backend.forward(x, weight, bias, mode, activation, scale,
+                                  kernel=triton_backend._poly_chain_fwd_kernel, **launch)
+
+
+@pytest.mark.skipif("triton" not in cpu_backends(), reason="needs the Triton interpreter")
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("N", [2, 3, 5])  # padded to NP = 2, 4, 8 degrees in the grouped path
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_forward_tile_paths(grouped, N, mode):
+    """Both forward paths (degree loop, degrees grouped side by side) with small tiles that leave ragged edges."""
+    config = triton.Config({"BM": 16, "BC": 32 if not grouped else 64, "BD": 16, "GROUPED": grouped})
+    x, weight, bias = make_inputs(lead=(37,), d=45, k=23, N=N)
+    y = triton_forward_with(config, x, weight, bias, mode, "tanh", 0.7)
+    assert_close("y", y, hk.poly_chain(x, weight, bias, mode=mode, activation="tanh", scale=0.7, backend="reference"))
+
+
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize("change, argument", [
     (lambda a: a.update(x=a["x"][..., :-1]), "x"),
@@ -256,6 +278,22 @@ def test_gpu_zero_factors(backend, mode):
     weight[1] = 0.0
     bias[1] = -1.0 if mode == "ccp" else 0.0
     check_against_reference(x, weight, bias, backend, mode=mode, activation="identity", scale=1.0)
+
+
+@cuda
+@requires_cuda
+@pytest.mark.parametrize("N", [2, 3, 16])
+def test_gpu_triton_every_forward_config(N):
+    """Tests run with one config; the benchmarks autotune over all of them, so each must be right."""
+    from hadamard_kernels.ops.poly_chain import triton as triton_backend
+
+    x, weight, bias = make_inputs(lead=(300,), d=200, k=70, N=N, dtype=torch.bfloat16, device="cuda")
+    ref = hk.poly_chain(x.double(), weight.double(), bias.double(), mode="ccp", activation="gelu", scale=0.5)
+    for config in triton_backend._LOOP_CONFIGS + triton_backend._GROUPED_CONFIGS:
+        if config.kwargs["GROUPED"] and triton.next_power_of_2(N) > triton_backend._MAX_GROUPED_NP:
+            continue
+        y = triton_forward_with(config, x, weight, bias, "ccp", "gelu", 0.5)
+        assert_close(f"y with {config}", y, ref)
 
 
 @cuda

@@ -38,24 +38,24 @@ def activation_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def stacked_projection(x_ptr, w_ptr, b_ptr, n, o_m, o_k, M, D, K, stride_xm,
+def stacked_projection(x_ptr, w_ptr, b_ptr, n, o_m, o_j, M, D, K, stride_xm,
                        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr,
-                       BK: tl.constexpr, BD: tl.constexpr):
-    """z_n for the [BM, BK] tile: x[o_m, :] @ W[n, o_k, :]^T (+ b[n, o_k]), accumulated in ACC."""
-    acc = tl.zeros((BM, BK), dtype=ACC)
+                       BJ: tl.constexpr, BD: tl.constexpr, m_j):
+    """[BM, BJ] tile of z_n = x W_n^T (+ b_n), accumulated in ACC: rows o_m of x [M, D], rows n*K + o_j of the
+    weight viewed [N*K, D] (and entries n*K + o_j of the bias), o_j masked by m_j."""
+    acc = tl.zeros((BM, BJ), dtype=ACC)
     m_m = o_m < M
-    m_k = o_k < K
-    # Row n*K + o_k of the [N*K, D] weight; int64 before multiplying by D.
-    p_w = w_ptr + (n * K + o_k)[None, :].to(tl.int64) * D
+    # int64 before multiplying by D.
+    p_w = w_ptr + (n * K + o_j)[None, :].to(tl.int64) * D
     for d0 in range(0, D, BD):
         o_d = d0 + tl.arange(0, BD)
         m_d = o_d < D
         b_x = tl.load(x_ptr + o_m[:, None] * stride_xm + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
-        b_w = tl.load(p_w + o_d[:, None], mask=m_k[None, :] & m_d[:, None], other=0.0)
+        b_w = tl.load(p_w + o_d[:, None], mask=m_j[None, :] & m_d[:, None], other=0.0)
         if IEEE:
             acc += tl.dot(b_x, b_w, input_precision="ieee", out_dtype=ACC)
         else:
             acc += tl.dot(b_x, b_w, out_dtype=ACC)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + n * K + o_k, mask=m_k, other=0.0).to(ACC)[None, :]
+        acc += tl.load(b_ptr + n * K + o_j, mask=m_j, other=0.0).to(ACC)[None, :]
     return acc

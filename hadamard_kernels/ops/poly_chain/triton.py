@@ -26,14 +26,23 @@ from .common import ACTIVATIONS
 _ACT_CODE = {name: code for code, name in enumerate(ACTIVATIONS)}
 _MODE_CCP, _MODE_PRODUCT = 0, 1
 
-# The first entry is the default when autotuning is off; the rest are shapes that suit H100 wgmma tiles.
-_CONFIGS = [
-    triton.Config({"BM": bm, "BK": bk, "BD": bd}, num_warps=w, num_stages=s)
-    for bm, bk, bd, w, s in [
+# Forward tile configs. BC is the number of columns a program's dot produces. Degree-loop configs (GROUPED=False):
+# BC output columns, one dot per degree n. Grouped configs (GROUPED=True): the N degrees side by side, BC/NP output
+# columns of each (NP = next power of 2 of N), so x is read once per d-chunk for all N projections and small k
+# still gives full-width dots; degrees past N are padding. The first config is the default when autotuning is off.
+_LOOP_CONFIGS = [
+    triton.Config({"BM": bm, "BC": bc, "BD": bd, "GROUPED": False}, num_warps=w, num_stages=s)
+    for bm, bc, bd, w, s in [
         (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
         (64, 64, 64, 4, 4), (128, 64, 32, 4, 4), (64, 32, 64, 4, 4), (32, 32, 32, 2, 4),
     ]
 ]
+_GROUPED_CONFIGS = [
+    triton.Config({"BM": bm, "BC": bc, "BD": bd, "GROUPED": True}, num_warps=w, num_stages=s)
+    for bm, bc, bd, w, s in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3)]
+]
+_MAX_GROUPED_NP = 16  # the grouped configs need BC // NP >= 1 output columns; 16 keeps >= 8
+_FWD_KEY = ["D", "K", "N", "HAS_BIAS", "MODE", "ACT"]
 
 
 @triton.jit
@@ -44,20 +53,44 @@ def _factor(u, n, MODE: tl.constexpr):
     return u
 
 
-@triton_autotune(_CONFIGS, key=["D", "K", "N", "HAS_BIAS", "MODE", "ACT"])
+@triton.jit
+def _multiply(a, b):
+    return a * b
+
+
 @triton.jit
 def _poly_chain_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, D, K, N, scale, stride_xm, stride_ym,
                            HAS_BIAS: tl.constexpr, MODE: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
-                           ACC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+                           ACC: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+                           BD: tl.constexpr, GROUPED: tl.constexpr):
+    """y [M, K] = prod_n f_n(x W_n^T + b_n) for a [BM, BC] (degree loop) or [BM, BC // NP] (grouped) tile."""
     i_m, i_k = tl.program_id(0), tl.program_id(1)
     o_m = i_m.to(tl.int64) * BM + tl.arange(0, BM)
-    o_k = i_k * BK + tl.arange(0, BK)
-    y = tl.full((BM, BK), 1.0, ACC)
-    for n in range(N):
-        z = stacked_projection(x_ptr, w_ptr, b_ptr, n, o_m, o_k, M, D, K, stride_xm, HAS_BIAS, IEEE, ACC, BM, BK, BD)
-        y *= _factor(scale * activation(z, ACT), n, MODE)
+    if GROUPED:
+        # Column c of the dot is degree c // BK, output column i_k * BK + c % BK (BK = BC // NP).
+        o_c = tl.arange(0, BC)
+        c_n = o_c // (BC // NP)
+        c_k = i_k * (BC // NP) + o_c % (BC // NP)
+        m_c = (c_n < N) & (c_k < K)
+        z = stacked_projection(x_ptr, w_ptr, b_ptr, 0, o_m, c_n * K + c_k, M, D, K, stride_xm, HAS_BIAS, IEEE, ACC,
+                               BM, BC, BD, m_c)
+        f = tl.where(m_c[None, :], _factor(scale * activation(z, ACT), c_n[None, :], MODE), 1.0)
+        y = tl.reduce(tl.reshape(f, (BM, NP, BC // NP)), 1, _multiply)
+        o_k = i_k * (BC // NP) + tl.arange(0, BC // NP)
+    else:
+        o_k = i_k * BC + tl.arange(0, BC)
+        y = tl.full((BM, BC), 1.0, ACC)
+        for n in range(N):
+            z = stacked_projection(x_ptr, w_ptr, b_ptr, n, o_m, o_k, M, D, K, stride_xm, HAS_BIAS, IEEE, ACC,
+                                   BM, BC, BD, o_k < K)
+            y *= _factor(scale * activation(z, ACT), n, MODE)
     mask = (o_m < M)[:, None] & (o_k < K)[None, :]
     tl.store(y_ptr + o_m[:, None] * stride_ym + o_k[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# Two autotuned entry points over the same kernel: the grouped configs only where N fits them.
+_fwd_loop = triton_autotune(_LOOP_CONFIGS, key=_FWD_KEY)(_poly_chain_fwd_kernel)
+_fwd_any = triton_autotune(_LOOP_CONFIGS + _GROUPED_CONFIGS, key=_FWD_KEY)(_poly_chain_fwd_kernel)
 
 
 @triton.jit
@@ -96,7 +129,7 @@ def _poly_chain_grad_z_kernel(z_ptr, b_ptr, gy_ptr, gz_ptr, R, K, N, scale, HAS_
 
 
 def _launch_args(x, weight, bias, mode, activation):
-    """Shared launch settings: 2D views, constexpr flags and the grid."""
+    """Shared launch settings: contiguous 2D operands, sizes and constexpr flags."""
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
@@ -110,20 +143,29 @@ def _launch_args(x, weight, bias, mode, activation):
         IEEE=x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
         ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
     )
-    grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(K, meta["BK"]))  # noqa: E731
-    return x2d, weight, bias, (M, D, K, N), flags, grid
+    return x2d, weight, bias, (M, D, K, N), flags
 
 
-def forward(x, weight, bias, mode, activation, scale):
-    x2d, weight, bias, (M, D, K, N), flags, grid = _launch_args(x, weight, bias, mode, activation)
+def forward(x, weight, bias, mode, activation, scale, *, kernel=None, **config):
+    """kernel/config: a raw launch of _poly_chain_fwd_kernel with an explicit config (tests of every tile path);
+    by default the autotuned entry point."""
+    x2d, weight, bias, (M, D, K, N), flags = _launch_args(x, weight, bias, mode, activation)
+    NP = triton.next_power_of_2(N)
+    if kernel is None:
+        kernel = _fwd_any if 1 < N and NP <= _MAX_GROUPED_NP else _fwd_loop
+
+    def grid(meta):
+        columns = meta["BC"] // NP if meta["GROUPED"] else meta["BC"]
+        return triton.cdiv(M, meta["BM"]), triton.cdiv(K, columns)
+
     y = torch.empty((M, K), device=x.device, dtype=x.dtype)
-    _poly_chain_fwd_kernel[grid](x2d, weight, bias if bias is not None else x2d, y, M, D, K, N, scale,
-                                 x2d.stride(0), y.stride(0), **flags)
+    kernel[grid](x2d, weight, bias if bias is not None else x2d, y, M, D, K, N, scale, x2d.stride(0), y.stride(0),
+                 NP=NP, **flags, **config)
     return y.view(*x.shape[:-1], K)
 
 
 def backward(grad_y, x, weight, bias, mode, activation, scale, needs):
-    x2d, weight, bias, (M, D, K, N), flags, _ = _launch_args(x, weight, bias, mode, activation)
+    x2d, weight, bias, (M, D, K, N), flags = _launch_args(x, weight, bias, mode, activation)
     gy = grad_y.reshape(M, K).contiguous()
     z = x2d @ weight.view(N * K, D).T  # [M, N*K]: every projection, recomputed (bias added in the kernel)
     grad_z = torch.empty((M, N, K), device=x.device, dtype=x.dtype)

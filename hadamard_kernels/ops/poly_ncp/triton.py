@@ -87,12 +87,13 @@ def _poly_ncp_fwd_kernel(x_ptr, aw_ptr, ab_ptr, sw_ptr, sb_ptr, y_ptr, M, D, K, 
     i_m = tl.program_id(0)
     o_m = i_m.to(tl.int64) * BM + tl.arange(0, BM)
     o_k = tl.arange(0, KP)
-    y = stacked_projection(x_ptr, aw_ptr, ab_ptr, 0, o_m, o_k, M, D, K, stride_xm, HAS_A_BIAS, IEEE, ACC, BM, KP, BD)
+    y = stacked_projection(x_ptr, aw_ptr, ab_ptr, 0, o_m, o_k, M, D, K, stride_xm, HAS_A_BIAS, IEEE, ACC,
+                           BM, KP, BD, o_k < K)
     for n in range(1, N):
         # s first: y is dead after it, which keeps one [BM, KP] tile fewer live during the d loop.
         s = _s_projection(y, sw_ptr, sb_ptr, n - 1, o_k, K, HAS_S_BIAS, IEEE, ACC)
         y = s * stacked_projection(x_ptr, aw_ptr, ab_ptr, n, o_m, o_k, M, D, K, stride_xm, HAS_A_BIAS, IEEE, ACC,
-                            BM, KP, BD)
+                                   BM, KP, BD, o_k < K)
     mask = (o_m < M)[:, None] & (o_k < K)[None, :]
     tl.store(y_ptr + o_m[:, None] * stride_ym + o_k[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -112,14 +113,15 @@ def _poly_ncp_bwd_kernel(x_ptr, aw_ptr, ab_ptr, sw_ptr, sb_ptr, gy_ptr, ga_ptr, 
     o_mnk = o_m[:, None] * N * K + o_k[None, :]  # the tile in grad_a's degree-0 slab
 
     # Pass 1: the forward chain, parking y_1..y_{N-1}. a and s end as a_N and s_N.
-    a = stacked_projection(x_ptr, aw_ptr, ab_ptr, 0, o_m, o_k, M, D, K, stride_xm, HAS_A_BIAS, IEEE, ACC, BM, KP, BD)
+    a = stacked_projection(x_ptr, aw_ptr, ab_ptr, 0, o_m, o_k, M, D, K, stride_xm, HAS_A_BIAS, IEEE, ACC,
+                           BM, KP, BD, o_k < K)
     y = a
     s = tl.zeros((BM, KP), dtype=ACC)
     for n in range(1, N):
         tl.store(ys_ptr + _slab_offsets(o_m, o_k, n - 1, M, K), y.to(ys_ptr.dtype.element_ty), mask=mask)
         s = _s_projection(y, sw_ptr, sb_ptr, n - 1, o_k, K, HAS_S_BIAS, IEEE, ACC)
         a = stacked_projection(x_ptr, aw_ptr, ab_ptr, n, o_m, o_k, M, D, K, stride_xm, HAS_A_BIAS, IEEE, ACC,
-                               BM, KP, BD)
+                               BM, KP, BD, o_k < K)
         y = a * s
 
     # Pass 2: g = dL/dy_n for n = N..2 (0-based n = N-1..1).
@@ -131,7 +133,7 @@ def _poly_ncp_bwd_kernel(x_ptr, aw_ptr, ab_ptr, sw_ptr, sb_ptr, gy_ptr, ga_ptr, 
             y_prev = tl.load(ys_ptr + _slab_offsets(o_m, o_k, n - 1, M, K), mask=mask, other=0.0)
             s = _s_projection(y_prev, sw_ptr, sb_ptr, n - 1, o_k, K, HAS_S_BIAS, IEEE, ACC)
             a = stacked_projection(x_ptr, aw_ptr, ab_ptr, n, o_m, o_k, M, D, K, stride_xm, HAS_A_BIAS, IEEE, ACC,
-                            BM, KP, BD)
+                                   BM, KP, BD, o_k < K)
         tl.store(ga_ptr + o_mnk + n * K, (g * s).to(ga_ptr.dtype.element_ty), mask=mask)
         g_s = (g * a).to(gs_ptr.dtype.element_ty)
         tl.store(gs_ptr + _slab_offsets(o_m, o_k, n - 1, M, K), g_s, mask=mask)
