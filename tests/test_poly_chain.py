@@ -282,7 +282,7 @@ def test_gpu_zero_factors(backend, mode):
 
 @cuda
 @requires_cuda
-@pytest.mark.parametrize("N", [2, 3, 16])
+@pytest.mark.parametrize("N", [3])  # NP = 4: padded degrees; each config compiles once
 def test_gpu_triton_every_forward_config(N):
     """Tests run with one config; the benchmarks autotune over all of them, so each must be right."""
     from hadamard_kernels.ops.poly_chain import triton as triton_backend
