@@ -1,8 +1,9 @@
 """Triton kernels for poly_chain.
 
-Forward: one program owns a [BM, BK] tile of y. For n = 1..N it computes z_n = x W_n^T (+ b_n) over d with
-tl.dot, applies the activation and multiplies the factor into the running product, so the N intermediate
-[M, k] tensors never leave registers.
+Forward: one program owns a tile of y and computes z_n = x W_n^T (+ b_n) over d with tl.dot, applies the
+activation and multiplies the factors, so the N intermediate [M, k] tensors never leave registers. Two tile
+paths, both autotune candidates: the degree loop (one dot per degree into a [BM, BC] tile) and the grouped path
+(all degrees side by side in one [BM, BC] dot, product over the degree axis; for small k).
 
 Backward: y_N = prod_n f_n with f_1 = u_1 and f_n = 1 + u_n (ccp) or u_n (product), so
 dL/dz_n = dy * prod_{m != n} f_m * scale * act'(z_n). Only the inputs are saved by the forward; the backward
