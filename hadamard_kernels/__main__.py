@@ -54,6 +54,7 @@ def bench(args: list[str]) -> int:
     import runpy
 
     sys.argv = [str(runner), *args]
+    sys.path.insert(0, str(runner.parent))  # run.py imports its neighbours (cases.py), as when run as a script
     runpy.run_path(str(runner), run_name="__main__")
     return 0
 

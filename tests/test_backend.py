@@ -92,3 +92,9 @@ def test_triton_runs_wherever_it_is_expected():
     otherwise drop every Triton test from the parametrization without a failure."""
     if os.environ.get("TRITON_INTERPRET") == "1" or HAS_CUDA:
         assert _backend.triton_import_error() is None, _backend.triton_import_error()
+
+
+def test_cli_bench_lists_cases():
+    out = subprocess.run([sys.executable, "-m", "hadamard_kernels", "bench", "--list"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "poly_chain" in out.stdout and "poly_ncp" in out.stdout
