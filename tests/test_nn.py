@@ -385,3 +385,21 @@ def test_gpu_chain_layers(backend, dtype, layer_cls, kwargs):
     assert_close("dx", dx, ref_dx, dtype)
     for pname, g in grads.items():
         assert_close(f"d{pname}", g, ref_grads[pname], dtype)
+
+
+@pytest.mark.parametrize("cls, layer", [("CCP", "U2"), ("NCP", "S2")])
+def test_modules_follow_autocast(cls, layer):
+    """Under torch.autocast the fused modules run in the autocast dtype like nn.Linear (fp32 parameters, bf16
+    compute) and their gradients reach the fp32 parameters; outside it they run in fp32."""
+    torch.manual_seed(0)
+    model = getattr(hk.nn, cls)(hidden_size=8, image_size=4, n_degree=3, n_classes=5)
+    images = torch.randn(6, 1, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    grad = getattr(model, layer).weight.grad
+    assert grad is not None and grad.dtype == torch.float32 and grad.abs().sum() > 0
+    expected = model(images)
+    assert expected.dtype == torch.float32
+    assert (out.float() - expected).norm() / expected.norm() < 2e-2

@@ -45,6 +45,18 @@ class BackendModules:
         return self._module(name)
 
 
+def autocast_inputs(*args):
+    """Under torch.autocast for the inputs' device, the matmul-based ops run in the autocast dtype as nn.Linear does:
+    float32/16 tensor arguments are cast to it (gradients flow back to their own dtype through the cast); float64
+    is left alone, as autocast leaves it. Outside autocast, returns `args` as they are."""
+    like = args[0]
+    if not isinstance(like, torch.Tensor) or not torch.is_autocast_enabled(like.device.type):
+        return args
+    dtype = torch.get_autocast_dtype(like.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in args)
+
+
 def grads_to_tensors(grads: Sequence[torch.Tensor | None], like: torch.Tensor) -> list[torch.Tensor]:
     """Custom ops cannot return None: a gradient that was not asked for travels as an empty tensor."""
     return [like.new_empty(0) if g is None else g for g in grads]

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ... import _checks
-from .._library import BackendModules, fake_backward, grads_to_tensors, register_autograd
+from .._library import BackendModules, autocast_inputs, fake_backward, grads_to_tensors, register_autograd
 from .common import check_args
 
 _IMPLS = BackendModules("poly_chain", __package__)
@@ -54,6 +54,7 @@ def poly_chain(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, mode
     mode="ccp": y_1 = u_1, y_n = u_n * y_{n-1} + y_{n-1};  mode="product": y_n = u_n * y_{n-1}.
     Returns y_N [..., k]. backend: None (auto), "reference", "triton" or "cuda".
     """
+    x, weight, bias = autocast_inputs(x, weight, bias)
     # Checked here too, so wrong types get a ValueError rather than the schema's cast error.
     check_args(x, weight, bias, mode, activation)
     scale = _checks.check_finite_float("scale", scale)

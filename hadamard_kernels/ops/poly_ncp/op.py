@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._library import BackendModules, fake_backward, grads_to_tensors, register_autograd
+from .._library import BackendModules, autocast_inputs, fake_backward, grads_to_tensors, register_autograd
 from .common import check_args
 
 _IMPLS = BackendModules("poly_ncp", __package__)
@@ -54,6 +54,7 @@ def poly_ncp(x: Tensor, a_weight: Tensor, a_bias: Optional[Tensor], s_weight: Te
     y_1 = A_1 x + a_1,  y_n = (A_n x + a_n) * (S_n y_{n-1} + s_n).  Returns y_N [..., k].
     backend: None (auto), "reference", "triton" or "cuda".
     """
+    x, a_weight, a_bias, s_weight, s_bias = autocast_inputs(x, a_weight, a_bias, s_weight, s_bias)
     # Checked here too, so wrong types get a ValueError rather than the schema's cast error.
     check_args(x, a_weight, a_bias, s_weight, s_bias)
     return poly_ncp_op(x, a_weight, a_bias, s_weight, s_bias, backend)
