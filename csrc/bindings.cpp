@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "hadamard_kernels/activation.h"
 #include "hadamard_kernels/common.h"
@@ -30,9 +31,44 @@ void check_cuda(cudaError_t err, const char* what) {
   }
 }
 
-void* to_ptr(Address address) { return reinterpret_cast<void*>(address); }
-
 cudaStream_t to_stream(Address handle) { return reinterpret_cast<cudaStream_t>(handle); }
+
+// A family's params struct as a Python class built with keyword arguments, one per field
+// (`PolyChainParams(x=t.data_ptr(), M=..., ...)`); an unknown name raises AttributeError. Pointer fields take
+// Python ints (0 for None), enum fields their integer code; fields not given keep the struct's defaults.
+template <class P>
+class ParamsClass {
+ public:
+  ParamsClass(py::module_& m, const char* name) : cls_(m, name) {
+    cls_.def(py::init([](const py::kwargs& fields) {
+      P params;
+      py::object view = py::cast(&params, py::return_value_policy::reference);
+      for (auto field : fields) py::setattr(view, field.first, field.second);
+      return params;
+    }));
+  }
+  template <class T>
+  ParamsClass& pointer(const char* name, T* P::*member) {
+    cls_.def_property(
+        name, [member](const P& p) { return reinterpret_cast<Address>(p.*member); },
+        [member](P& p, Address address) { p.*member = reinterpret_cast<T*>(address); });
+    return *this;
+  }
+  template <class T>
+  ParamsClass& value(const char* name, T P::*member) {
+    if constexpr (std::is_enum_v<T>) {  // an unknown code makes the launcher fail cleanly
+      cls_.def_property(
+          name, [member](const P& p) { return static_cast<int>(p.*member); },
+          [member](P& p, int code) { p.*member = static_cast<T>(code); });
+    } else {
+      cls_.def_readwrite(name, member);
+    }
+    return *this;
+  }
+
+ private:
+  py::class_<P> cls_;
+};
 
 template <int N>
 py::tuple names(const char* const (&list)[N]) {
@@ -71,37 +107,14 @@ void bind_common(py::module_& m) {
 // ---- poly_chain (csrc/poly_chain.cu)
 void bind_poly_chain(py::module_& m) {
   m.attr("POLY_CHAIN_MODES") = names(hk::kPolyChainModeNames);
-  py::class_<hk::PolyChainParams>(m, "PolyChainParams")
-      .def(py::init([](Address x, Address weight, Address bias, Address y, Address grad_y, Address grad_z,
-                       Address workspace, int64_t M, int64_t d, int64_t k, int64_t N, int64_t x_row_stride,
-                       int64_t y_row_stride, int dtype, int activation, int mode, float scale) {
-             hk::PolyChainParams p;
-             p.x = to_ptr(x);
-             p.weight = to_ptr(weight);
-             p.bias = to_ptr(bias);
-             p.y = to_ptr(y);
-             p.grad_y = to_ptr(grad_y);
-             p.grad_z = to_ptr(grad_z);
-             p.workspace = to_ptr(workspace);
-             p.M = M;
-             p.d = d;
-             p.k = k;
-             p.N = N;
-             p.x_row_stride = x_row_stride;
-             p.y_row_stride = y_row_stride;
-             p.dtype = static_cast<hk::DType>(dtype);  // an unknown code makes the launcher fail cleanly
-             p.activation = activation;
-             p.mode = mode;
-             p.scale = scale;
-             return p;
-           }),
-           py::kw_only(), py::arg("x"), py::arg("weight"), py::arg("bias") = 0, py::arg("y") = 0,
-           py::arg("grad_y") = 0, py::arg("grad_z") = 0, py::arg("workspace") = 0, py::arg("M"), py::arg("d"),
-           py::arg("k"), py::arg("N"), py::arg("x_row_stride"), py::arg("y_row_stride"), py::arg("dtype"),
-           py::arg("activation"), py::arg("mode"), py::arg("scale"))
-      .def_property(
-          "workspace", [](const hk::PolyChainParams& p) { return reinterpret_cast<Address>(p.workspace); },
-          [](hk::PolyChainParams& p, Address workspace) { p.workspace = to_ptr(workspace); });
+  using P = hk::PolyChainParams;
+  ParamsClass<P>(m, "PolyChainParams")
+      .pointer("x", &P::x).pointer("weight", &P::weight).pointer("bias", &P::bias).pointer("y", &P::y)
+      .pointer("grad_y", &P::grad_y).pointer("grad_z", &P::grad_z).pointer("workspace", &P::workspace)
+      .value("M", &P::M).value("d", &P::d).value("k", &P::k).value("N", &P::N)
+      .value("x_row_stride", &P::x_row_stride).value("y_row_stride", &P::y_row_stride)
+      .value("dtype", &P::dtype).value("activation", &P::activation).value("mode", &P::mode)
+      .value("scale", &P::scale);
   m.def(
       "poly_chain_fwd",
       [](const hk::PolyChainParams& p, Address stream) {
@@ -120,34 +133,15 @@ void bind_poly_chain(py::module_& m) {
 // ---- poly_ncp (csrc/poly_ncp.cu)
 void bind_poly_ncp(py::module_& m) {
   m.attr("POLY_NCP_MAX_K") = hk::kPolyNcpMaxK;
-  py::class_<hk::PolyNcpParams>(m, "PolyNcpParams")
-      .def(py::init([](Address x, Address a_weight, Address a_bias, Address s_weight, Address s_bias, Address y,
-                       Address grad_y, Address grad_a, Address grad_s, Address ys, int64_t M, int64_t d, int64_t k,
-                       int64_t N, int64_t x_row_stride, int64_t y_row_stride, int dtype) {
-             hk::PolyNcpParams p;
-             p.x = to_ptr(x);
-             p.a_weight = to_ptr(a_weight);
-             p.a_bias = to_ptr(a_bias);
-             p.s_weight = to_ptr(s_weight);
-             p.s_bias = to_ptr(s_bias);
-             p.y = to_ptr(y);
-             p.grad_y = to_ptr(grad_y);
-             p.grad_a = to_ptr(grad_a);
-             p.grad_s = to_ptr(grad_s);
-             p.ys = to_ptr(ys);
-             p.M = M;
-             p.d = d;
-             p.k = k;
-             p.N = N;
-             p.x_row_stride = x_row_stride;
-             p.y_row_stride = y_row_stride;
-             p.dtype = static_cast<hk::DType>(dtype);  // an unknown code makes the launcher fail cleanly
-             return p;
-           }),
-           py::kw_only(), py::arg("x"), py::arg("a_weight"), py::arg("a_bias") = 0, py::arg("s_weight") = 0,
-           py::arg("s_bias") = 0, py::arg("y") = 0, py::arg("grad_y") = 0, py::arg("grad_a") = 0,
-           py::arg("grad_s") = 0, py::arg("ys") = 0, py::arg("M"), py::arg("d"), py::arg("k"), py::arg("N"),
-           py::arg("x_row_stride"), py::arg("y_row_stride"), py::arg("dtype"));
+  using P = hk::PolyNcpParams;
+  ParamsClass<P>(m, "PolyNcpParams")
+      .pointer("x", &P::x).pointer("a_weight", &P::a_weight).pointer("a_bias", &P::a_bias)
+      .pointer("s_weight", &P::s_weight).pointer("s_bias", &P::s_bias).pointer("y", &P::y)
+      .pointer("grad_y", &P::grad_y).pointer("grad_a", &P::grad_a).pointer("grad_s", &P::grad_s)
+      .pointer("ys", &P::ys)
+      .value("M", &P::M).value("d", &P::d).value("k", &P::k).value("N", &P::N)
+      .value("x_row_stride", &P::x_row_stride).value("y_row_stride", &P::y_row_stride)
+      .value("dtype", &P::dtype);
   m.def(
       "poly_ncp_fwd",
       [](const hk::PolyNcpParams& p, Address stream) {
