@@ -70,6 +70,14 @@ class ParamsClass {
   py::class_<P> cls_;
 };
 
+// m.<name>(params, stream): runs a launcher on the stream, raising RuntimeError on a CUDA error.
+template <class P>
+void def_launcher(py::module_& m, const char* name, cudaError_t (*launch)(const P&, cudaStream_t)) {
+  m.def(
+      name, [name, launch](const P& p, Address stream) { check_cuda(launch(p, to_stream(stream)), name); },
+      py::arg("params"), py::arg("stream"));
+}
+
 template <int N>
 py::tuple names(const char* const (&list)[N]) {
   py::tuple out(N);
@@ -115,18 +123,8 @@ void bind_poly_chain(py::module_& m) {
       .value("x_row_stride", &P::x_row_stride).value("y_row_stride", &P::y_row_stride)
       .value("dtype", &P::dtype).value("activation", &P::activation).value("mode", &P::mode)
       .value("scale", &P::scale);
-  m.def(
-      "poly_chain_fwd",
-      [](const hk::PolyChainParams& p, Address stream) {
-        check_cuda(hk::launch_poly_chain_fwd(p, to_stream(stream)), "poly_chain_fwd");
-      },
-      py::arg("params"), py::arg("stream"));
-  m.def(
-      "poly_chain_bwd",
-      [](const hk::PolyChainParams& p, Address stream) {
-        check_cuda(hk::launch_poly_chain_bwd(p, to_stream(stream)), "poly_chain_bwd");
-      },
-      py::arg("params"), py::arg("stream"));
+  def_launcher(m, "poly_chain_fwd", &hk::launch_poly_chain_fwd);
+  def_launcher(m, "poly_chain_bwd", &hk::launch_poly_chain_bwd);
   m.def("poly_chain_bwd_workspace_bytes", &hk::poly_chain_bwd_workspace_bytes, py::arg("params"));
 }
 
@@ -142,18 +140,8 @@ void bind_poly_ncp(py::module_& m) {
       .value("M", &P::M).value("d", &P::d).value("k", &P::k).value("N", &P::N)
       .value("x_row_stride", &P::x_row_stride).value("y_row_stride", &P::y_row_stride)
       .value("dtype", &P::dtype);
-  m.def(
-      "poly_ncp_fwd",
-      [](const hk::PolyNcpParams& p, Address stream) {
-        check_cuda(hk::launch_poly_ncp_fwd(p, to_stream(stream)), "poly_ncp_fwd");
-      },
-      py::arg("params"), py::arg("stream"));
-  m.def(
-      "poly_ncp_bwd",
-      [](const hk::PolyNcpParams& p, Address stream) {
-        check_cuda(hk::launch_poly_ncp_bwd(p, to_stream(stream)), "poly_ncp_bwd");
-      },
-      py::arg("params"), py::arg("stream"));
+  def_launcher(m, "poly_ncp_fwd", &hk::launch_poly_ncp_fwd);
+  def_launcher(m, "poly_ncp_bwd", &hk::launch_poly_ncp_bwd);
 }
 
 }  // namespace
