@@ -102,6 +102,7 @@ def test_matches_reference(backend, dtype, mode, activation):
     dict(lead=(70,), d=33, k=17, N=1),   # N = 1: y = u_1
     dict(lead=(2, 2, 3), d=20, k=9, N=16),  # long chain, several leading dims
     dict(lead=(5,), d=130, k=70, N=2),   # d and k past one tile
+    dict(lead=(5,), d=6, k=5, N=33),     # N past a power of two: the backward scans pad to 64 degrees
 ])
 @pytest.mark.parametrize("bias", [True, False])
 def test_shapes(backend, shape, bias):
