@@ -6,8 +6,8 @@ written). Then per case and provider: the relative error of the output and of ev
 reference, checked before anything is timed; forward and forward+backward time (triton.testing.do_bench,
 median); peak memory; TFLOP/s, GB/s and % of the roofline those ceilings allow; speedup vs eager and vs
 torch.compile. A provider that raises is recorded as an error row, one above the tolerance as "wrong" (timed, but
-given no speedup). Writes benchmarks/results/<device>-<date>.json and .md. Needs a CUDA GPU (exit status 2
-without one).
+given no speedup). Writes benchmarks/results/<device>-<date>.json, .md and .svg (the speedups as a chart).
+Needs a CUDA GPU (exit status 2 without one).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import cases
+import chart
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -274,13 +275,15 @@ def _case_table(entry) -> list[str]:
 
 
 def write_report(report: dict, out_dir: Path, copy_to: Path | None = None) -> list[Path]:
-    """Writes <stem>.json and <stem>.md into out_dir (and copies them into copy_to); returns their paths."""
+    """Writes <stem>.json, <stem>.md and <stem>.svg into out_dir (and copies them into copy_to); returns their
+    paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = results_stem(report["meta"]["device"], report["meta"]["date"])
-    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    json_path, md_path, svg_path = (out_dir / f"{stem}.{ext}" for ext in ("json", "md", "svg"))
     json_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    md_path.write_text(render_markdown(report) + "\n")
-    paths = [json_path, md_path]
+    md_path.write_text(render_markdown(report) + f"\n![speedup over eager]({svg_path.name})\n")
+    svg_path.write_text(chart.render_svg(report))
+    paths = [json_path, md_path, svg_path]
     if copy_to is not None:
         copy_to.mkdir(parents=True, exist_ok=True)
         for path in paths:

@@ -7,8 +7,8 @@
 # The GPU machine has torch, triton, pybind11, cmake, ninja, pytest and pytest-benchmark preinstalled and no
 # network, so pip never resolves anything there (--no-deps --no-build-isolation --no-index).
 # A failed build or failed tests do not stop the run: the benchmarks still run and record both outcomes.
-# Writes benchmarks/results/<device>-<date>.json, .md and -tests.log. When $OUT is set, env.txt, build.log and
-# tests.log are written there as the run goes (so a run cut short still returns them), then the .json and .md.
+# Writes benchmarks/results/<device>-<date>.json, .md, .svg and -tests.log. When $OUT is set, env.txt, build.log and
+# tests.log are written there as the run goes (so a run cut short still returns them), then the .json, .md, .svg.
 # Budget (seconds, whole script): RUN_GPU_BUDGET_S, default 540.
 set -uo pipefail  # not -e: every stage runs whatever the previous one returned
 

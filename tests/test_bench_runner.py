@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import hadamard_kernels as hk
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH_DIR))  # run.py imports its sibling `cases`, as it does when run as a script
 import cases  # noqa: E402
+import chart  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("hk_bench_run", BENCH_DIR / "run.py")
 bench_run = importlib.util.module_from_spec(_spec)
@@ -191,7 +193,8 @@ def test_write_report(tmp_path):
     report = bench_run.derive(fake_report())
     copy = tmp_path / "out"
     paths = bench_run.write_report(report, tmp_path / "results", copy_to=copy)
-    assert [p.name for p in paths] == ["NVIDIA-H100-80GB-HBM3-2026-11-25.json", "NVIDIA-H100-80GB-HBM3-2026-11-25.md"]
+    stem = "NVIDIA-H100-80GB-HBM3-2026-11-25"
+    assert [p.name for p in paths] == [f"{stem}.json", f"{stem}.md", f"{stem}.svg"]
     assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in paths)
     loaded = json.loads(paths[0].read_text())
     assert loaded["ceilings"]["copy_gbps"] == 3000.0
@@ -201,7 +204,7 @@ def test_write_report(tmp_path):
                      "1 failed, 10 passed, 1 skipped, 1 error in 12.34s (exit status 1)", "build: ok",
                      "| poly_chain-fake-bf16 | triton | 2.000 |", "3.00× |", "| cuda | wrong |", "wrong result",
                      r"error: NotImplementedError: k \| too big |", "none correct (triton error)",
-                     "## GPU test failures", "test_gpu_modules_match_survey[bfloat16-ccp-cuda]"):
+                     "## GPU test failures", "test_gpu_modules_match_survey[bfloat16-ccp-cuda]", f"({stem}.svg)"):
         assert expected in md, f"{expected!r} missing from the markdown:\n{md}"
     # Every table row has as many cells as its header.
     for block in md.split("\n\n"):
@@ -213,3 +216,20 @@ def test_write_report(tmp_path):
 
 def test_results_stem():
     assert bench_run.results_stem("NVIDIA H200 (141GB)", "2026-01-02") == "NVIDIA-H200-141GB-2026-01-02"
+
+
+def test_chart():
+    """Bars are speedups over eager, to scale on a shared axis; rows without a speedup are labelled, not drawn."""
+    report = bench_run.derive(fake_report())
+    svg = ET.fromstring(chart.render_svg(report))
+    ns = "{http://www.w3.org/2000/svg}"
+    bars = {rect.find(f"{ns}title").text: float(rect.get("width")) for rect in svg.iter(f"{ns}rect")
+            if rect.find(f"{ns}title") is not None}
+    # poly_chain-fake: compiled 2x / 1.5x, triton 4x / 3x over eager; cuda is wrong, the poly_ncp triton row an error.
+    assert sorted(bars) == ["compiled 1.50×", "compiled 2.00×", "triton 3.00×", "triton 4.00×"]
+    assert chart.axis_max(report) == 4.5
+    assert bars["triton 4.00×"] == pytest.approx(chart.PANEL_W * 4 / 4.5, abs=0.1)
+    assert bars["triton 4.00×"] == pytest.approx(2 * bars["compiled 2.00×"], abs=0.1)
+    texts = [t.text for t in svg.iter(f"{ns}text")]
+    assert texts.count("cuda: wrong result") == 2 and texts.count("triton: error") == 2
+    assert "poly_chain-fake-bf16" in texts and any("commit abc123" in t for t in texts)

@@ -57,6 +57,11 @@ def autocast_inputs(*args):
                  else t for t in args)
 
 
+def empty_batch_grads(inputs: Sequence[torch.Tensor | None], needs: Sequence[bool]) -> list[torch.Tensor | None]:
+    """Gradients for a call with no rows: zeros for the inputs asked for (weights get zero grads, as in nn.Linear)."""
+    return [torch.zeros_like(t) if (t is not None and need) else None for t, need in zip(inputs, needs)]
+
+
 def grads_to_tensors(grads: Sequence[torch.Tensor | None], like: torch.Tensor) -> list[torch.Tensor]:
     """Custom ops cannot return None: a gradient that was not asked for travels as an empty tensor."""
     return [like.new_empty(0) if g is None else g for g in grads]

@@ -8,7 +8,14 @@ import torch
 from torch import Tensor
 
 from ... import _checks
-from .._library import BackendModules, autocast_inputs, fake_backward, grads_to_tensors, register_autograd
+from .._library import (
+    BackendModules,
+    autocast_inputs,
+    empty_batch_grads,
+    fake_backward,
+    grads_to_tensors,
+    register_autograd,
+)
 from .common import check_args
 
 _IMPLS = BackendModules("poly_chain", __package__)
@@ -21,7 +28,8 @@ def poly_chain_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], mode: str, 
     check_args(x, weight, bias, mode, activation)
     if x.numel() == 0:
         return x.new_zeros((*x.shape[:-1], weight.shape[1]))
-    return _IMPLS.select(backend, x).forward(x, weight, bias, mode, activation, scale)
+    args = (x, weight, bias, mode, activation, scale)
+    return _IMPLS.select(backend, x, args).forward(*args)
 
 
 @poly_chain_op.register_fake
@@ -34,11 +42,9 @@ def _(x, weight, bias, mode, activation, scale, backend):
 def poly_chain_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], mode: str,
                            activation: str, scale: float, backend: Optional[str], needs: list[bool]) -> list[Tensor]:
     if x.numel() == 0:
-        grads = [torch.zeros_like(t) if (t is not None and need) else None for t, need in zip((x, weight, bias), needs)]
-    else:
-        impl = _IMPLS.select(backend, x)
-        grads = impl.backward(grad_y, x, weight, bias, mode, activation, scale, needs)
-    return grads_to_tensors(grads, x)
+        return grads_to_tensors(empty_batch_grads((x, weight, bias), needs), x)
+    args = (x, weight, bias, mode, activation, scale)
+    return grads_to_tensors(_IMPLS.select(backend, x, args).backward(grad_y, *args, needs), x)
 
 
 poly_chain_backward_op.register_fake(fake_backward(num_inputs=3))

@@ -7,7 +7,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._library import BackendModules, autocast_inputs, fake_backward, grads_to_tensors, register_autograd
+from .._library import (
+    BackendModules,
+    autocast_inputs,
+    empty_batch_grads,
+    fake_backward,
+    grads_to_tensors,
+    register_autograd,
+)
 from .common import check_args
 
 _IMPLS = BackendModules("poly_ncp", __package__)
@@ -35,10 +42,8 @@ def poly_ncp_backward_op(grad_y: Tensor, x: Tensor, a_weight: Tensor, a_bias: Op
                          s_bias: Optional[Tensor], backend: Optional[str], needs: list[bool]) -> list[Tensor]:
     inputs = (x, a_weight, a_bias, s_weight, s_bias)
     if x.numel() == 0:
-        grads = [torch.zeros_like(t) if (t is not None and need) else None for t, need in zip(inputs, needs)]
-    else:
-        grads = _IMPLS.select(backend, x, inputs).backward(grad_y, *inputs, needs)
-    return grads_to_tensors(grads, x)
+        return grads_to_tensors(empty_batch_grads(inputs, needs), x)
+    return grads_to_tensors(_IMPLS.select(backend, x, inputs).backward(grad_y, *inputs, needs), x)
 
 
 poly_ncp_backward_op.register_fake(fake_backward(num_inputs=5))
