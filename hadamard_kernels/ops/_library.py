@@ -29,11 +29,11 @@ class BackendModules:
         self.op = op
         self.package = package
 
-    def _module(self, name: str):
+    def module(self, name: str):
         return importlib.import_module(f"{self.package}.{name}")
 
     def _unsupported(self, name: str, args) -> str | None:
-        check = getattr(self._module(name), "unsupported", None)
+        check = getattr(self.module(name), "unsupported", None)
         return None if check is None else check(*args)
 
     def select(self, backend: str | None, like: torch.Tensor, args: Sequence = ()):
@@ -42,7 +42,7 @@ class BackendModules:
                                 supports=lambda candidate: self._unsupported(candidate, args) is None)
         if (why := self._unsupported(name, args)) is not None:
             raise NotImplementedError(f"{self.op}: backend {name!r} does not support this call: {why}")
-        return self._module(name)
+        return self.module(name)
 
 
 def autocast_inputs(*args):
@@ -67,12 +67,12 @@ def grads_to_tensors(grads: Sequence[torch.Tensor | None], like: torch.Tensor) -
     return [like.new_empty(0) if g is None else g for g in grads]
 
 
-def fake_backward(num_inputs: int) -> Callable:
-    """Fake (meta) implementation for a backward op `(grad, *inputs[num_inputs], *options, needs)`."""
+def fake_backward(num_inputs: int, num_grads: int = 1) -> Callable:
+    """Fake (meta) implementation for a backward op `(*grads[num_grads], *inputs[num_inputs], *options, needs)`."""
 
-    def fake(grad, *args):
-        inputs, needs = args[:num_inputs], args[-1]
-        return [torch.empty_like(t) if (t is not None and need) else grad.new_empty(0)
+    def fake(*args):
+        grads, inputs, needs = args[:num_grads], args[num_grads:num_grads + num_inputs], args[-1]
+        return [torch.empty_like(t) if (t is not None and need) else grads[0].new_empty(0)
                 for t, need in zip(inputs, needs)]
 
     return fake
@@ -80,16 +80,20 @@ def fake_backward(num_inputs: int) -> Callable:
 
 def register_autograd(forward_op, backward_op, num_inputs: int) -> None:
     """Autograd for `forward_op(*inputs[num_inputs], *options)`: saves the inputs (never intermediates) and calls
-    `backward_op(grad, *inputs, *options, needs)`, which recomputes what it needs."""
+    `backward_op(*grads, *inputs, *options, needs)` with one gradient per output, which recomputes what it needs.
+    The gradient of an extra output (after the first) that is None or empty (an empty placeholder) is passed as
+    None."""
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:num_inputs])
         ctx.options = inputs[num_inputs:]
 
-    def backward(ctx, grad):
+    def backward(ctx, *grads):
         needs = list(ctx.needs_input_grad[:num_inputs])
-        grads = backward_op(grad.contiguous(), *ctx.saved_tensors, *ctx.options, needs)
-        return (*[g if need else None for g, need in zip(grads, needs)], *[None] * len(ctx.options))
+        first, *rest = grads
+        grads = [first.contiguous(), *[g.contiguous() if g is not None and g.numel() > 0 else None for g in rest]]
+        input_grads = backward_op(*grads, *ctx.saved_tensors, *ctx.options, needs)
+        return (*[g if need else None for g, need in zip(input_grads, needs)], *[None] * len(ctx.options))
 
     forward_op.register_autograd(backward, setup_context=setup_context)
 
