@@ -33,10 +33,28 @@ def _poly_ncp_case(gen):
     return inputs, lambda x, aw, ab, sw, sb, backend: poly_ncp(x, aw, ab, sw, sb, backend=backend)
 
 
+def _linear_attention_case(gen):
+    from . import causal_linear_attention
+    from .ops.linear_attention.common import state_dtype
+    B, T, H, Dk, Dv = 2, 70, 3, 20, 12  # T past one 64-token chunk
+    inputs = [torch.randn(B, T, H, Dk, generator=gen), torch.randn(B, T, H, Dk, generator=gen),
+              torch.randn(B, T, H, Dv, generator=gen), torch.randn(B, H, Dk, Dv, generator=gen),
+              1 + torch.rand(B, H, Dk, generator=gen)]
+
+    def call(q, k, v, state, key_sum, backend):
+        # States are float32 (float64 for float64 inputs) whatever the dtype of q, k, v.
+        initial = (state.to(state_dtype(q.dtype)), key_sum.to(state_dtype(q.dtype)))
+        return causal_linear_attention(q, k, v, feature_map="elu1", normalize=True, scale=0.5, initial_state=initial,
+                                       backend=backend)
+
+    return inputs, call
+
+
 # (op name, builder(generator) -> (CPU example inputs, call(*inputs, backend)))
 CASES: list[tuple[str, Callable]] = [
     ("poly_chain", _poly_chain_case),
     ("poly_ncp", _poly_ncp_case),
+    ("causal_linear_attention", _linear_attention_case),
 ]
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
@@ -63,7 +81,7 @@ def run_checks(device: str | None = None) -> bool:
     gpu = device == "cuda"
     dtypes = [torch.float32, torch.bfloat16, torch.float16] if gpu else [torch.float64, torch.float32, torch.float16]
     print(f"device: {device}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""))
-    header = f"{'op':<14}{'backend':<11}{'dtype':<10}{'forward':>10}{'grads (max)':>13}  result"
+    header = f"{'op':<25}{'backend':<11}{'dtype':<10}{'forward':>10}{'grads (max)':>13}  result"
     print(header)
     print("-" * len(header))
     all_ok = True
@@ -80,17 +98,17 @@ def run_checks(device: str | None = None) -> bool:
                     # A broken triton install is a failure, not a skip: this command is how installs are checked.
                     broken = backend == "triton" and _backend.triton_import_error() is not None
                     all_ok &= not broken
-                    print(f"{op:<14}{backend:<11}{name:<10}{'':>10}{'':>13}  {'FAIL' if broken else 'skipped'}: {why}")
+                    print(f"{op:<25}{backend:<11}{name:<10}{'':>10}{'':>13}  {'FAIL' if broken else 'skipped'}: {why}")
                     continue
                 try:
                     out, grads = _run(call, inputs, backend)
                     fwd = _rel_err(out, ref_out)
                     bwd = max(_rel_err(g, r) for g, r in zip(grads, ref_grads))
                     ok = fwd < TOLERANCE[dtype] and bwd < TOLERANCE[dtype]
-                    print(f"{op:<14}{backend:<11}{name:<10}{fwd:>10.1e}{bwd:>13.1e}  {'PASS' if ok else 'FAIL'}")
+                    print(f"{op:<25}{backend:<11}{name:<10}{fwd:>10.1e}{bwd:>13.1e}  {'PASS' if ok else 'FAIL'}")
                 except Exception as exc:  # report and keep checking the others
                     ok = False
-                    print(f"{op:<14}{backend:<11}{name:<10}{'':>10}{'':>13}  FAIL: {type(exc).__name__}: {exc}")
+                    print(f"{op:<25}{backend:<11}{name:<10}{'':>10}{'':>13}  FAIL: {type(exc).__name__}: {exc}")
                 all_ok &= ok
     print("all checks passed" if all_ok else "SOME CHECKS FAILED")
     return all_ok

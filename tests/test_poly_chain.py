@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import triton
-from utils import HAS_CUDA, assert_close, cpu_backends, cuda, gpu_backends, requires_cuda
+from utils import HAS_CUDA, assert_close, cpu_backends, cuda, forward_backward, gpu_backends, rel_err, requires_cuda
 
 import hadamard_kernels as hk
 from hadamard_kernels.ops.poly_chain.common import ACTIVATIONS, MODES
@@ -25,13 +25,12 @@ def make_inputs(lead=(3, 13), d=45, k=23, N=3, dtype=torch.float64, device="cpu"
 
 
 def run(x, weight, bias, grad_y=None, **options):
-    """Output and (dx, dweight, dbias) of poly_chain on leaf copies of the inputs."""
-    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, weight, bias)]
-    y = hk.poly_chain(*leaves, **options)
-    if grad_y is None:
-        grad_y = torch.randn_like(y)
-    y.backward(grad_y.to(y.dtype))
-    return y.detach(), [None if t is None else t.grad for t in leaves], grad_y
+    """Output and (dx, dweight, dbias) of poly_chain on leaf copies of the inputs; asserts that the backend's own
+    kernels ran in the forward and in the backward (nothing launches for an empty batch)."""
+    (y,), grads, (grad_y,) = forward_backward(lambda *t: hk.poly_chain(*t, **options), [x, weight, bias],
+                                              None if grad_y is None else (grad_y,), backend=options.get("backend"),
+                                              expect_kernels=x.numel() > 0)
+    return y, grads, grad_y
 
 
 def check_against_reference(x, weight, bias, backend, **options):
@@ -128,6 +127,31 @@ def test_zero_factors_exact_gradients(backend, mode):
 def test_relu_many_zeros_product_mode(backend):
     x, weight, bias = make_inputs(lead=(31,), d=12, k=10, N=5)
     check_against_reference(x, weight, bias, backend, mode="product", activation="relu", scale=math.sqrt(2 / 10))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("mode", MODES)
+def test_relu_derivative_at_exact_zero(backend, mode):
+    """Pre-activations of exactly 0 (zero weight row and bias): relu'(0) = 0 as in torch, so those units' weights get
+    exactly zero gradient."""
+    x, weight, bias = make_inputs(lead=(9,), d=6, k=5, N=3)
+    weight[1, 2] = 0.0
+    bias[1, 2] = 0.0
+    check_against_reference(x, weight, bias, backend, mode=mode, activation="relu", scale=0.8)
+    _, grads, _ = run(x, weight, bias, backend=backend, mode=mode, activation="relu", scale=0.8)
+    assert grads[1][1, 2].abs().sum() == 0 and grads[2][1, 2] == 0, "relu'(0) must be 0"
+
+
+@pytest.mark.parametrize("backend", cpu_backends(torch.float16))
+def test_float16_long_dot_accumulates_in_float32(backend):
+    """d = 1024 in float16 with positive terms (no cancellation): a dot accumulated in fp32 is off by the rounding of
+    the fp16 output alone; one accumulated in fp16 is ~6x worse, still inside the 5e-3 contract, so the bound here
+    is twice the output's own rounding error."""
+    x, weight, bias = make_inputs(lead=(24,), d=1024, k=12, N=2, dtype=torch.float16)
+    x, weight = x.abs(), weight.abs()
+    y = hk.poly_chain(x, weight, bias, backend=backend)
+    exact = hk.poly_chain(x.double(), weight.double(), bias.double(), backend="reference")
+    assert_close("y", y, exact, tol=2 * rel_err(exact.half(), exact))
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

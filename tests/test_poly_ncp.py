@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from utils import HAS_CUDA, assert_close, cpu_backends, cuda, gpu_backends, requires_cuda
+from utils import HAS_CUDA, assert_close, cpu_backends, cuda, forward_backward, gpu_backends, rel_err, requires_cuda
 
 import hadamard_kernels as hk
 from hadamard_kernels import _backend
@@ -31,13 +31,12 @@ def make_inputs(lead=(3, 13), d=45, k=23, N=3, dtype=torch.float64, device="cpu"
 
 
 def run(inputs, grad_y=None, **options):
-    """Output and the five gradients of poly_ncp on leaf copies of the inputs."""
-    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
-    y = hk.poly_ncp(*leaves, **options)
-    if grad_y is None:
-        grad_y = torch.randn_like(y)
-    y.backward(grad_y.to(y.dtype))
-    return y.detach(), [None if t is None else t.grad for t in leaves], grad_y
+    """Output and the five gradients of poly_ncp on leaf copies of the inputs; asserts that the backend's own
+    kernels ran in the forward and in the backward (nothing launches for an empty batch)."""
+    (y,), grads, (grad_y,) = forward_backward(lambda *t: hk.poly_ncp(*t, **options), inputs,
+                                              None if grad_y is None else (grad_y,), backend=options.get("backend"),
+                                              expect_kernels=inputs[0].numel() > 0)
+    return y, grads, grad_y
 
 
 def check_against_reference(inputs, backend):
@@ -119,6 +118,16 @@ def test_zero_factors_exact_gradients(backend):
     assert grads[2][1, 2] != 0, "da_bias of the zero row must not vanish"
     # dL/ds_2 = g * a_2 is 0 in column 2, so row 2 of S_2 and s_2[2] get exactly zero gradient.
     assert grads[3][0, 2].abs().sum() == 0 and grads[4][0, 2] == 0
+
+
+@pytest.mark.parametrize("backend", cpu_backends(torch.float16))
+def test_float16_long_dot_accumulates_in_float32(backend):
+    """d = 1024 in float16 with positive terms (no cancellation): within twice the rounding of the fp16 output
+    itself, which a dot accumulated in fp16 misses (see the same test of poly_chain)."""
+    inputs = [t.abs() for t in make_inputs(lead=(24,), d=1024, k=12, N=2, dtype=torch.float16)]
+    y = hk.poly_ncp(*inputs, backend=backend)
+    exact = hk.poly_ncp(*[t.double() for t in inputs], backend="reference")
+    assert_close("y", y, exact, tol=2 * rel_err(exact.half(), exact))
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

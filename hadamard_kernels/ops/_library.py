@@ -50,9 +50,13 @@ def autocast_inputs(*args):
     float32/16 tensor arguments are cast to it (gradients flow back to their own dtype through the cast); float64
     is left alone, as autocast leaves it. Outside autocast, returns `args` as they are."""
     like = args[0]
-    if not isinstance(like, torch.Tensor) or not torch.is_autocast_enabled(like.device.type):
+    if not isinstance(like, torch.Tensor):
         return args
-    dtype = torch.get_autocast_dtype(like.device.type)
+    device = like.device.type
+    # The meta device (a model built or traced without data) has no autocast.
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        return args
+    dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
                  else t for t in args)
 
