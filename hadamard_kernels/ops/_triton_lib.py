@@ -8,7 +8,7 @@ import triton.language as tl
 def activation(z, ACT: tl.constexpr):
     """ACT codes: 0 identity, 1 relu, 2 tanh, 3 sigmoid, 4 gelu (erf); the order of poly_chain.common.ACTIVATIONS."""
     if ACT == 1:
-        z = tl.maximum(z, 0.0)
+        z = tl.where(z < 0.0, 0.0, z)  # relu keeping NaN, as torch.relu (tl.maximum would drop it)
     elif ACT == 2:
         z = 2.0 * tl.sigmoid(2.0 * z) - 1.0  # tanh
     elif ACT == 3:
@@ -23,7 +23,7 @@ def activation_grad(z, ACT: tl.constexpr):
     if ACT == 0:
         g = tl.full(z.shape, 1.0, z.dtype)
     elif ACT == 1:
-        g = tl.where(z > 0.0, 1.0, 0.0).to(z.dtype)
+        g = tl.where(z <= 0.0, 0.0, 1.0).to(z.dtype)  # 0 at z = 0 and 1 at NaN, as torch.relu's backward
     elif ACT == 2:
         t = 2.0 * tl.sigmoid(2.0 * z) - 1.0
         g = 1.0 - t * t

@@ -20,7 +20,7 @@ _ACTIVATIONS = {
 
 _ACTIVATION_GRADS = {
     "identity": lambda z: torch.ones_like(z),
-    "relu": lambda z: (z > 0).to(z.dtype),
+    "relu": lambda z: (~(z <= 0)).to(z.dtype),  # 0 at z = 0 and 1 at NaN, as torch.relu's backward
     "tanh": lambda z: 1 - torch.tanh(z) ** 2,
     "sigmoid": lambda z: torch.sigmoid(z) * (1 - torch.sigmoid(z)),
     "gelu": lambda z: 0.5 * (1 + torch.erf(z / math.sqrt(2))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi),
