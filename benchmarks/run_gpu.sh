@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
-# The one script a GPU machine runs, end to end, in about 9 minutes:
-#   environment (nvidia-smi, versions) -> CUDA extension build -> GPU tests -> benchmarks/run.py.
+# The one script a GPU machine runs, end to end, in about 11 minutes:
+#   environment (nvidia-smi, versions) -> CUDA extension build -> GPU tests -> memcheck of a subset of them
+#   (compute-sanitizer) -> benchmarks/run.py.
 #
 #   bash benchmarks/run_gpu.sh [extra run.py arguments, e.g. --quick]
 #
 # The GPU machine has torch, triton, pybind11, cmake, ninja, pytest and pytest-benchmark preinstalled and no
 # network, so pip never resolves anything there (--no-deps --no-build-isolation --no-index).
 # A failed build or failed tests do not stop the run: the benchmarks still run and record both outcomes.
-# Writes benchmarks/results/<device>-<date>.json, .md, .svg and -tests.log. When $OUT is set, env.txt, build.log and
-# tests.log are written there as the run goes (so a run cut short still returns them), then the .json, .md, .svg.
-# Budget (seconds, whole script): RUN_GPU_BUDGET_S, default 540.
+# Writes benchmarks/results/<device>-<date>.json, .md, .svg and -tests.log. When $OUT is set, env.txt, build.log,
+# tests.log and memcheck.log are written there as the run goes (so a run cut short still returns them), then the
+# .json, .md, .svg.
+# Budget (seconds, whole script): RUN_GPU_BUDGET_S, default 660; the memcheck stage's limit RUN_GPU_MEMCHECK_S,
+# default 120 (0 skips it; RUN_GPU_BUDGET_S=540 RUN_GPU_MEMCHECK_S=0 is the run without it in 9 minutes).
 set -uo pipefail  # not -e: every stage runs whatever the previous one returned
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-$(command -v python3 || command -v python)}
-BUDGET_S=${RUN_GPU_BUDGET_S:-540}
+BUDGET_S=${RUN_GPU_BUDGET_S:-660}
 BUILD_LIMIT_S=180
 TESTS_LIMIT_S=200
+MEMCHECK_LIMIT_S=${RUN_GPU_MEMCHECK_S:-120}
 RESULTS=benchmarks/results
 LOGS=${OUT:-$(mktemp -d)}
 mkdir -p "$RESULTS" "$LOGS"
@@ -60,6 +64,29 @@ timeout -s INT -k 20 "$TESTS_LIMIT_S" "$PY" -m pytest -q -m cuda tests -rfE --du
 tests_rc=${PIPESTATUS[0]}
 echo "tests exit status $tests_rc (124: stopped at the ${TESTS_LIMIT_S}s limit)"
 
+section "memcheck (compute-sanitizer)"
+# Out-of-bounds loads and stores of every kernel (Triton and CUDA) that the gpu_shapes tests launch, with ragged
+# tiles. PyTorch's caching allocator is off, so each tensor is its own cudaMalloc and an overrun past a tensor
+# leaves its allocation (with caching it lands in the same cached block, which memcheck does not see).
+# Runs after the tests stage, whose compiled Triton kernels are in the cache. Its log: $LOGS/memcheck.log.
+SANITIZER=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer \
+  || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")}
+if [ "$MEMCHECK_LIMIT_S" -le 0 ]; then
+  memcheck_rc=skipped
+  echo "memcheck skipped (RUN_GPU_MEMCHECK_S=$MEMCHECK_LIMIT_S)"
+elif [ ! -x "$SANITIZER" ]; then
+  memcheck_rc=skipped
+  echo "memcheck skipped: compute-sanitizer not found (PATH, then $SANITIZER)"
+else
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT -k 20 "$MEMCHECK_LIMIT_S" \
+    "$SANITIZER" --tool memcheck --error-exitcode 99 \
+    "$PY" -m pytest -q -m cuda tests/test_poly_chain.py tests/test_poly_ncp.py -k gpu_shapes -rfE 2>&1 \
+    | tee "$LOGS/memcheck.log" | tail -n 40
+  memcheck_rc=${PIPESTATUS[0]}
+  echo "memcheck exit status $memcheck_rc (99: memcheck found errors; 1: a test failed;" \
+    "124/137: stopped at the ${MEMCHECK_LIMIT_S}s limit)"
+fi
+
 section "benchmarks"
 left=$((BUDGET_S - SECONDS))
 case_budget=$((left - 60))  # the case in flight when the budget ends, and writing the results, fit in the rest
@@ -69,4 +96,4 @@ timeout -s INT -k 20 "$((left > 60 ? left - 15 : 45))" "$PY" benchmarks/run.py -
 bench_rc=$?
 
 section "done"
-echo "build $build_rc, tests $tests_rc, benchmarks $bench_rc; results in $RESULTS/$STEM.*${OUT:+ and $OUT}"
+echo "build $build_rc, tests $tests_rc, memcheck $memcheck_rc, benchmarks $bench_rc; results in $RESULTS/$STEM.*${OUT:+ and $OUT}"

@@ -1,0 +1,254 @@
+"""Every raw Triton kernel, on every tile path, with sizes that leave ragged tiles, writes only inside its outputs.
+
+The launchers allocate their outputs, and under the interpreter a store past a tile is overwritten later by the
+program that owns that memory; so each kernel is launched here directly (grid and arguments copied from its
+launcher: the one `launch_*` function per kernel below) into guard buffers (tests/guard.py): sentinels before and
+after every output and, where the kernel takes a row stride, after every row. Inputs sit in NaN guards too, so an
+unmasked load shows up as NaN in the values, which are checked against the reference.
+
+A new kernel needs a `launch_*` function returning a `Launch` and its entries in CASES (and a plant in PLANTS).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import pytest
+import torch
+import triton
+from guard import Guard, assert_guard_untouched, check_guards, guard_buffer, guarded_copy, planted, raw_kernel
+from utils import assert_close, cpu_backends
+
+from hadamard_kernels.ops._projections import projection_grads
+from hadamard_kernels.ops.poly_chain import reference as chain_reference
+from hadamard_kernels.ops.poly_chain import triton as chain_triton
+from hadamard_kernels.ops.poly_ncp import common as ncp_common
+from hadamard_kernels.ops.poly_ncp import reference as ncp_reference
+from hadamard_kernels.ops.poly_ncp import triton as ncp_triton
+
+pytestmark = pytest.mark.skipif("triton" not in cpu_backends(), reason="needs the Triton interpreter "
+                                "(TRITON_INTERPRET=1, set by conftest.py on a machine without a GPU)")
+
+ROW_PAD = 3  # sentinel columns after each row of a row-strided tensor
+# Row counts, input and output features that no tile size divides.
+M, D, K = 37, 45, 39
+
+
+class Launch(NamedTuple):
+    outputs: list[Guard]  # must be fully written, their guards untouched
+    inputs: list[Guard]  # their guards must stay untouched too
+    check_values: Callable[[], None]  # outputs against the float64 reference
+
+
+def randn(*shape, dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+# ---------------------------------------------------------------- poly_chain
+def chain_inputs(N, dtype, bias=True, seed=0):
+    x = randn(M, D, dtype=dtype, seed=seed)
+    weight = randn(N, K, D, dtype=dtype, seed=seed + 1, scale=1 / math.sqrt(D))
+    b = randn(N, K, dtype=dtype, seed=seed + 2, scale=0.5) if bias else None
+    return x, weight, b
+
+
+def launch_chain_fwd(config, N, mode="ccp", activation="tanh", scale=0.7, bias=True, dtype=torch.float64,
+                     kernel=None):
+    """poly_chain.triton.forward with one explicit tile config, into a row-padded y."""
+    kernel = kernel or raw_kernel(chain_triton._poly_chain_fwd_kernel)
+    x, weight, bias = chain_inputs(N, dtype, bias)
+    _, _, _, _, flags = chain_triton._launch_args(x, weight, bias, mode, activation)
+    # x and y row-padded (the kernel takes their row strides); weight and bias are indexed as contiguous.
+    gx, gw = guarded_copy(x, name="x", row_pad=ROW_PAD), guarded_copy(weight, name="weight")
+    gb = guarded_copy(bias, name="bias") if bias is not None else None
+    y = guard_buffer((M, K), dtype, name=f"poly_chain fwd y {config}", row_pad=ROW_PAD)
+    NP = triton.next_power_of_2(N)
+    columns = config["BC"] // NP if config["GROUPED"] else config["BC"]
+    grid = (triton.cdiv(M, config["BM"]), triton.cdiv(K, columns))
+    kernel[grid](gx.view, gw.view, (gb or gx).view, y.view, M, D, K, N, scale, gx.view.stride(0), y.view.stride(0),
+                 NP=NP, **flags, **config)
+
+    def check_values():
+        ref = chain_reference.forward(*(None if t is None else t.double() for t in (x, weight, bias)), mode,
+                                      activation, scale)
+        assert_close(y.name, y.view, ref, dtype)
+
+    return Launch([y], [g for g in (gx, gw, gb) if g], check_values)
+
+
+def launch_chain_grad_z(BR, N, mode="ccp", activation="gelu", scale=0.7, bias=True, dtype=torch.float64,
+                        kernel=None):
+    """poly_chain.triton.backward's grad_z kernel with block size BR; the values are checked through the gradients
+    the launcher forms from grad_z."""
+    kernel = kernel or raw_kernel(chain_triton._poly_chain_grad_z_kernel)
+    x, weight, bias = chain_inputs(N, dtype, bias)
+    gy = randn(M, K, dtype=dtype, seed=3)
+    _, _, _, _, flags = chain_triton._launch_args(x, weight, bias, mode, activation)
+    z = guarded_copy(x @ weight.view(N * K, D).T, name="z")  # the kernel indexes z as contiguous [M, N, K]
+    b = guarded_copy(bias, name="bias") if bias is not None else None
+    g = guarded_copy(gy, name="grad_y")  # no row stride argument: contiguous
+    grad_z = guard_buffer((M, N, K), dtype, name=f"poly_chain grad_z BR={BR}")
+    kernel[(triton.cdiv(M * K, BR),)](
+        z.view, (b or z).view, g.view, grad_z.view, M * K, K, N, scale, HAS_BIAS=flags["HAS_BIAS"],
+        MODE=flags["MODE"], ACT=flags["ACT"], ACC=flags["ACC"], NP=triton.next_power_of_2(N), BR=BR)
+
+    def check_values():
+        needs = (True, True, bias is not None)
+        grads = projection_grads(grad_z.view, x, weight, bias is not None, needs)
+        ref = chain_reference.backward(gy.double(), x.double(), weight.double(),
+                                       None if bias is None else bias.double(), mode, activation, scale, needs)
+        for name, out, expected in zip(("dx", "dweight", "dbias"), grads, ref):
+            if expected is not None:
+                assert_close(f"{grad_z.name} -> {name}", out, expected, dtype)
+
+    return Launch([grad_z], [t for t in (z, b, g) if t], check_values)
+
+
+# ---------------------------------------------------------------- poly_ncp
+def ncp_inputs(N, K, dtype, bias=True, seed=0):
+    x = randn(M, D, dtype=dtype, seed=seed)
+    a_weight = randn(N, K, D, dtype=dtype, seed=seed + 1, scale=1 / math.sqrt(D))
+    s_weight = randn(N - 1, K, K, dtype=dtype, seed=seed + 2, scale=1 / math.sqrt(K))
+    a_bias = randn(N, K, dtype=dtype, seed=seed + 3, scale=0.5) if bias else None
+    s_bias = randn(N - 1, K, dtype=dtype, seed=seed + 4, scale=0.5) if bias else None
+    return x, a_weight, a_bias, s_weight, s_bias
+
+
+def _ncp_operands(inputs):
+    """The launcher's weight operands (a dummy pointer for an absent or empty tensor), each in a NaN guard."""
+    operands, (_, K, N), flags = ncp_triton._launch_args(*inputs)
+    names = ("a_weight", "a_bias", "s_weight", "s_bias")
+    return [guarded_copy(t, name=name) for name, t in zip(names, operands)], K, N, flags
+
+
+def launch_ncp_fwd(BM, BD, N, K=K, bias=True, dtype=torch.float64, kernel=None):
+    """poly_ncp.triton.forward with explicit BM, BD (KP = next power of 2 of K, at least 16), into a row-padded y."""
+    kernel = kernel or raw_kernel(ncp_triton._poly_ncp_fwd_kernel)
+    inputs = ncp_inputs(N, K, dtype, bias)
+    operands, K, N, flags = _ncp_operands(inputs)
+    x = guarded_copy(inputs[0], name="x", row_pad=ROW_PAD)
+    y = guard_buffer((M, K), dtype, name=f"poly_ncp fwd y BM={BM} BD={BD} KP={flags['KP']}", row_pad=ROW_PAD)
+    kernel[(triton.cdiv(M, BM),)](x.view, *(g.view for g in operands), y.view, M, D, K, N, x.view.stride(0),
+                                  y.view.stride(0), **flags, BM=BM, BD=BD)
+
+    def check_values():
+        ref = ncp_reference.forward(*(None if t is None else t.double() for t in inputs))
+        assert_close(y.name, y.view, ref, dtype)
+
+    return Launch([y], [x, *operands], check_values)
+
+
+def launch_ncp_bwd(BM, BD, N, K=K, bias=True, dtype=torch.float64, kernel=None):
+    """poly_ncp.triton.backward's kernel with explicit BM, BD: grad_a, grad_s, ys guarded (the kernel indexes them
+    as contiguous), grad_y row-padded; the values are checked through the gradients the launcher forms."""
+    kernel = kernel or raw_kernel(ncp_triton._poly_ncp_bwd_kernel)
+    inputs = ncp_inputs(N, K, dtype, bias)
+    gy = randn(M, K, dtype=dtype, seed=5)
+    operands, K, N, flags = _ncp_operands(inputs)
+    outputs, guarded = [], list(operands)
+
+    def chain_grads(x2d, grad_y):  # the launcher's chain_grads with guarded tensors
+        rows = x2d.shape[0]
+        x, g = guarded_copy(x2d, name="x", row_pad=ROW_PAD), guarded_copy(grad_y, name="grad_y", row_pad=ROW_PAD)
+        tag = f"BM={BM} BD={BD} KP={flags['KP']}"
+        grad_a = guard_buffer((rows, N, K), dtype, name=f"poly_ncp bwd grad_a {tag}")
+        grad_s = guard_buffer((N - 1, rows, K), dtype, name=f"poly_ncp bwd grad_s {tag}")
+        ys = guard_buffer((N - 1, rows, K), dtype, name=f"poly_ncp bwd ys {tag}")
+        kernel[(triton.cdiv(rows, BM),)](x.view, *(o.view for o in operands), g.view, grad_a.view, grad_s.view,
+                                         ys.view, rows, D, K, N, x.view.stride(0), g.view.stride(0), **flags,
+                                         BM=BM, BD=BD)
+        outputs.extend([grad_a, grad_s, ys])
+        guarded.extend([x, g])
+        return grad_a.view, grad_s.view, ys.view
+
+    needs = (True, True, bias, N > 1, bias and N > 1)
+    grads = ncp_common.backward_in_row_chunks(chain_grads, gy, *inputs, needs)
+
+    def check_values():
+        ref = ncp_reference.backward(gy.double(), *(None if t is None else t.double() for t in inputs), needs)
+        for name, out, expected in zip(("dx", "da_weight", "da_bias", "ds_weight", "ds_bias"), grads, ref):
+            if expected is not None:
+                assert_close(f"poly_ncp bwd -> {name}", out, expected, dtype)
+
+    return Launch(outputs, guarded, check_values)
+
+
+# ---------------------------------------------------------------- the cases
+def loop(BM=16, BC=32, BD=16):
+    return dict(BM=BM, BC=BC, BD=BD, GROUPED=False)
+
+
+def grouped(BM=16, BC=64, BD=16):
+    return dict(BM=BM, BC=BC, BD=BD, GROUPED=True)
+
+
+CASES = [
+    # poly_chain forward, degree loop: 3 row tiles and 2 column tiles, both ragged; N = 1 has no loop.
+    pytest.param(launch_chain_fwd, dict(config=loop(), N=1, bias=False), id="chain_fwd-loop-N1"),
+    pytest.param(launch_chain_fwd, dict(config=loop(), N=3, mode="product"), id="chain_fwd-loop-N3"),
+    pytest.param(launch_chain_fwd, dict(config=loop(), N=2, dtype=torch.float32), id="chain_fwd-loop-N2-fp32"),
+    pytest.param(launch_chain_fwd, dict(config=loop(BM=32, BC=64, BD=32), N=2, dtype=torch.float16),
+                 id="chain_fwd-loop-N2-fp16"),
+    # grouped: BC // NP output columns per program (32, 16, 8), padding degrees for N = 3, 5.
+    pytest.param(launch_chain_fwd, dict(config=grouped(), N=2), id="chain_fwd-grouped-N2"),
+    pytest.param(launch_chain_fwd, dict(config=grouped(), N=3, bias=False), id="chain_fwd-grouped-N3"),
+    pytest.param(launch_chain_fwd, dict(config=grouped(), N=5, mode="product"), id="chain_fwd-grouped-N5"),
+    # poly_chain grad_z: the launcher's BR and a small one; N padded to NP degrees for N = 3, 5.
+    pytest.param(launch_chain_grad_z, dict(BR=16, N=1), id="chain_grad_z-BR16-N1"),
+    pytest.param(launch_chain_grad_z, dict(BR=16, N=3, mode="product", bias=False), id="chain_grad_z-BR16-N3"),
+    pytest.param(launch_chain_grad_z, dict(BR=128, N=5), id="chain_grad_z-BR128-N5"),
+    pytest.param(launch_chain_grad_z, dict(BR=64, N=3, dtype=torch.float32), id="chain_grad_z-BR64-N3-fp32"),
+    # poly_ncp: KP = 64 (K = 39) and 16 (K = 5, below tl.dot's minimum), N = 1 (no chain) and N > 1.
+    pytest.param(launch_ncp_fwd, dict(BM=16, BD=16, N=1), id="ncp_fwd-N1"),
+    pytest.param(launch_ncp_fwd, dict(BM=16, BD=16, N=3, bias=False), id="ncp_fwd-N3"),
+    pytest.param(launch_ncp_fwd, dict(BM=32, BD=32, N=2, K=5, dtype=torch.float32), id="ncp_fwd-N2-K5-fp32"),
+    pytest.param(launch_ncp_bwd, dict(BM=16, BD=16, N=1), id="ncp_bwd-N1"),
+    pytest.param(launch_ncp_bwd, dict(BM=16, BD=16, N=3), id="ncp_bwd-N3"),
+    pytest.param(launch_ncp_bwd, dict(BM=32, BD=32, N=2, K=5, bias=False, dtype=torch.float32),
+                 id="ncp_bwd-N2-K5-fp32"),
+]
+
+
+@pytest.mark.parametrize("launch, params", CASES)
+def test_stores_stay_in_bounds(launch, params):
+    result = launch(**params)
+    check_guards(*result.outputs)
+    for guard in result.inputs:
+        assert_guard_untouched(guard, f"input {guard.name}")
+    result.check_values()
+
+
+# ---------------------------------------------------------------- the guards catch planted bugs
+# (launch, its case, the kernel, text of its source, the bug that replaces it, what the guards must report)
+_COLUMN_MASK = "mask = (o_m < M)[:, None] & (o_k < K)[None, :]"
+PLANTS = [
+    pytest.param(launch_chain_fwd, dict(config=loop(), N=3), chain_triton._poly_chain_fwd_kernel,
+                 _COLUMN_MASK, _COLUMN_MASK.replace("o_k < K", "o_k <= K"), "past the end of row",
+                 id="chain_fwd-loop-column+1"),
+    pytest.param(launch_chain_fwd, dict(config=grouped(), N=3), chain_triton._poly_chain_fwd_kernel,
+                 _COLUMN_MASK, "mask = (o_k < K)[None, :]", "past the end", id="chain_fwd-grouped-no-row-mask"),
+    pytest.param(launch_chain_fwd, dict(config=loop(), N=2), chain_triton._poly_chain_fwd_kernel,
+                 _COLUMN_MASK, _COLUMN_MASK.replace("o_k < K", "o_k < K - 1"), "never written",
+                 id="chain_fwd-column-1"),
+    pytest.param(launch_chain_grad_z, dict(BR=16, N=3), chain_triton._poly_chain_grad_z_kernel,
+                 "mask=m_r & (o_n < N))", "mask=m_r)", "past the end", id="chain_grad_z-padding-degrees"),
+    pytest.param(launch_chain_grad_z, dict(BR=16, N=3), chain_triton._poly_chain_grad_z_kernel,
+                 "mask=m_r & (o_n < N))", "mask=(o_n < N))", "past the end", id="chain_grad_z-no-row-mask"),
+    pytest.param(launch_ncp_fwd, dict(BM=16, BD=16, N=2), ncp_triton._poly_ncp_fwd_kernel,
+                 _COLUMN_MASK, _COLUMN_MASK.replace("o_k < K", "o_k <= K"), "past the end of row",
+                 id="ncp_fwd-column+1"),
+    pytest.param(launch_ncp_bwd, dict(BM=16, BD=16, N=3), ncp_triton._poly_ncp_bwd_kernel,
+                 _COLUMN_MASK, _COLUMN_MASK.replace("o_k < K", "o_k <= K"), "past the end",
+                 id="ncp_bwd-column+1"),
+]
+
+
+@pytest.mark.parametrize("launch, params, kernel, old, new, report", PLANTS)
+def test_guards_catch_planted_bug(launch, params, kernel, old, new, report, tmp_path):
+    """The same launch with a bug planted in a copy of the kernel's source fails the checks above."""
+    result = launch(**params, kernel=planted(kernel, old, new, tmp_path))
+    with pytest.raises(AssertionError, match=report):
+        check_guards(*result.outputs)
