@@ -1,0 +1,710 @@
+// Causal linear attention kernels (DESIGN.md §2), compiled one dtype per translation unit
+// (linear_attention_{f32,f16,bf16}.cu); the launchers that combine them are in linear_attention.cu.
+//
+// One kernel template, the chunked scan, serves the forward and the three gradient passes. A block owns one
+// (sequence, head) and a 64-column slice [c0, c0 + 64) of the output; it walks the sequence in chunks of 64
+// tokens (forward or reverse) and keeps the running state S [da, 64] in fp32 shared memory. For a chunk with
+// operands A, B [64, da] and C [64, dv] (rows past the sequence end are 0):
+//   out = (A B^T ∘ M) C + A S_prev       (M: s <= t forward, s >= t reverse)
+//   S  += B^T C
+// The forward is A = phi(q), B = phi(k), C = v. With G = d o / d num (grad_o times scale, / den when normalize)
+// and the chunked algebra of the backward (dQ_t = S_t G_t + ..., and dK, dV through the reverse state
+// R_t = dS_T + sum_{u>=t} Q_u^T G_u), each gradient is the same scan on other operands:
+//   dq = phi'(q) * scan_fwd(A = G, B = v, C = phi(k))        state S^T   (S_0^T first)
+//   dk = phi'(k) * scan_rev(A = v, B = G, C = phi(q))        state R^T   (dS_T^T first)
+//   dv =           scan_rev(A = phi(k), B = phi(q), C = G)   state R     (dS_T first; ends at dS_0)
+// normalize adds rank-1 terms kept in fp32: the forward's den_t = Q_t . z_prev + rowsum(A B^T ∘ M) + eps; in
+// the dq / dk passes the key-sum gradient d den_t = -(grad_o_t . o_t) / den_t, which enters as an extra feature
+// (dq: a_t = d den_t, b_s = 1; dk: a_t = 1, b_s = d den_s) with its own state row (z for dq; r_t =
+// dz_T + sum_{u>=t} d den_u Q_u for dk, which ends at dz_0). den and grad_o . o come from a first forward pass
+// that writes them per token ("stats").
+//
+// Tensor cores. A block of 128 threads (2 x 2 warps) holds each 64 x 64 product as the fp32 accumulators of
+// mma.m16n8k16 (32 per thread). float16/bfloat16 run mma.sync with fp32 accumulation; operands go through
+// shared memory in the input dtype (the feature map applied in fp32 on load), the state is converted from its
+// fp32 copy when the fragments are built, and the masked P = A B^T is rounded to the input dtype before P C.
+// float32 runs exact fp32 FMAs in the same register layout. float16 has a small range: the state is scaled by a
+// power of two (from its block-wide max) before conversion, and a row-scaled gradient operand G is stored as
+// G / F with F a power of two per chunk (d num shrinks like 1/T with normalize), the accumulators multiplied
+// back in fp32. Power-of-two factors are exact, so bf16 and fp32 take the same path at no cost in accuracy.
+
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "hadamard_kernels/common.h"
+#include "hadamard_kernels/linear_attention.h"
+
+namespace hadamard_kernels {
+namespace linear_attention_detail {
+
+constexpr int kThreads = 128;
+constexpr int kChunk = 64;   // tokens per chunk
+constexpr int kBlock = 64;   // output columns per block, and columns of A, B per reduction slice
+constexpr int kPerThread = kChunk * kBlock / kThreads;  // 32 accumulators of a 64 x 64 tile
+constexpr int kStateLd = kBlock + 4;  // floats per state row in shared memory (fragment reads bank-conflict free)
+constexpr int kMaxDim = static_cast<int>(kLinearAttentionMaxDim);
+static_assert(kThreads == 4 * 32 && kChunk == 64 && kBlock == 64, "2 x 2 warps of 32 x 32 on a 64 x 64 tile");
+
+// Which pass a kernel instance runs (the operands and epilogue it uses; see the header comment).
+enum Role : int { kForward = 0, kGradQ = 1, kGradK = 2, kGradV = 3 };
+
+// A [rows, H, cols] tensor: element (row, head, col) at ptr + row * row_stride + head * head_stride + col.
+struct Operand {
+  const void* ptr = nullptr;
+  int64_t row_stride = 0, head_stride = 0;
+};
+
+// One scan pass; built by the launchers in linear_attention.cu. Sizes and strides count elements.
+struct ScanParams {
+  Operand a, b, c;     // a, b: [rows, H, da]; c: [rows, H, dv]
+  int64_t da = 0, dv = 0;
+  void* out = nullptr;  // [rows, H, dv] in the input dtype, or null (nothing stored)
+  int64_t out_row_stride = 0, out_head_stride = 0;
+  Operand dphi;         // kGradQ / kGradK: out is multiplied by phi'(dphi), dphi [rows, H, dv]
+  Operand grad_o;       // kForward with stats: [rows, H, dv]
+  // States: block (sequence n, head h) of N * H blocks of da * dv floats; element (i, j) of block nh at
+  // nh * da * dv + i * state_da_stride + j * state_dv_stride.
+  const float* state_in = nullptr;  // null: zeros
+  float* state_out = nullptr;       // null: not stored
+  int64_t state_da_stride = 0, state_dv_stride = 0;
+  // normalize: kForward's key sum z [N * H, da]; kGradQ / kGradK's extra state row [N * H, dv].
+  const float* vec_in = nullptr;
+  float* vec_out = nullptr;
+  // Per-token statistics of normalize, [rows, H] (den, with eps) and [delta_blocks, rows, H] (partial sums of
+  // grad_o . o over 64-column blocks): written by kForward with stats, read by the gradient passes.
+  float* den = nullptr;
+  float* delta = nullptr;
+  int64_t delta_blocks = 0;
+  const int32_t* cu_seqlens = nullptr;
+  int64_t rows = 0, T = 0, H = 0, N = 0;  // rows = B * T
+  int feature_map = 0;
+  bool normalize = false;
+  bool stats = false;
+  float scale = 1.f, eps = 0.f;
+};
+
+template <typename T>
+struct Elem {
+  using Bits = uint16_t;
+  static constexpr int kPad = 8;  // rows of 72 halves (144 B): the 8 rows an ldmatrix phase reads hit distinct banks
+};
+template <>
+struct Elem<float> {
+  using Bits = uint32_t;
+  static constexpr int kPad = 4;  // rows of 68 floats: the fp32 fragment reads are conflict free
+};
+
+template <typename T>
+constexpr int kTileLd = kBlock + Elem<T>::kPad;  // elements per row of a shared [64, 64] tile
+template <typename T>
+constexpr int kTileElems = kChunk * kTileLd<T>;
+
+// Dynamic shared memory of one block: the four [64, 64] tiles A, B, C, P and the fp32 state [da_pad, 64].
+template <typename T>
+constexpr int64_t shared_bytes(int64_t da) {
+  const int64_t da_pad = (da + kBlock - 1) / kBlock * kBlock;
+  return 4 * kTileElems<T> * static_cast<int64_t>(sizeof(typename Elem<T>::Bits)) +
+         da_pad * kStateLd * static_cast<int64_t>(sizeof(float));
+}
+
+template <typename T>
+__device__ __forceinline__ float bits_to_float(typename Elem<T>::Bits b) {
+  if constexpr (std::is_same_v<T, float>) return __uint_as_float(b);
+  else if constexpr (std::is_same_v<T, __half>) return __half2float(__ushort_as_half(b));
+  else return __bfloat162float(__ushort_as_bfloat16(b));
+}
+
+template <typename T>
+__device__ __forceinline__ typename Elem<T>::Bits float_to_bits(float f) {
+  if constexpr (std::is_same_v<T, float>) return __float_as_uint(f);
+  else if constexpr (std::is_same_v<T, __half>) return __half_as_ushort(__float2half_rn(f));
+  else return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+}
+
+// Two 16-bit elements in one register, `lo` in the low half (the lower column of an MMA fragment pair).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  return static_cast<uint32_t>(float_to_bits<T>(lo)) | (static_cast<uint32_t>(float_to_bits<T>(hi)) << 16);
+}
+
+// The exact power of two 2^e for -126 <= e <= 127 (callers keep |e| <= 114).
+__device__ __forceinline__ float pow2(int e) { return __int_as_float((127 + e) << 23); }
+
+// The exponent e with m in [2^(e-1), 2^e), clamped to [-100, 100]; 0 when m is 0, inf or NaN.
+__device__ __forceinline__ int exponent_of(float m) {
+  if (!(m > 0.f) || isinf(m)) return 0;
+  int e;
+  frexpf(m, &e);
+  return max(-100, min(100, e));
+}
+
+// The maximum of `v` over the block (NaN ignored, as fmaxf does). Contains one __syncthreads(); `scratch` [4]
+// must not be rewritten before every thread has returned (the caller's next barrier).
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  return fmaxf(fmaxf(scratch[0], scratch[1]), fmaxf(scratch[2], scratch[3]));
+}
+
+// ---- where this thread's 32 accumulators sit in a 64 x 64 tile (mma.m16n8k16 C layout; each warp owns a
+// 32 x 32 quarter = 2 x 4 MMA tiles of 16 x 8): accumulator r = (mt * 4 + nt) * 4 + e, rows lane / 4 (+ 8 for
+// e >= 2), columns 2 * (lane % 4) + e % 2.
+struct Fragment {
+  int warp_row, warp_col, g, t4;
+  __device__ __forceinline__ Fragment() {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    warp_row = (warp / 2) * 32;
+    warp_col = (warp % 2) * 32;
+    g = lane / 4;
+    t4 = lane % 4;
+  }
+  __device__ __forceinline__ int row(int r) const { return warp_row + (r / 16) * 16 + ((r % 4) / 2) * 8 + g; }
+  __device__ __forceinline__ int col(int r) const { return warp_col + ((r / 4) % 4) * 8 + 2 * t4 + r % 2; }
+  // The 4 distinct rows (i = 0..3) and 8 distinct columns (j = 0..7) of this thread, and r's indices into them.
+  __device__ __forceinline__ int row_i(int i) const { return warp_row + (i / 2) * 16 + (i % 2) * 8 + g; }
+  __device__ __forceinline__ int col_j(int j) const { return warp_col + (j / 2) * 8 + 2 * t4 + j % 2; }
+  static __device__ __forceinline__ int i_of(int r) { return (r / 16) * 2 + (r % 4) / 2; }
+  static __device__ __forceinline__ int j_of(int r) { return ((r / 4) % 4) * 2 + r % 2; }
+};
+
+// ---- tensor-core and fp32 tile products: acc (64 x 64) += A (64 x klen) * B (klen x 64), operands in shared
+// memory. A is row-major [m][k] or, with A_COL, stored as [k][m]; B is stored [n][k] or, with B_KN, [k][n].
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  if (trans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+  }
+}
+
+// c[0..3] += A (16 x 16 fragment) * B (16 x 8 fragment), fp32 accumulation.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float* c, const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// A fragment (rows m0..m0+15, k0..k0+15) of a tile with row stride ld.
+template <bool A_COL>
+__device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const uint16_t* tile, int ld, int m0, int k0) {
+  const int lane = threadIdx.x % 32;
+  if constexpr (A_COL) {
+    // Stored [k][m]: matrix q = lane / 8 covers rows m0 + (q % 2) * 8, k = k0 + (q / 2) * 8; .trans hands each
+    // thread the (m, k), (m, k + 1) pair of the row-major fragment.
+    const int q = lane / 8, r = lane % 8;
+    ldmatrix_x4(a, tile + (k0 + (q / 2) * 8 + r) * ld + m0 + (q % 2) * 8, true);
+  } else {
+    // Lanes 0-15 address rows m0..m0+15 at k0, lanes 16-31 the same rows at k0 + 8.
+    ldmatrix_x4(a, tile + (m0 + lane % 16) * ld + k0 + (lane / 16) * 8, false);
+  }
+}
+
+// B fragments of the two 8-column tiles n0 and n0 + 8 for k0..k0+15, into b[2 p] and b[2 p + 1] ({b0, b1} each).
+template <bool B_KN>
+__device__ __forceinline__ void load_b_fragments(uint32_t (&b)[4][2], int p, const uint16_t* tile, int ld, int k0,
+                                                 int n0) {
+  const int lane = threadIdx.x % 32, q = lane / 8, r = lane % 8;
+  uint32_t x[4];
+  if constexpr (B_KN) {
+    // Stored [k][n]: matrix q covers k0 + (q % 2) * 8, columns n0 + (q / 2) * 8, transposed on load.
+    ldmatrix_x4(x, tile + (k0 + (q % 2) * 8 + r) * ld + n0 + (q / 2) * 8, true);
+  } else {
+    // Stored [n][k]: matrix q covers columns n0 + (q / 2) * 8 at k0 + (q % 2) * 8.
+    ldmatrix_x4(x, tile + (n0 + (q / 2) * 8 + r) * ld + k0 + (q % 2) * 8, false);
+  }
+  b[2 * p][0] = x[0];
+  b[2 * p][1] = x[1];
+  b[2 * p + 1][0] = x[2];
+  b[2 * p + 1][1] = x[3];
+}
+
+// acc += A * B over ksteps slices of 16 (16-bit operands, tensor cores).
+template <typename T, bool A_COL, bool B_KN>
+__device__ __forceinline__ void mma_tile(float (&acc)[kPerThread], const uint16_t* a_tile, const uint16_t* b_tile,
+                                         int ksteps) {
+  constexpr int ld = kTileLd<T>;
+  const Fragment f;
+#pragma unroll
+  for (int ks = 0; ks < kBlock / 16; ++ks) {
+    if (ks >= ksteps) break;
+    uint32_t a[2][4], b[4][2];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) load_a_fragment<A_COL>(a[mt], a_tile, ld, f.warp_row + mt * 16, ks * 16);
+#pragma unroll
+    for (int p = 0; p < 2; ++p) load_b_fragments<B_KN>(b, p, b_tile, ld, ks * 16, f.warp_col + p * 16);
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) mma_16816<T>(acc + (mt * 4 + nt) * 4, a[mt], b[nt][0], b[nt][1]);
+    }
+  }
+}
+
+// acc += A * (sc * S) with S an fp32 [k][n] slice of the state (row stride kStateLd), converted to T here.
+template <typename T>
+__device__ __forceinline__ void mma_tile_state(float (&acc)[kPerThread], const uint16_t* a_tile, const float* s,
+                                               float sc, int ksteps) {
+  constexpr int ld = kTileLd<T>;
+  const Fragment f;
+#pragma unroll
+  for (int ks = 0; ks < kBlock / 16; ++ks) {
+    if (ks >= ksteps) break;
+    uint32_t a[2][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) load_a_fragment<false>(a[mt], a_tile, ld, f.warp_row + mt * 16, ks * 16);
+    // b0 = (S[k][n], S[k + 1][n]), b1 = (S[k + 8][n], S[k + 9][n]) with k = 16 ks + 2 t4, n = lane / 4 of the
+    // 8-column tile: rows 2 t4 apart by 136 floats land in banks 8 t4 + g, all distinct.
+    const float* sk = s + (ks * 16 + 2 * f.t4) * kStateLd;
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      const int n = f.warp_col + nt * 8 + f.g;
+      const uint32_t b0 = pack2<T>(sc * sk[n], sc * sk[kStateLd + n]);
+      const uint32_t b1 = pack2<T>(sc * sk[8 * kStateLd + n], sc * sk[9 * kStateLd + n]);
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) mma_16816<T>(acc + (mt * 4 + nt) * 4, a[mt], b0, b1);
+    }
+  }
+}
+
+// acc += A * B over klen in exact fp32 (float32 inputs): each thread forms the outer product of its 4 rows and
+// 8 columns, one k at a time.
+template <bool A_COL, bool B_KN>
+__device__ __forceinline__ void fma_tile(float (&acc)[kPerThread], const float* a_tile, int lda, const float* b_tile,
+                                         int ldb, int klen) {
+  const Fragment f;
+#pragma unroll 2
+  for (int kk = 0; kk < klen; ++kk) {
+    float a[4], b[8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int m = f.row_i(i);
+      a[i] = A_COL ? a_tile[kk * lda + m] : a_tile[m * lda + kk];
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int n = f.col_j(j);
+      b[j] = B_KN ? b_tile[kk * ldb + n] : b_tile[n * ldb + kk];
+    }
+#pragma unroll
+    for (int r = 0; r < kPerThread; ++r) acc[r] = fmaf(a[Fragment::i_of(r)], b[Fragment::j_of(r)], acc[r]);
+  }
+}
+
+// acc += A * B for the dtype: tensor cores for 16-bit tiles (reduction rounded up to 16), fp32 FMAs for float.
+template <typename T, bool A_COL, bool B_KN>
+__device__ __forceinline__ void tile_product(float (&acc)[kPerThread], const typename Elem<T>::Bits* a_tile,
+                                             const typename Elem<T>::Bits* b_tile, int klen) {
+  if constexpr (std::is_same_v<T, float>) {
+    fma_tile<A_COL, B_KN>(acc, reinterpret_cast<const float*>(a_tile), kTileLd<T>,
+                          reinterpret_cast<const float*>(b_tile), kTileLd<T>, klen);
+  } else {
+    mma_tile<T, A_COL, B_KN>(acc, a_tile, b_tile, (klen + 15) / 16);
+  }
+}
+
+// acc += A * (sc * S) for the dtype (sc is 1 except for float16).
+template <typename T>
+__device__ __forceinline__ void state_product(float (&acc)[kPerThread], const typename Elem<T>::Bits* a_tile,
+                                              const float* s, float sc, int klen) {
+  if constexpr (std::is_same_v<T, float>) {
+    fma_tile<false, true>(acc, reinterpret_cast<const float*>(a_tile), kTileLd<T>, s, kStateLd, klen);
+  } else {
+    mma_tile_state<T>(acc, a_tile, s, sc, (klen + 15) / 16);
+  }
+}
+
+// ---- global -> shared
+
+// Loads rows [0, 64) x columns [col0, col0 + 64) of operand x at token rows row0.. and `head` into a shared
+// tile: element -> phi (PHI) -> times row_scale[row] (when given). Elements past `rows` valid rows or `cols`
+// columns become 0 (after phi, so elu1's phi(0) = 1 never leaks into a sum). 16-byte loads where aligned.
+template <typename T, bool PHI>
+__device__ __forceinline__ void load_tile(typename Elem<T>::Bits* dst, const Operand& x, int64_t row0, int64_t head,
+                                          int rows, int64_t col0, int64_t cols, int fm, const float* row_scale) {
+  using Bits = typename Elem<T>::Bits;
+  constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte vector
+  constexpr int kVecsPerRow = kBlock / kVec;
+  constexpr int kVecs = kChunk * kBlock / (kVec * kThreads);
+  const Bits* base = static_cast<const Bits*>(x.ptr) + row0 * x.row_stride + head * x.head_stride;
+  const bool vec = is_aligned(base, 16) && x.row_stride % kVec == 0;
+#pragma unroll
+  for (int i = 0; i < kVecs; ++i) {
+    const int v = threadIdx.x + i * kThreads;  // consecutive threads take consecutive vectors of a row
+    const int r = v / kVecsPerRow, c = (v % kVecsPerRow) * kVec;
+    const int64_t col = col0 + c;
+    union {
+      uint4 u;
+      Bits e[kVec];
+    } in, out;
+    if (r < rows && vec && col + kVec <= cols) {
+      in.u = *reinterpret_cast<const uint4*>(base + r * x.row_stride + col);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) in.e[e] = (r < rows && col + e < cols) ? base[r * x.row_stride + col + e] : Bits(0);
+    }
+    const float sc = row_scale != nullptr ? row_scale[r] : 1.f;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      float f = bits_to_float<T>(in.e[e]);
+      if constexpr (PHI) f = feature_map(fm, f);
+      out.e[e] = float_to_bits<T>((r < rows && col + e < cols) ? f * sc : 0.f);
+    }
+    *reinterpret_cast<uint4*>(dst + r * kTileLd<T> + c) = out.u;
+  }
+}
+
+// Element (row, col) of operand x for this chunk, as float.
+template <typename T>
+__device__ __forceinline__ float load_element(const Operand& x, int64_t row, int64_t head, int64_t col) {
+  using Bits = typename Elem<T>::Bits;
+  return bits_to_float<T>(static_cast<const Bits*>(x.ptr)[row * x.row_stride + head * x.head_stride + col]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_element(T* dst, float v) {
+  if constexpr (std::is_same_v<T, float>) *dst = v;
+  else if constexpr (std::is_same_v<T, __half>) *dst = __float2half_rn(v);
+  else *dst = __float2bfloat16_rn(v);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pair(T* dst, float a, float b) {
+  if constexpr (std::is_same_v<T, float>) *reinterpret_cast<float2*>(dst) = make_float2(a, b);
+  else if constexpr (std::is_same_v<T, __half>) *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(a, b);
+  else *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(a, b);
+}
+
+// ---- the scan
+
+template <typename T, int ROLE>
+__global__ void __launch_bounds__(kThreads) scan_kernel(const ScanParams p) {
+  using Bits = typename Elem<T>::Bits;
+  constexpr bool kReverse = ROLE == kGradK || ROLE == kGradV;
+  constexpr bool kPhiAB = ROLE == kForward || ROLE == kGradV;  // A, B are phi(q), phi(k) (or phi(k), phi(q))
+  constexpr bool kPhiC = ROLE == kGradQ || ROLE == kGradK;     // C is phi(k) (or phi(q))
+  constexpr bool kScaleState = std::is_same_v<T, __half>;
+  constexpr int ld = kTileLd<T>;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Bits* const tile_a = reinterpret_cast<Bits*>(smem_raw);
+  Bits* const tile_b = tile_a + kTileElems<T>;
+  Bits* const tile_c = tile_b + kTileElems<T>;
+  Bits* const tile_p = tile_c + kTileElems<T>;
+  float* const state = reinterpret_cast<float*>(tile_p + kTileElems<T>);  // [da_pad][kStateLd]
+  __shared__ float vec[kMaxDim];          // forward: key sum z [da]; dq / dk: the extra state row [64]
+  __shared__ float row_scale[kChunk];     // gradient passes: d num_t / d o_t over F (the row-scaled operand)
+  __shared__ float dden[kChunk];          // gradient passes with normalize: d den_t
+  __shared__ float den_inter[kChunk];     // forward with normalize: Q_t . z_prev
+  __shared__ float row_sum[2][kChunk];    // forward with normalize: row sums of P, one per column half
+  __shared__ float delta_sum[2][kChunk];  // stats: grad_o . o over this block's columns, one per column half
+  __shared__ float scratch[kThreads / 32];
+
+  const Fragment f;
+  const int tid = threadIdx.x;
+  const int64_t nh = blockIdx.x;  // sequence * H + head
+  const int64_t seq = nh / p.H, head = nh % p.H;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.y) * kBlock;
+  const int cols = static_cast<int>(min(static_cast<int64_t>(kBlock), p.dv - col0));  // valid output columns
+  const int64_t bos = p.cu_seqlens != nullptr ? p.cu_seqlens[seq] : seq * p.T;
+  const int64_t len = p.cu_seqlens != nullptr ? p.cu_seqlens[seq + 1] - bos : p.T;
+  const int slices = static_cast<int>((p.da + kBlock - 1) / kBlock);
+  const bool ext = p.normalize && (ROLE == kGradQ || ROLE == kGradK);
+  const bool norm_fwd = p.normalize && ROLE == kForward;
+
+  // Initial state [da, 64] (zeros past da and past the valid columns) and the normalize vector.
+  float local_max = 0.f;  // max |S| over the elements this thread owns (float16 state scaling)
+  for (int i = tid; i < slices * kBlock * kBlock; i += kThreads) {
+    const int r = i / kBlock, c = i % kBlock;
+    float s = 0.f;
+    if (p.state_in != nullptr && r < p.da && c < cols) {
+      s = p.state_in[nh * p.da * p.dv + r * p.state_da_stride + (col0 + c) * p.state_dv_stride];
+    }
+    state[r * kStateLd + c] = s;
+    local_max = fmaxf(local_max, fabsf(s));
+  }
+  if (norm_fwd) {
+    for (int i = tid; i < slices * kBlock; i += kThreads) {
+      vec[i] = (p.vec_in != nullptr && i < p.da) ? p.vec_in[nh * p.da + i] : 0.f;
+    }
+  } else if (ext && tid < kBlock) {
+    vec[tid] = (p.vec_in != nullptr && tid < cols) ? p.vec_in[nh * p.dv + col0 + tid] : 0.f;
+  }
+  int state_exp = 0;  // float16: the state enters the MMAs as S * 2^state_exp
+  if constexpr (kScaleState) state_exp = 14 - exponent_of(block_max(local_max, scratch));
+  __syncthreads();
+
+  const int64_t chunks = (len + kChunk - 1) / kChunk;
+  for (int64_t ci = 0; ci < chunks; ++ci) {
+    const int64_t chunk = kReverse ? chunks - 1 - ci : ci;
+    const int64_t row0 = bos + chunk * kChunk;  // token row of the chunk's first token
+    const int rows = static_cast<int>(min(static_cast<int64_t>(kChunk), len - chunk * kChunk));
+    local_max = 0.f;
+
+    // Gradient passes: the per-token factor d num_t / d o_t (scale / den_t, or scale) as F * row_scale[t] with
+    // F = 2^f_exp from the chunk's largest, and d den_t. Rows past the end get 0.
+    int f_exp = 0;
+    if constexpr (ROLE != kForward) {
+      float rs = 0.f, dd = 0.f;
+      if (tid < rows) {
+        const int64_t idx = (row0 + tid) * p.H + head;
+        if (p.normalize) {
+          const float den = p.den[idx];
+          float dot = 0.f;
+          for (int64_t blk = 0; blk < p.delta_blocks; ++blk) dot += p.delta[blk * p.rows * p.H + idx];
+          rs = normalizer_row_scale(den, p.scale);
+          dd = normalizer_den_grad(dot, den);
+        } else {
+          rs = p.scale;
+        }
+      }
+      f_exp = exponent_of(block_max(tid < kChunk ? fabsf(rs) : 0.f, scratch));
+      if (tid < kChunk) {
+        row_scale[tid] = rs * pow2(-f_exp);
+        dden[tid] = dd;
+      }
+      __syncthreads();
+    }
+
+    load_tile<T, kPhiC>(tile_c, p.c, row0, head, rows, col0, p.dv, p.feature_map,
+                        ROLE == kGradV ? row_scale : nullptr);
+
+    float acc_o[kPerThread], acc_p[kPerThread];
+#pragma unroll
+    for (int r = 0; r < kPerThread; ++r) acc_o[r] = acc_p[r] = 0.f;
+    float qz = 0.f;  // forward normalize: this thread's half of Q_t . z_prev, t = tid / 2
+
+    for (int j = 0; j < slices; ++j) {
+      const int k0 = j * kBlock;
+      const int klen = static_cast<int>(min(static_cast<int64_t>(kBlock), p.da - k0));
+      load_tile<T, kPhiAB>(tile_a, p.a, row0, head, rows, k0, p.da, p.feature_map,
+                           ROLE == kGradQ ? row_scale : nullptr);
+      load_tile<T, kPhiAB>(tile_b, p.b, row0, head, rows, k0, p.da, p.feature_map,
+                           ROLE == kGradK ? row_scale : nullptr);
+      __syncthreads();
+
+      float* const s_j = state + k0 * kStateLd;
+      tile_product<T, false, false>(acc_p, tile_a, tile_b, klen);                 // P += A_j B_j^T
+      state_product<T>(acc_o, tile_a, s_j, pow2(state_exp), klen);               // out += A_j S_j
+      if (norm_fwd) {
+        const Bits* a_row = tile_a + (tid / 2) * ld;
+        for (int kk = (tid % 2) * 32; kk < min(klen, (tid % 2) * 32 + 32); ++kk) {
+          qz = fmaf(bits_to_float<T>(a_row[kk]), vec[k0 + kk], qz);
+        }
+      }
+      __syncthreads();  // S_j and z_j are read; now update them
+
+      float acc_s[kPerThread];
+#pragma unroll
+      for (int r = 0; r < kPerThread; ++r) acc_s[r] = 0.f;
+      tile_product<T, true, true>(acc_s, tile_b, tile_c, rows);  // B_j^T C
+      const float ds = kReverse ? pow2(f_exp) : 1.f;             // the row scale F sits in B (dk) or C (dv)
+#pragma unroll
+      for (int r = 0; r < kPerThread; r += 2) {
+        float2* s = reinterpret_cast<float2*>(s_j + f.row(r) * kStateLd + f.col(r));
+        float2 x = *s;
+        x.x = fmaf(ds, acc_s[r], x.x);
+        x.y = fmaf(ds, acc_s[r + 1], x.y);
+        *s = x;
+        local_max = fmaxf(local_max, fmaxf(fabsf(x.x), fabsf(x.y)));
+      }
+      if (norm_fwd && tid < kBlock) {
+        float sum = 0.f;
+        for (int t = 0; t < rows; ++t) sum += bits_to_float<T>(tile_b[t * ld + tid]);
+        vec[k0 + tid] += sum;
+      }
+      __syncthreads();  // tiles A, B are free for the next slice
+    }
+
+    // The state product used S * 2^state_exp; dk / dv also carry F in the intra-chunk term, applied below.
+    {
+      const float back = pow2(-state_exp), unscale = kReverse ? pow2(-f_exp) : 1.f;
+#pragma unroll
+      for (int r = 0; r < kPerThread; ++r) acc_o[r] = acc_o[r] * back * unscale;
+    }
+
+    // P = A B^T (+ the normalize feature), masked to the causal triangle, then rounded into tile_p.
+    if (ext) {
+      const float inv_f = pow2(-f_exp);
+#pragma unroll
+      for (int r = 0; r < kPerThread; ++r) {
+        acc_p[r] += (ROLE == kGradQ ? dden[f.row(r)] : dden[f.col(r)]) * inv_f;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kPerThread; ++r) {
+      const int t = f.row(r), s = f.col(r);
+      if (kReverse ? s < t : s > t) acc_p[r] = 0.f;
+    }
+    if (norm_fwd) {
+      float part[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int r = 0; r < kPerThread; ++r) part[Fragment::i_of(r)] += acc_p[r];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        part[i] += __shfl_xor_sync(0xffffffffu, part[i], 1);
+        part[i] += __shfl_xor_sync(0xffffffffu, part[i], 2);
+        if (f.t4 == 0) row_sum[f.warp_col / 32][f.row_i(i)] = part[i];
+      }
+      qz += __shfl_xor_sync(0xffffffffu, qz, 1);
+      if (tid % 2 == 0) den_inter[tid / 2] = qz;
+    }
+#pragma unroll
+    for (int r = 0; r < kPerThread; r += 2) {
+      Bits* dst = tile_p + f.row(r) * ld + f.col(r);  // column even: a 4- or 8-byte aligned pair
+      if constexpr (std::is_same_v<T, float>) {
+        *reinterpret_cast<float2*>(dst) = make_float2(acc_p[r], acc_p[r + 1]);
+      } else {
+        *reinterpret_cast<uint32_t*>(dst) = pack2<T>(acc_p[r], acc_p[r + 1]);
+      }
+    }
+    __syncthreads();
+
+    tile_product<T, false, true>(acc_o, tile_p, tile_c, rows);  // out += P C
+    if constexpr (ROLE != kForward) {
+      const float back = pow2(f_exp);
+#pragma unroll
+      for (int r = 0; r < kPerThread; ++r) acc_o[r] *= back;
+    }
+    if (ext) {  // the normalize feature's state row: dq: d den_t * z_prev; dk: 1 * r_prev
+#pragma unroll
+      for (int r = 0; r < kPerThread; ++r) acc_o[r] += (ROLE == kGradQ ? dden[f.row(r)] : 1.f) * vec[f.col(r)];
+    }
+
+    // Epilogue: rows < rows, columns < cols.
+    {
+      T* out = static_cast<T*>(p.out);
+      const bool pairs = out != nullptr && p.dv % 2 == 0 && p.out_row_stride % 2 == 0 &&
+                         p.out_head_stride % 2 == 0 && is_aligned(out, 2 * sizeof(T));
+      float part[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int r = 0; r < kPerThread; r += 2) {  // r, r + 1: adjacent columns of one row
+        const int t = f.row(r), c = f.col(r);
+        if (t >= rows || c >= cols) continue;
+        const bool second = c + 1 < cols;
+        const int64_t row = row0 + t, col = col0 + c;
+        float v0 = acc_o[r], v1 = acc_o[r + 1];
+        if constexpr (ROLE == kForward) {
+          if (p.normalize) {
+            const float den = den_inter[t] + row_sum[0][t] + row_sum[1][t] + p.eps;
+            v0 = normalized_output(v0, den, p.scale);
+            v1 = normalized_output(v1, den, p.scale);
+          } else {
+            v0 *= p.scale;
+            v1 *= p.scale;
+          }
+          if (p.stats) {
+            float d = v0 * load_element<T>(p.grad_o, row, head, col);
+            if (second) d = fmaf(v1, load_element<T>(p.grad_o, row, head, col + 1), d);
+            part[Fragment::i_of(r)] += d;
+          }
+        } else if constexpr (ROLE == kGradQ || ROLE == kGradK) {
+          v0 *= feature_map_grad(p.feature_map, load_element<T>(p.dphi, row, head, col));
+          if (second) v1 *= feature_map_grad(p.feature_map, load_element<T>(p.dphi, row, head, col + 1));
+        }
+        if (out != nullptr) {
+          T* dst = out + row * p.out_row_stride + head * p.out_head_stride + col;
+          if (pairs) {
+            store_pair(dst, v0, v1);  // col even and dv even: col + 1 < dv
+          } else {
+            store_element(dst, v0);
+            if (second) store_element(dst + 1, v1);
+          }
+        }
+      }
+      if (ROLE == kForward && p.stats) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          part[i] += __shfl_xor_sync(0xffffffffu, part[i], 1);
+          part[i] += __shfl_xor_sync(0xffffffffu, part[i], 2);
+          if (f.t4 == 0) delta_sum[f.warp_col / 32][f.row_i(i)] = part[i];
+        }
+      }
+    }
+    __syncthreads();  // vec (read above), tile_c and the epilogue's sums are complete
+
+    if (ROLE == kForward && p.stats && tid < rows) {
+      const int64_t idx = (row0 + tid) * p.H + head;
+      if (blockIdx.y == 0) p.den[idx] = den_inter[tid] + row_sum[0][tid] + row_sum[1][tid] + p.eps;
+      p.delta[blockIdx.y * p.rows * p.H + idx] = delta_sum[0][tid] + delta_sum[1][tid];
+    }
+    if (ext && tid < kBlock) {  // the extra state row: dq: z += sum_s C_s; dk: r += sum_s d den_s C_s
+      float sum = 0.f;
+      for (int t = 0; t < rows; ++t) {
+        sum = fmaf(ROLE == kGradQ ? 1.f : dden[t], bits_to_float<T>(tile_c[t * ld + tid]), sum);
+      }
+      vec[tid] += sum;
+    }
+    if constexpr (kScaleState) state_exp = 14 - exponent_of(block_max(local_max, scratch));
+    __syncthreads();  // before the next chunk overwrites the tiles, row_scale and dden
+  }
+
+  // Final state and vector.
+  if (p.state_out != nullptr) {
+    for (int i = tid; i < slices * kBlock * kBlock; i += kThreads) {
+      const int r = i / kBlock, c = i % kBlock;
+      if (r < p.da && c < cols) {
+        p.state_out[nh * p.da * p.dv + r * p.state_da_stride + (col0 + c) * p.state_dv_stride] =
+            state[r * kStateLd + c];
+      }
+    }
+  }
+  if (p.vec_out != nullptr) {
+    if (norm_fwd && blockIdx.y == 0) {
+      for (int i = tid; i < p.da; i += kThreads) p.vec_out[nh * p.da + i] = vec[i];
+    } else if (ext && tid < cols) {
+      p.vec_out[nh * p.dv + col0 + tid] = vec[tid];
+    }
+  }
+}
+
+// Enqueue one pass: a block per (sequence, head) and 64 output columns.
+template <typename T, int ROLE>
+cudaError_t launch_scan(const ScanParams& p, cudaStream_t stream) {
+  const int64_t smem = shared_bytes<T>(p.da);
+  HK_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(scan_kernel<T, ROLE>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const dim3 grid(static_cast<unsigned>(p.N * p.H), static_cast<unsigned>((p.dv + kBlock - 1) / kBlock));
+  scan_kernel<T, ROLE><<<grid, kThreads, static_cast<size_t>(smem), stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Instantiated in linear_attention_{f32,f16,bf16}.cu.
+#define HK_LINEAR_ATTENTION_INSTANCES(PREFIX, T)                                        \
+  PREFIX template cudaError_t launch_scan<T, kForward>(const ScanParams&, cudaStream_t); \
+  PREFIX template cudaError_t launch_scan<T, kGradQ>(const ScanParams&, cudaStream_t);   \
+  PREFIX template cudaError_t launch_scan<T, kGradK>(const ScanParams&, cudaStream_t);   \
+  PREFIX template cudaError_t launch_scan<T, kGradV>(const ScanParams&, cudaStream_t);
+
+HK_LINEAR_ATTENTION_INSTANCES(extern, float)
+HK_LINEAR_ATTENTION_INSTANCES(extern, __half)
+HK_LINEAR_ATTENTION_INSTANCES(extern, __nv_bfloat16)
+
+}  // namespace linear_attention_detail
+}  // namespace hadamard_kernels
