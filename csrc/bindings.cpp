@@ -14,6 +14,7 @@
 
 #include "hadamard_kernels/activation.h"
 #include "hadamard_kernels/common.h"
+#include "hadamard_kernels/linear_attention.h"
 #include "hadamard_kernels/poly_chain.h"
 #include "hadamard_kernels/poly_ncp.h"
 
@@ -144,6 +145,59 @@ void bind_poly_ncp(py::module_& m) {
   def_launcher(m, "poly_ncp_bwd", &hk::launch_poly_ncp_bwd);
 }
 
+// ---- linear_attention (csrc/linear_attention.cu)
+void bind_linear_attention(py::module_& m) {
+  m.attr("FEATURE_MAPS") = names(hk::kFeatureMapNames);
+  m.attr("LINEAR_ATTENTION_MAX_DIM") = hk::kLinearAttentionMaxDim;
+  using P = hk::LinearAttentionParams;
+  ParamsClass<P>(m, "LinearAttentionParams")
+      .pointer("q", &P::q).pointer("k", &P::k).pointer("v", &P::v).pointer("o", &P::o).pointer("grad_o", &P::grad_o)
+      .pointer("dq", &P::dq).pointer("dk", &P::dk).pointer("dv", &P::dv)
+      .pointer("initial_state", &P::initial_state).pointer("initial_key_sum", &P::initial_key_sum)
+      .pointer("final_state", &P::final_state).pointer("final_key_sum", &P::final_key_sum)
+      .pointer("grad_final_state", &P::grad_final_state).pointer("grad_final_key_sum", &P::grad_final_key_sum)
+      .pointer("grad_initial_state", &P::grad_initial_state).pointer("grad_initial_key_sum", &P::grad_initial_key_sum)
+      .pointer("cu_seqlens", &P::cu_seqlens).pointer("workspace", &P::workspace)
+      .value("B", &P::B).value("T", &P::T).value("H", &P::H).value("K", &P::K).value("V", &P::V).value("N", &P::N)
+      .value("q_row_stride", &P::q_row_stride).value("q_head_stride", &P::q_head_stride)
+      .value("k_row_stride", &P::k_row_stride).value("k_head_stride", &P::k_head_stride)
+      .value("v_row_stride", &P::v_row_stride).value("v_head_stride", &P::v_head_stride)
+      .value("o_row_stride", &P::o_row_stride).value("o_head_stride", &P::o_head_stride)
+      .value("dq_row_stride", &P::dq_row_stride).value("dq_head_stride", &P::dq_head_stride)
+      .value("dk_row_stride", &P::dk_row_stride).value("dk_head_stride", &P::dk_head_stride)
+      .value("dv_row_stride", &P::dv_row_stride).value("dv_head_stride", &P::dv_head_stride)
+      .value("dtype", &P::dtype).value("feature_map", &P::feature_map).value("normalize", &P::normalize)
+      .value("scale", &P::scale).value("eps", &P::eps);
+  def_launcher(m, "linear_attention_fwd", &hk::launch_linear_attention_fwd);
+  def_launcher(m, "linear_attention_bwd", &hk::launch_linear_attention_bwd);
+  m.def("linear_attention_bwd_workspace_bytes", &hk::linear_attention_bwd_workspace_bytes, py::arg("params"));
+  // Host builds of the kernels' element-wise math, for CPU tests.
+  auto feature_map_code = [](int code) {
+    if (code < 0 || code >= hk::kNumFeatureMaps) {
+      throw py::value_error("feature map code must be in [0, " + std::to_string(hk::kNumFeatureMaps) + "), got " +
+                            std::to_string(code));
+    }
+    return code;
+  };
+  m.def(
+      "linear_attention_feature_map_host",
+      [feature_map_code](int code, float x) { return hk::feature_map(feature_map_code(code), x); },
+      py::arg("code"), py::arg("x"), "phi(x) in float32");
+  m.def(
+      "linear_attention_feature_map_grad_host",
+      [feature_map_code](int code, float x) { return hk::feature_map_grad(feature_map_code(code), x); },
+      py::arg("code"), py::arg("x"), "phi'(x) in float32");
+  m.def("linear_attention_normalized_output_host", &hk::normalized_output, py::arg("num"), py::arg("den"),
+        py::arg("scale"), "scale * num / den in float32 (den includes eps)");
+  m.def(
+      "linear_attention_normalizer_grads_host",
+      [](float grad_o, float o, float den, float scale) {
+        return py::make_tuple(grad_o * hk::normalizer_row_scale(den, scale), hk::normalizer_den_grad(grad_o * o, den));
+      },
+      py::arg("grad_o"), py::arg("o"), py::arg("den"), py::arg("scale"),
+      "(d num, d den) of o = scale * num / den for one element, in float32");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -151,4 +205,5 @@ PYBIND11_MODULE(_C, m) {
   bind_common(m);
   bind_poly_chain(m);
   bind_poly_ncp(m);
+  bind_linear_attention(m);
 }
