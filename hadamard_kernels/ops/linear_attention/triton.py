@@ -1,0 +1,655 @@
+"""Triton kernels for causal_linear_attention.
+
+One chunked kernel computes every pass. With a, b [T, DA] and c [T, DC] per sequence and head it forms, chunk by
+chunk (BT = 64 tokens), out_t = sum_{s in chunk, s <= t} (a_t . b_s) c_s + a_t R, then R += b_chunk^T c_chunk:
+the intra-chunk masked product (a_c b_c^T ∘ M) c_c and the inter-chunk term a_c R on tensor cores, the running
+state R [DA, BC] in fp32 registers (fp64 for fp64 inputs), never in memory. A program owns one sequence (or one
+segment of it, below), one head and BC columns of c, and walks its chunks in order (the backward's dk, dv passes
+walk them in reverse, with the mask transposed: s >= t). Feature maps and their derivatives are applied to the
+loaded tiles. With Q = phi(q), K = phi(k), dN = d(num) = scale * do (/ den):
+
+    pass    a        b          c        R (start)        out                    extra (normalize)
+    o       Q        K          v        S_0              o = scale * out (/den)  den = rowsum(A) + Q.z + eps, z += K
+    dq      dN       v          K        S_0^T            dq = phi'(q) * out      a, b get a column dden, 1; R a row z
+    dk      v        dN         Q  rev   G^T              dk = phi'(k) * out      a, b get a column 1, dden; R a row g_z
+    dv      K        Q          dN rev   G                dv = out                -
+
+(G, g_z: gradients of the final state and key sum; dden = -(do . o) / den.) The final R of the o pass is the final
+state S_T, of the dv pass d S_0; the extra row of the dk pass ends as d z_0. With normalize the backward first
+reruns the o pass to get o and den (fp32, [B*T, H]). A pass costs about one forward: it reads its three operands
+and writes one output, so the backward is three passes (four with normalize) and nothing of size T x D x D (the
+per-chunk states) is ever written.
+
+Parallelism: programs = sequences x heads x cdiv(DC, BC). When that is below the SM count (small batch x heads,
+long T), every sequence is cut into segments of L chunks: `_segment_sum_kernel` computes each segment's b^T c (a
+parallel reduction), `_segment_scan_kernel` turns them into each segment's start state (a short sequential scan
+over segments, which also writes the final state), and the chunk kernel then runs one program per segment.
+
+The intra-chunk operands and the inter-chunk state enter the dots in the input dtype (bf16: like the per-chunk
+states fla stores in bf16); fp16 inputs take the inter-chunk dot in tf32 instead, since the state (and above all
+the key sum, which grows like T) can pass fp16's range. The key sum z and den stay fp32 and use no dot.
+
+cu_seqlens: chunks start at each sequence's first token and never cross its end; the segment tables are built on
+the device with torch ops (no host sync). T == 1 without cu_seqlens (decoding) runs `_decode_kernel`, one program
+per (sequence, head, V block) with no dot: S += phi(k)^T v, o = phi(q) S (/ den).
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from .._library import triton_autotune
+from .common import FEATURE_MAPS, MAX_HEAD_DIM, state_dtype
+
+BT = 64  # chunk length (tokens)
+_FMAP = {name: code for code, name in enumerate(FEATURE_MAPS)}
+_MODE_O, _MODE_DQ, _MODE_DK, _MODE_DV = 0, 1, 2, 3
+_DC_BLOCK_PLAN = 64  # the BC the segment plan assumes (the autotuner may pick another)
+
+# Chunk kernel configs: BC state columns per program. DA (the a/b width, padded to a power of 2) sets the register
+# cost: R is [DA, BC] fp32. First config = the default when autotuning is off; the interpreter takes the smallest.
+_CHUNK_CONFIGS = [
+    triton.Config({"BC": bc}, num_warps=w, num_stages=s)
+    for bc, w, s in [(64, 4, 2), (64, 8, 2), (64, 4, 1), (128, 8, 2), (64, 4, 3)]
+]
+_CHUNK_CONFIGS_WIDE = [  # DA = 256: more warps to hold the state
+    triton.Config({"BC": bc}, num_warps=w, num_stages=s)
+    for bc, w, s in [(64, 8, 1), (32, 8, 2), (32, 4, 2), (64, 8, 2)]
+]
+_SUM_CONFIGS = [
+    triton.Config({"BC": bc}, num_warps=w, num_stages=s)
+    for bc, w, s in [(64, 4, 3), (64, 8, 3), (32, 4, 3), (128, 8, 3)]
+]
+_KEY = ["K", "V", "MODE", "NORMALIZE", "FMAP", "SPLIT", "VARLEN"]
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+@triton.jit
+def _phi(x, FMAP: tl.constexpr):
+    """identity | elu1 = elu(x) + 1 | relu (NaN stays NaN, as torch.relu)."""
+    if FMAP == 1:
+        x = tl.where(x > 0, x + 1.0, tl.exp(x))
+    elif FMAP == 2:
+        x = tl.where(x < 0, 0.0, x)
+    return x
+
+
+@triton.jit
+def _times_phi_grad(y, x, FMAP: tl.constexpr):
+    """y * phi'(x): phi' = 1 | (1 if x > 0 else exp(x)) | (1 if x > 0 else 0)."""
+    if FMAP == 1:
+        y = y * tl.where(x > 0, 1.0, tl.exp(x))
+    elif FMAP == 2:
+        y = y * tl.where(x > 0, 1.0, 0.0)
+    return y
+
+
+@triton.jit
+def _load(ptr, o_t, m_t, o_d, m_d, H, D, i_h, PHI: tl.constexpr, ACC: tl.constexpr):
+    """[BT, BD] tile of x [rows, H, D] at head i_h, rows o_t (int64), as ACC, zero outside the masks; phi(x) when
+    PHI >= 0 (a feature-map code). (Helpers are few and flat: each nested call costs the interpreter ~3 ms.)"""
+    m = m_t[:, None] & m_d[None, :]
+    x = tl.load(ptr + (o_t[:, None] * H + i_h) * D + o_d[None, :], mask=m, other=0.0).to(ACC)
+    if PHI == 1:
+        x = tl.where(m, tl.where(x > 0, x + 1.0, tl.exp(x)), 0.0)  # elu1(0) = 1: keep the padding 0
+    elif PHI == 2:
+        x = tl.where(x < 0, 0.0, x)
+    return x
+
+
+@triton.jit
+def _grad_num(do_ptr, o_ptr, den_ptr, o_t, m_t, o_d, m_d, H, V, i_h, scale, NORMALIZE: tl.constexpr,
+              WITH_DDEN: tl.constexpr, ACC: tl.constexpr):
+    """d(num) = scale * do (/ den) [BT, BD] and, when WITH_DDEN (o_d spans all of V), d(den) = -(do . o) / den."""
+    m = m_t[:, None] & m_d[None, :]
+    p = (o_t[:, None] * H + i_h) * V + o_d[None, :]
+    do = tl.load(do_ptr + p, mask=m, other=0.0).to(ACC)
+    dden = tl.zeros(o_t.shape, ACC)
+    if NORMALIZE:
+        den = tl.load(den_ptr + o_t * H + i_h, mask=m_t, other=1.0).to(ACC)
+        if WITH_DDEN:
+            dden = -tl.sum(do * tl.load(o_ptr + p, mask=m, other=0.0).to(ACC), 1) / den
+        do = do * (scale / den)[:, None]
+    else:
+        do = do * scale
+    return do, dden
+
+
+@triton.jit
+def _scalar(hi, lo, ACC: tl.constexpr):
+    """A float option passed as two fp32 arguments hi + lo (hi = fp32(x), lo = x - hi): fp32 math gets hi (the
+    launch types Python floats fp32; Inductor may pass fp64, hence the cast), fp64 inputs (the interpreter) get x to
+    about 1e-15."""
+    return tl.cast(hi, tl.float32).to(ACC) + tl.cast(lo, tl.float32).to(ACC)
+
+
+@triton.jit
+def _first_block(mask, i_c):
+    """mask where i_c == 0, else all False (the scalar test is broadcast first: the interpreter rejects a bool
+    tensor & a bool scalar)."""
+    return mask & ((tl.zeros(mask.shape, tl.int32) + i_c) == 0)
+
+
+@triton.jit
+def _sequence(g, cu_ptr, seg_seq_ptr, seg_off_ptr, T, NSEG, L, VARLEN: tl.constexpr, SPLIT: tl.constexpr,
+              BT: tl.constexpr):
+    """Segment g -> (sequence n, first token, end token, first chunk, end chunk). Without SPLIT a segment is a
+    whole sequence. Past the last segment of a varlen batch (the grid is an upper bound) the chunk range is empty."""
+    if VARLEN:
+        if SPLIT:
+            n = tl.load(seg_seq_ptr + g)
+            j = g - tl.load(seg_off_ptr + n)
+        else:
+            n = g
+            j = 0
+        bos = tl.load(cu_ptr + n).to(tl.int64)
+        eos = tl.load(cu_ptr + n + 1).to(tl.int64)
+    else:
+        n = g // NSEG
+        j = g % NSEG
+        bos = n.to(tl.int64) * T
+        eos = bos + T
+    n_chunks = tl.cdiv(eos - bos, BT)
+    c0 = tl.minimum(j * L, n_chunks)
+    c1 = tl.minimum(c0 + L, n_chunks)
+    return n, bos, eos, c0, c1
+
+
+# ----------------------------------------------------------------------------------------------- the passes
+@triton.jit
+def _operands(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, den_ptr, o_t, m_t, o_a, m_a, o_c, m_c, H, K, V, i_h, scale,
+              MODE: tl.constexpr, FMAP: tl.constexpr, NORMALIZE: tl.constexpr, WITH_A: tl.constexpr,
+              ACC: tl.constexpr):
+    """The pass's a [BT, DA] (when WITH_A), b [BT, DA], c [BT, BC] tiles of one chunk (ACC) and the extra columns
+    ea, eb [BT] of a and b (the dq and dk passes with normalize; zeros otherwise)."""
+    a = tl.zeros((o_t.shape[0], o_a.shape[0]), ACC)
+    ea = tl.zeros(o_t.shape, ACC)
+    eb = tl.zeros(o_t.shape, ACC)
+    valid = tl.where(m_t, 1.0, 0.0).to(ACC)
+    if MODE == 0:
+        if WITH_A:
+            a = _load(q_ptr, o_t, m_t, o_a, m_a, H, K, i_h, FMAP, ACC)
+        b = _load(k_ptr, o_t, m_t, o_a, m_a, H, K, i_h, FMAP, ACC)
+        c = _load(v_ptr, o_t, m_t, o_c, m_c, H, V, i_h, -1, ACC)
+    elif MODE == 1:
+        b = _load(v_ptr, o_t, m_t, o_a, m_a, H, V, i_h, -1, ACC)
+        c = _load(k_ptr, o_t, m_t, o_c, m_c, H, K, i_h, FMAP, ACC)
+        if WITH_A:
+            a, ea = _grad_num(do_ptr, o_ptr, den_ptr, o_t, m_t, o_a, m_a, H, V, i_h, scale, NORMALIZE, True, ACC)
+        eb = valid
+    elif MODE == 2:
+        if WITH_A:
+            a = _load(v_ptr, o_t, m_t, o_a, m_a, H, V, i_h, -1, ACC)
+        b, eb = _grad_num(do_ptr, o_ptr, den_ptr, o_t, m_t, o_a, m_a, H, V, i_h, scale, NORMALIZE, True, ACC)
+        c = _load(q_ptr, o_t, m_t, o_c, m_c, H, K, i_h, FMAP, ACC)
+        ea = valid
+    else:
+        if WITH_A:
+            a = _load(k_ptr, o_t, m_t, o_a, m_a, H, K, i_h, FMAP, ACC)
+        b = _load(q_ptr, o_t, m_t, o_a, m_a, H, K, i_h, FMAP, ACC)
+        c, _ = _grad_num(do_ptr, o_ptr, den_ptr, o_t, m_t, o_c, m_c, H, V, i_h, scale, NORMALIZE, False, ACC)
+    return a, b, c, ea, eb
+
+
+@triton.jit
+def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, den_ptr, out_ptr, r0_ptr, e0_ptr, rT_ptr, eT_ptr, seg_ptr,
+                  sege_ptr, cu_ptr, seg_seq_ptr, seg_off_ptr, T, H, K, V, NSEG, L, scale, scale_lo, eps,
+                  eps_lo, stride_ra, stride_rc, MODE: tl.constexpr, FMAP: tl.constexpr, NORMALIZE: tl.constexpr, HAS_R0: tl.constexpr,
+                  HAS_E0: tl.constexpr, STORE_R: tl.constexpr, STORE_E: tl.constexpr, STORE_DEN: tl.constexpr,
+                  VARLEN: tl.constexpr, SPLIT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                  TF32: tl.constexpr, DA: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """One pass (see the module docstring) for one segment, one head and BC columns of c.
+
+    out [rows, H, DC]. r0, rT [N, H, K, V] read/written with strides (stride_ra, stride_rc) over (a, c) dims;
+    e0, eT [N, H, K] (the key sum z over a's dims for the o pass, the extra row over c's dims for dq/dk).
+    SPLIT: start state and extra from the scanned segment buffers seg [G, H, DA_, DC_] and sege [G, H, *]."""
+    REVERSE: tl.constexpr = MODE >= 2
+    EXTRA_AB: tl.constexpr = NORMALIZE and (MODE == 1 or MODE == 2)
+    KEY_SUM: tl.constexpr = NORMALIZE and MODE == 0
+    DT: tl.constexpr = q_ptr.dtype.element_ty
+    scale = _scalar(scale, scale_lo, ACC)
+    eps = _scalar(eps, eps_lo, ACC)
+    if MODE == 0 or MODE == 3:
+        DIM_A = K
+        DIM_C = V
+    else:
+        DIM_A = V
+        DIM_C = K
+    NC = tl.cdiv(DIM_C, BC)
+    pid = tl.program_id(0)
+    i_c = pid % NC
+    i_h = (pid // NC) % H
+    g = pid // (NC * H)
+    n, bos, eos, c0, c1 = _sequence(g, cu_ptr, seg_seq_ptr, seg_off_ptr, T, NSEG, L, VARLEN, SPLIT, BT)
+    o_a = tl.arange(0, DA)
+    m_a = o_a < DIM_A
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_c = o_c < DIM_C
+    m_r = m_a[:, None] & m_c[None, :]
+    nh = n.to(tl.int64) * H + i_h
+    o_e = o_a if KEY_SUM else o_c  # the extra vector's dims
+    m_e = m_a if KEY_SUM else m_c
+
+    if SPLIT:
+        gh = g.to(tl.int64) * H + i_h
+        R = tl.load(seg_ptr + (gh * DIM_A + o_a[:, None]) * DIM_C + o_c[None, :], mask=m_r, other=0.0).to(ACC)
+        e = tl.load(sege_ptr + gh * K + o_e, mask=m_e, other=0.0).to(ACC)
+    else:
+        if HAS_R0:
+            p_r = r0_ptr + nh * K * V + o_a[:, None] * stride_ra + o_c[None, :] * stride_rc
+            R = tl.load(p_r, mask=m_r, other=0.0).to(ACC)
+        else:
+            R = tl.zeros((DA, BC), ACC)
+        if HAS_E0:
+            e = tl.load(e0_ptr + nh * K + o_e, mask=m_e, other=0.0).to(ACC)
+        else:
+            e = tl.zeros(o_e.shape, ACC)
+
+    o_i = tl.arange(0, BT)
+    if REVERSE:
+        causal = o_i[:, None] <= o_i[None, :]
+    else:
+        causal = o_i[:, None] >= o_i[None, :]
+    for i in range(c0, c1):
+        if REVERSE:
+            ci = c1 - 1 - (i - c0)
+        else:
+            ci = i
+        o_t = bos + ci * BT + o_i
+        m_t = o_t < eos
+        a, b, c, ea, eb = _operands(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, den_ptr, o_t, m_t, o_a, m_a, o_c, m_c, H,
+                                    K, V, i_h, scale, MODE, FMAP, NORMALIZE, True, ACC)
+        b_t = tl.trans(b.to(DT))
+        c_dt = c.to(DT)
+        A = tl.dot(a.to(DT), b_t, input_precision=PREC, out_dtype=ACC)
+        if EXTRA_AB:
+            A += ea[:, None] * eb[None, :]
+        A = tl.where(causal, A, 0.0)
+        acc = tl.dot(A.to(DT), c_dt, input_precision=PREC, out_dtype=ACC)
+        if TF32:  # fp16 inputs: fp16 cannot hold the state's range
+            acc += tl.dot(a, R, input_precision="tf32", out_dtype=ACC)
+        else:
+            acc += tl.dot(a.to(DT), R.to(DT), input_precision=PREC, out_dtype=ACC)
+        if EXTRA_AB:
+            acc += ea[:, None] * e[None, :]
+            e += tl.sum(eb[:, None] * c, 0)
+        if MODE == 0:
+            if NORMALIZE:
+                den = tl.sum(A, 1) + tl.sum(a * e[None, :], 1) + eps
+                acc = acc / den[:, None]
+                if STORE_DEN:
+                    tl.store(den_ptr + o_t * H + i_h, den, mask=_first_block(m_t, i_c))
+                e += tl.sum(b, 0)
+            acc = acc * scale
+        elif MODE == 1:
+            acc = _times_phi_grad(acc, _load(q_ptr, o_t, m_t, o_c, m_c, H, K, i_h, -1, ACC), FMAP)
+        elif MODE == 2:
+            acc = _times_phi_grad(acc, _load(k_ptr, o_t, m_t, o_c, m_c, H, K, i_h, -1, ACC), FMAP)
+        p_out = out_ptr + (o_t[:, None] * H + i_h) * DIM_C + o_c[None, :]
+        tl.store(p_out, acc.to(out_ptr.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
+        R += tl.dot(b_t, c_dt, input_precision=PREC, out_dtype=ACC)
+
+    if not SPLIT:  # with SPLIT the scan kernel writes the final state
+        if STORE_R:
+            p_r = rT_ptr + nh * K * V + o_a[:, None] * stride_ra + o_c[None, :] * stride_rc
+            tl.store(p_r, R.to(rT_ptr.dtype.element_ty), mask=m_r)
+        if STORE_E:
+            if KEY_SUM:  # the first column block writes the key sum
+                m_e = _first_block(m_e, i_c)
+            tl.store(eT_ptr + nh * K + o_e, e.to(eT_ptr.dtype.element_ty), mask=m_e)
+
+
+@triton.jit
+def _segment_sum_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, den_ptr, seg_ptr, sege_ptr, cu_ptr, seg_seq_ptr,
+                        seg_off_ptr, T, H, K, V, NSEG, L, scale, scale_lo, MODE: tl.constexpr, FMAP: tl.constexpr,
+                        NORMALIZE: tl.constexpr, VARLEN: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                        DA: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """seg[g, h] = sum over the chunks of segment g of b^T c [DA_, DC_] (fp32), and its extra vector sege[g, h]:
+    sum of b (the o pass with normalize, over a's dims) or sum of eb * c (dq, dk with normalize, over c's dims)."""
+    EXTRA_AB: tl.constexpr = NORMALIZE and (MODE == 1 or MODE == 2)
+    KEY_SUM: tl.constexpr = NORMALIZE and MODE == 0
+    DT: tl.constexpr = q_ptr.dtype.element_ty
+    scale = _scalar(scale, scale_lo, ACC)
+    if MODE == 0 or MODE == 3:
+        DIM_A = K
+        DIM_C = V
+    else:
+        DIM_A = V
+        DIM_C = K
+    NC = tl.cdiv(DIM_C, BC)
+    pid = tl.program_id(0)
+    i_c = pid % NC
+    i_h = (pid // NC) % H
+    g = pid // (NC * H)
+    n, bos, eos, c0, c1 = _sequence(g, cu_ptr, seg_seq_ptr, seg_off_ptr, T, NSEG, L, VARLEN, True, BT)
+    o_a = tl.arange(0, DA)
+    m_a = o_a < DIM_A
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_c = o_c < DIM_C
+    o_e = o_a if KEY_SUM else o_c
+    m_e = m_a if KEY_SUM else m_c
+    R = tl.zeros((DA, BC), ACC)
+    e = tl.zeros(o_e.shape, ACC)
+    o_i = tl.arange(0, BT)
+    for ci in range(c0, c1):
+        o_t = bos + ci * BT + o_i
+        m_t = o_t < eos
+        _, b, c, _, eb = _operands(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, den_ptr, o_t, m_t, o_a, m_a, o_c, m_c, H,
+                                   K, V, i_h, scale, MODE, FMAP, NORMALIZE, False, ACC)
+        R += tl.dot(tl.trans(b.to(DT)), c.to(DT), input_precision=PREC, out_dtype=ACC)
+        if EXTRA_AB:
+            e += tl.sum(eb[:, None] * c, 0)
+        if KEY_SUM:
+            e += tl.sum(b, 0)
+    gh = g.to(tl.int64) * H + i_h
+    tl.store(seg_ptr + (gh * DIM_A + o_a[:, None]) * DIM_C + o_c[None, :], R, mask=m_a[:, None] & m_c[None, :])
+    if KEY_SUM:  # the first column block writes the key sum
+        m_e = _first_block(m_e, i_c)
+    if EXTRA_AB or KEY_SUM:
+        tl.store(sege_ptr + gh * K + o_e, e, mask=m_e)
+
+
+@triton.jit
+def _segment_scan_kernel(seg_ptr, sege_ptr, r0_ptr, e0_ptr, rT_ptr, eT_ptr, seg_off_ptr, H, K, V, NSEG,
+                         stride_ra, stride_rc, MODE: tl.constexpr, NORMALIZE: tl.constexpr, HAS_R0: tl.constexpr,
+                         HAS_E0: tl.constexpr, STORE_R: tl.constexpr, STORE_E: tl.constexpr, VARLEN: tl.constexpr,
+                         ACC: tl.constexpr, DA: tl.constexpr, BC: tl.constexpr):
+    """In place, per sequence and head: segment sums -> each segment's start state (exclusive scan in the pass's
+    direction, seeded with the initial state), and the total -> the final state."""
+    REVERSE: tl.constexpr = MODE >= 2
+    EXTRA_AB: tl.constexpr = NORMALIZE and (MODE == 1 or MODE == 2)
+    KEY_SUM: tl.constexpr = NORMALIZE and MODE == 0
+    if MODE == 0 or MODE == 3:
+        DIM_A = K
+        DIM_C = V
+    else:
+        DIM_A = V
+        DIM_C = K
+    NC = tl.cdiv(DIM_C, BC)
+    pid = tl.program_id(0)
+    i_c = pid % NC
+    i_h = (pid // NC) % H
+    n = pid // (NC * H)
+    if VARLEN:
+        g0 = tl.load(seg_off_ptr + n)
+        g1 = tl.load(seg_off_ptr + n + 1)
+    else:
+        g0 = n * NSEG
+        g1 = g0 + NSEG
+    o_a = tl.arange(0, DA)
+    m_a = o_a < DIM_A
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_c = o_c < DIM_C
+    m_r = m_a[:, None] & m_c[None, :]
+    o_e = o_a if KEY_SUM else o_c
+    m_e = _first_block(m_a, i_c) if KEY_SUM else m_c  # the key sum is scanned by the first column block only
+    nh = n.to(tl.int64) * H + i_h
+    R = tl.zeros((DA, BC), ACC)
+    e = tl.zeros(o_e.shape, ACC)
+    if HAS_R0:
+        p_r = r0_ptr + nh * K * V + o_a[:, None] * stride_ra + o_c[None, :] * stride_rc
+        R = tl.load(p_r, mask=m_r, other=0.0).to(ACC)
+    if HAS_E0:
+        e = tl.load(e0_ptr + nh * K + o_e, mask=m_e, other=0.0).to(ACC)
+    for i in range(g0, g1):
+        if REVERSE:
+            gs = g1 - 1 - (i - g0)
+        else:
+            gs = i
+        gh = gs.to(tl.int64) * H + i_h
+        p_s = seg_ptr + (gh * DIM_A + o_a[:, None]) * DIM_C + o_c[None, :]
+        x = tl.load(p_s, mask=m_r, other=0.0)
+        tl.store(p_s, R, mask=m_r)
+        R += x
+        if EXTRA_AB or KEY_SUM:
+            p_e = sege_ptr + gh * K + o_e
+            y = tl.load(p_e, mask=m_e, other=0.0)
+            tl.store(p_e, e, mask=m_e)
+            e += y
+    if STORE_R:
+        p_r = rT_ptr + nh * K * V + o_a[:, None] * stride_ra + o_c[None, :] * stride_rc
+        tl.store(p_r, R.to(rT_ptr.dtype.element_ty), mask=m_r)
+    if STORE_E:
+        tl.store(eT_ptr + nh * K + o_e, e.to(eT_ptr.dtype.element_ty), mask=m_e)
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s0_ptr, z0_ptr, sT_ptr, zT_ptr, H, K, V, scale, scale_lo, eps, eps_lo,
+                   FMAP: tl.constexpr, NORMALIZE: tl.constexpr, HAS_S0: tl.constexpr, HAS_Z0: tl.constexpr,
+                   STORE_S: tl.constexpr, ACC: tl.constexpr, DA: tl.constexpr, BC: tl.constexpr):
+    """One token per sequence (T == 1): S = S_0 + phi(k)^T v, o = scale * phi(q) S (/ (phi(q).(z_0 + phi(k)) + eps))
+    for BC columns of V, with elementwise products (no dot: a [1, K] x [K, BC] product)."""
+    pid = tl.program_id(0)
+    NC = tl.cdiv(V, BC)
+    i_c = pid % NC
+    nh = (pid // NC).to(tl.int64)  # = n * H + h, which is also the token's row (T == 1)
+    scale = _scalar(scale, scale_lo, ACC)
+    eps = _scalar(eps, eps_lo, ACC)
+    o_a = tl.arange(0, DA)
+    m_a = o_a < K
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_c = o_c < V
+    m_r = m_a[:, None] & m_c[None, :]
+    bq = _phi(tl.load(q_ptr + nh * K + o_a, mask=m_a, other=0.0).to(ACC), FMAP)
+    bk = _phi(tl.load(k_ptr + nh * K + o_a, mask=m_a, other=0.0).to(ACC), FMAP)
+    bk = tl.where(m_a, bk, 0.0)
+    bv = tl.load(v_ptr + nh * V + o_c, mask=m_c, other=0.0).to(ACC)
+    p_s = nh * K * V + o_a[:, None] * V + o_c[None, :]
+    S = bk[:, None] * bv[None, :]
+    if HAS_S0:
+        S += tl.load(s0_ptr + p_s, mask=m_r, other=0.0).to(ACC)
+    o = tl.sum(bq[:, None] * S, 0) * scale
+    if NORMALIZE:
+        z = bk
+        if HAS_Z0:
+            z += tl.load(z0_ptr + nh * K + o_a, mask=m_a, other=0.0).to(ACC)
+        o = o / (tl.sum(bq * z, 0) + eps)
+        if STORE_S:
+            tl.store(zT_ptr + nh * K + o_a, z.to(zT_ptr.dtype.element_ty), mask=_first_block(m_a, i_c))
+    tl.store(o_ptr + nh * V + o_c, o.to(o_ptr.dtype.element_ty), mask=m_c)
+    if STORE_S:
+        tl.store(sT_ptr + p_s, S.to(sT_ptr.dtype.element_ty), mask=m_r)
+
+
+_chunk = triton_autotune(_CHUNK_CONFIGS, key=_KEY)(_chunk_kernel)
+_chunk_wide = triton_autotune(_CHUNK_CONFIGS_WIDE, key=_KEY)(_chunk_kernel)
+_segment_sum = triton_autotune(_SUM_CONFIGS, key=[n for n in _KEY if n != "SPLIT"])(_segment_sum_kernel)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+def unsupported(q, k, v, initial_state, initial_key_sum, feature_map, normalize, scale, eps, output_final_state,
+                cu_seqlens):
+    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
+        return (f"the Triton kernels hold a head's Dk and Dv (<= {MAX_HEAD_DIM}) on chip, got Dk = {q.shape[-1]}, "
+                f"Dv = {v.shape[-1]}")
+    return None
+
+
+def _hi_lo(x: float) -> tuple[float, float]:
+    """x as fp32 hi + fp32 lo (see _scalar)."""
+    try:
+        hi = struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return x, 0.0
+    return hi, x - hi
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _dtype_flags(dtype):
+    return dict(
+        ACC=tl.float64 if dtype == torch.float64 else tl.float32,
+        # fp32 inputs honour torch's TF32 switch; fp64 (interpreter) accumulates in fp64.
+        PREC="ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32",
+        TF32=dtype == torch.float16,
+    )
+
+
+class _Plan:
+    """How sequences map to programs. A sequence is one segment unless sequences x heads x column blocks would
+    leave SMs idle; then it is cut into segments of L chunks (`segment` forces L, for tests)."""
+
+    def __init__(self, q, cu_seqlens, N, H, DC, segment=None):
+        T = q.shape[1]
+        self.varlen, self.cu, self.T, self.N = cu_seqlens is not None, cu_seqlens, T, N
+        longest = triton.cdiv(T, BT)  # chunks of the longest possible sequence
+        typical = longest if cu_seqlens is None else triton.cdiv(triton.cdiv(T, N), BT)
+        if segment is None and q.is_cuda:
+            programs = N * H * triton.cdiv(DC, _DC_BLOCK_PLAN)
+            sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+            if programs < sms and typical > 2:
+                segment = max(2, triton.cdiv(typical, triton.cdiv(2 * sms, programs)))
+        self.split = segment is not None and segment < longest
+        self.L = segment if self.split else max(longest, 1)
+        self.nseg, self.G = 1, N
+        self.seg_seq = self.seg_off = q.new_empty(0, dtype=torch.int32)
+        if self.split and not self.varlen:
+            self.nseg = triton.cdiv(longest, self.L)
+            self.G = N * self.nseg
+        elif self.split:
+            # Segments of sequence n: seg_off[n] .. seg_off[n+1] - 1, at least one (an empty sequence still has a
+            # final state). Built on the device; the grid takes an upper bound of their number.
+            lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+            per_seq = torch.clamp((lens + BT * self.L - 1) // (BT * self.L), min=1)
+            self.seg_off = torch.zeros(N + 1, dtype=torch.int32, device=q.device)
+            self.seg_off[1:] = torch.cumsum(per_seq, 0)
+            self.G = T // (BT * self.L) + N + 1
+            g = torch.arange(self.G, device=q.device, dtype=torch.int32)
+            self.seg_seq = torch.searchsorted(self.seg_off[1:], g, right=True, out_int32=True).clamp_(max=N - 1)
+
+    def args(self, like):
+        return (self.cu if self.varlen else like), self.seg_seq, self.seg_off
+
+
+def _pass(mode, q, k, v, do, o, den, out, r0, e0, rT, eT, *, feature_map, normalize, scale, eps, plan,
+          store_den=False, config=None):
+    """One pass (module docstring) over every sequence and head, writing out [B, T, H, DC].
+
+    r0 / rT: [N, H, K, V] state in / final state out (None: zeros / not stored), read transposed by the dq and dk
+    passes; e0 / eT: [N, H, K] extra vector in / out. config: a raw launch with these kernel settings (tests of
+    every tile path) instead of the autotuned entry points."""
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    DA_, DC_ = (K, V) if mode in (_MODE_O, _MODE_DV) else (V, K)
+    DA = max(16, triton.next_power_of_2(DA_))
+    strides = (V, 1) if mode in (_MODE_O, _MODE_DV) else (1, V)
+    flags = dict(MODE=mode, FMAP=_FMAP[feature_map], NORMALIZE=normalize, VARLEN=plan.varlen,
+                 **_dtype_flags(q.dtype))
+    extra = normalize and mode != _MODE_DV
+    seg = sege = None
+    do, o, den = (t if t is not None else q for t in (do, o, den))  # unread by passes that do not need them
+
+    def grid(meta):
+        return (triton.cdiv(DC_, meta["BC"]) * H * plan.G,)
+
+    if plan.split:
+        sdt = state_dtype(q.dtype)
+        seg = torch.empty((plan.G, H, DA_, DC_), device=q.device, dtype=sdt)
+        sege = torch.empty((plan.G, H, K), device=q.device, dtype=sdt) if extra else seg
+        kernel, kwargs = (_segment_sum, {}) if config is None else (_segment_sum_kernel, dict(config))
+        kernel[grid](q, k, v, do, o, den, seg, sege, *plan.args(q), plan.T, H, K, V, plan.nseg,
+                     plan.L, *_hi_lo(scale), DA=DA, BT=BT, **flags, **kwargs)
+        BS = 32 if DA >= 256 else 64
+        _segment_scan_kernel[(triton.cdiv(DC_, BS) * H * plan.N,)](
+            seg, sege, *(t if t is not None else seg for t in (r0, e0, rT, eT)), plan.seg_off, H, K, V, plan.nseg,
+            *strides, MODE=mode, NORMALIZE=normalize, HAS_R0=r0 is not None, HAS_E0=e0 is not None,
+            STORE_R=rT is not None, STORE_E=eT is not None, VARLEN=plan.varlen, ACC=flags["ACC"], DA=DA, BC=BS, num_warps=4)
+        r0 = e0 = rT = eT = None  # the scan consumed the initial state and wrote the final one
+    if config is None:
+        kernel, kwargs = (_chunk_wide if DA >= 256 else _chunk), {}
+    else:
+        kernel, kwargs = _chunk_kernel, dict(config)
+    dummy = seg if seg is not None else q
+    kernel[grid](q, k, v, do, o, den, out, *(t if t is not None else dummy for t in (r0, e0, rT, eT, seg, sege)),
+                 *plan.args(q), plan.T, H, K, V, plan.nseg, plan.L, *_hi_lo(scale),
+                 *_hi_lo(eps), *strides, HAS_R0=r0 is not None, HAS_E0=e0 is not None,
+                 STORE_R=rT is not None, STORE_E=eT is not None, STORE_DEN=store_den, SPLIT=plan.split, DA=DA,
+                 BT=BT, **flags, **kwargs)
+
+
+def _contiguous(*tensors):
+    return [t.contiguous() if t is not None else None for t in tensors]
+
+
+def _num_sequences(q, cu_seqlens):
+    return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+def _decode(q, k, v, initial_state, initial_key_sum, feature_map, normalize, scale, eps, output_final_state):
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+    sdt = state_dtype(q.dtype)
+    o = torch.empty_like(v, dtype=q.dtype)
+    final_state = torch.empty((B, H, K, V), device=q.device, dtype=sdt) if output_final_state else None
+    final_key_sum = torch.empty((B, H, K), device=q.device, dtype=sdt) if output_final_state and normalize else None
+    DA = triton.next_power_of_2(K)
+    BC = min(triton.next_power_of_2(V), max(16, 4096 // DA))  # a [DA, BC] tile of at most 4096 elements
+    dummy = o
+    _decode_kernel[(triton.cdiv(V, BC) * B * H,)](
+        q, k, v, o, *(t if t is not None else dummy for t in (initial_state, initial_key_sum, final_state,
+                                                              final_key_sum)),
+        H, K, V, *_hi_lo(scale), *_hi_lo(eps), FMAP=_FMAP[feature_map], NORMALIZE=normalize, HAS_S0=initial_state is not None,
+        HAS_Z0=initial_key_sum is not None, STORE_S=output_final_state, ACC=_dtype_flags(q.dtype)["ACC"], DA=DA,
+        BC=BC, num_warps=4)
+    return o, final_state, final_key_sum
+
+
+def forward(q, k, v, initial_state, initial_key_sum, feature_map, normalize, scale, eps, output_final_state,
+            cu_seqlens, *, segment=None, config=None):
+    """o [B, T, H, V] (q's dtype), final state [N, H, K, V] and key sum [N, H, K] (state dtype) or None.
+    segment / config: force the segment length (chunks) / a raw kernel config (tests of every path)."""
+    q, k, v, initial_state, initial_key_sum = _contiguous(q, k, v, initial_state, initial_key_sum)
+    if q.shape[1] == 1 and cu_seqlens is None and segment is None and config is None:
+        return _decode(q, k, v, initial_state, initial_key_sum, feature_map, normalize, scale, eps,
+                       output_final_state)
+    N, H, K, V = _num_sequences(q, cu_seqlens), q.shape[2], q.shape[3], v.shape[3]
+    sdt = state_dtype(q.dtype)
+    o = torch.empty_like(v, dtype=q.dtype)
+    final_state = torch.empty((N, H, K, V), device=q.device, dtype=sdt) if output_final_state else None
+    final_key_sum = torch.empty((N, H, K), device=q.device, dtype=sdt) if output_final_state and normalize else None
+    plan = _Plan(q, cu_seqlens, N, H, V, segment)
+    _pass(_MODE_O, q, k, v, None, None, None, o, initial_state, initial_key_sum, final_state, final_key_sum,
+          feature_map=feature_map, normalize=normalize, scale=scale, eps=eps, plan=plan, config=config)
+    return o, final_state, final_key_sum
+
+
+def backward(grad_o, grad_final_state, grad_final_key_sum, q, k, v, initial_state, initial_key_sum, feature_map,
+             normalize, scale, eps, cu_seqlens, needs, *, segment=None, config=None):
+    """(dq, dk, dv, d initial_state, d initial_key_sum), None where needs[i] is False."""
+    q, k, v, initial_state, initial_key_sum = _contiguous(q, k, v, initial_state, initial_key_sum)
+    do, G, g_z = _contiguous(grad_o.to(q.dtype), grad_final_state, grad_final_key_sum)
+    need_q, need_k, need_v, need_state, need_key_sum = needs
+    need_key_sum = need_key_sum and normalize
+    N, H, K, V = _num_sequences(q, cu_seqlens), q.shape[2], q.shape[3], v.shape[3]
+    sdt = state_dtype(q.dtype)
+    options = dict(feature_map=feature_map, normalize=normalize, scale=scale, eps=eps, config=config)
+    o = den = None
+    if normalize and (need_q or need_k or need_v or need_state or need_key_sum):
+        # o and den of the forward (recomputed): d num = scale * do / den, d den = -(do . o) / den.
+        o = torch.empty_like(v, dtype=q.dtype)
+        den = torch.empty(q.shape[:3], device=q.device, dtype=sdt)
+        _pass(_MODE_O, q, k, v, None, None, den, o, initial_state, initial_key_sum, None, None, store_den=True,
+              plan=_Plan(q, cu_seqlens, N, H, V, segment), **options)
+    dq = dk = dv = d_state = d_key_sum = None
+    if need_q:
+        dq = torch.empty_like(q)
+        _pass(_MODE_DQ, q, k, v, do, o, den, dq, initial_state, initial_key_sum, None, None,
+              plan=_Plan(q, cu_seqlens, N, H, K, segment), **options)
+    if need_k or need_key_sum:
+        dk = torch.empty_like(k)
+        d_key_sum = torch.empty((N, H, K), device=q.device, dtype=sdt) if need_key_sum else None
+        _pass(_MODE_DK, q, k, v, do, o, den, dk, G, g_z if normalize else None, None, d_key_sum,
+              plan=_Plan(q, cu_seqlens, N, H, K, segment), **options)
+    if need_v or need_state:
+        dv = torch.empty_like(v)
+        d_state = torch.empty((N, H, K, V), device=q.device, dtype=sdt) if need_state else None
+        _pass(_MODE_DV, q, k, v, do, o, den, dv, G, None, d_state, None,
+              plan=_Plan(q, cu_seqlens, N, H, V, segment), **options)
+    return (dq if need_q else None, dk if need_k else None, dv if need_v else None, d_state, d_key_sum)
