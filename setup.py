@@ -3,7 +3,8 @@
 The CUDA code never links libtorch, so it builds on a machine with a CPU-only torch (or none).
 Environment:
   HADAMARD_KERNELS_CUDA        auto (default: build when nvcc is found) | 1 (build or fail) | 0 (pure Python)
-  HADAMARD_KERNELS_CUDA_ARCHS  CMake CUDA architectures, default "80;90a"
+  HADAMARD_KERNELS_CUDA_ARCHS  CMake CUDA architectures (default in CMakeLists.txt: "80-real;90a-real;80-virtual")
+  HADAMARD_KERNELS_WERROR      1: warnings are errors (CI); default 0
 """
 
 import os
@@ -54,11 +55,16 @@ class CMakeBuild(build_ext):
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
-        archs = os.environ.get("HADAMARD_KERNELS_CUDA_ARCHS", "80;90a")
+        archs = os.environ.get("HADAMARD_KERNELS_CUDA_ARCHS")
+        werror = os.environ.get("HADAMARD_KERNELS_WERROR", "0")
+        if werror not in ("0", "1"):
+            sys.exit(f"HADAMARD_KERNELS_WERROR must be 0 or 1, got {werror!r}")
         configure = [
             "cmake", str(ROOT), "-G", "Ninja",
             f"-DCMAKE_CUDA_COMPILER={nvcc}",
-            f"-DCMAKE_CUDA_ARCHITECTURES={archs}",
+            # Unset: forget what an earlier build cached, so CMakeLists.txt's default applies.
+            f"-DCMAKE_CUDA_ARCHITECTURES={archs}" if archs else "-UCMAKE_CUDA_ARCHITECTURES",
+            f"-DHK_WERROR={'ON' if werror == '1' else 'OFF'}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
