@@ -80,6 +80,23 @@ def test_activation_host_matches_torch(activation):
 
 
 @needs_ext
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activation_host_nan_and_inf_match_torch(activation):
+    """NaN in gives NaN out (relu too, as torch.relu: `z > 0 ? z : 0` would give 0), relu'(NaN) = 1 as in torch's
+    backward, and the infinities give torch's values (NaN where torch's formula has inf * 0)."""
+    code = ACTIVATIONS.index(activation)
+    z = torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0], dtype=torch.float64)
+    ref, ref_grad = _reference(activation, z)
+    out = torch.tensor([EXT.activation_host(code, v) for v in z.tolist()], dtype=torch.float64)
+    grad = torch.tensor([EXT.activation_grad_host(code, v) for v in z.tolist()], dtype=torch.float64)
+    for name, got, want in (("act", out, ref), ("act'", grad, ref_grad)):
+        assert torch.equal(got.isnan(), want.isnan()), f"{activation} {name}({z.tolist()}) = {got.tolist()}, " \
+                                                       f"torch gives {want.tolist()}"
+        keep = ~want.isnan()
+        assert torch.equal(got[keep], want[keep]), f"{activation} {name}: {got.tolist()} != torch's {want.tolist()}"
+
+
+@needs_ext
 def test_activation_host_rejects_unknown_code():
     with pytest.raises(ValueError, match="activation code"):
         EXT.activation_host(len(ACTIVATIONS), 0.0)

@@ -21,7 +21,7 @@ HK_HOST_DEVICE inline float activation(float z) {
   if constexpr (ACT == kIdentity) {
     return z;
   } else if constexpr (ACT == kRelu) {
-    return z > 0.f ? z : 0.f;
+    return z < 0.f ? 0.f : z;  // NaN stays NaN (and -0 stays -0), as torch.relu
   } else if constexpr (ACT == kTanh) {
     return tanhf(z);
   } else if constexpr (ACT == kSigmoid) {
@@ -39,7 +39,7 @@ HK_HOST_DEVICE inline float activation_grad(float z) {
   if constexpr (ACT == kIdentity) {
     return 1.f;
   } else if constexpr (ACT == kRelu) {
-    return z > 0.f ? 1.f : 0.f;  // 0 at z = 0, like the reference's (z > 0)
+    return z <= 0.f ? 0.f : 1.f;  // 0 at z = 0 and 1 at NaN, as torch.relu's backward
   } else if constexpr (ACT == kTanh) {
     const float t = tanhf(z);
     return 1.f - t * t;
