@@ -38,8 +38,17 @@ def triton_import_error() -> str | None:
     try:
         import triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install raising anything else
-        return f"triton failed to import ({type(exc).__name__}: {exc}); pip install triton"
+        return describe_triton_import_error(exc)
     return None
+
+
+def describe_triton_import_error(exc: Exception) -> str:
+    """Why triton is unusable and the fix, from the exception `import triton` raised."""
+    if isinstance(exc, ImportError) and (exc.name or "").split(".")[0] == "numpy":
+        # triton imports but its interpreter (TRITON_INTERPRET=1, how CPUs run the kernels) needs numpy.
+        return ("the Triton interpreter needs numpy (pip install numpy)" if triton_interpreting()
+                else "triton needs numpy (pip install numpy)")
+    return f"triton failed to import ({type(exc).__name__}: {exc}); pip install triton"
 
 
 @functools.cache

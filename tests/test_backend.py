@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +100,24 @@ def test_cli_bench_lists_cases():
     out = subprocess.run([sys.executable, "-m", "hadamard_kernels", "bench", "--list"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "poly_chain" in out.stdout and "poly_ncp" in out.stdout
+
+
+# ---------------------------------------------------------------- triton's dependencies
+def test_missing_numpy_is_named_with_its_fix(monkeypatch):
+    """triton without numpy (a plain install before numpy was a dependency): say so, not 'pip install triton'."""
+    exc = ModuleNotFoundError("No module named 'numpy'", name="numpy")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _backend.describe_triton_import_error(exc) == "the Triton interpreter needs numpy (pip install numpy)"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "pip install numpy" in _backend.describe_triton_import_error(exc)
+    other = ModuleNotFoundError("No module named 'triton'", name="triton")
+    assert "pip install triton" in _backend.describe_triton_import_error(other)
+
+
+def test_numpy_is_a_runtime_dependency():
+    """The Triton interpreter (how a CPU machine runs the triton backend, and `check` with it) imports numpy, so a
+    plain `pip install .` must bring it."""
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    dependencies = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    assert any(re.match(r"numpy\b", d) for d in dependencies), dependencies
