@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -115,10 +116,27 @@ def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dty
             raise RuntimeError(f"{op}: backend {requested!r} (from {source}) is not available: {why}")
         return requested
     if device.type == "cuda":
+        reasons = []
         for name in AUTO_PREFERENCE.get(op, DEFAULT_PREFERENCE):
-            if unavailable_reason(name, device, dtype) is None and supports(name):
-                return name
+            if (why := unavailable_reason(name, device, dtype)) is None:
+                if supports(name):
+                    return name
+                why = "its kernel does not support this call's sizes or options"
+            reasons.append(f"{name}: {why}")
+        _warn_reference_once(op, dtype, reasons)
     return "reference"
+
+
+_REFERENCE_WARNED: set[str] = set()  # ops whose auto choice already warned that a CUDA call runs the reference
+
+
+def _warn_reference_once(op: str, dtype: torch.dtype, reasons: list[str]) -> None:
+    if op in _REFERENCE_WARNED:
+        return
+    _REFERENCE_WARNED.add(op)
+    warnings.warn(f"{op}: no fused kernel runs this call on {dtype} CUDA tensors ({'; '.join(reasons)}), so auto "
+                  "runs the reference backend (plain PyTorch, not fused). Pass backend='reference' to choose it "
+                  "and silence this warning, which is shown once per op.", stacklevel=2)
 
 
 def available_backends(device: str | torch.device | None = None,

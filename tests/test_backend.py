@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -78,13 +79,20 @@ def test_cli_info_and_check():
     assert "all checks passed" in check.stdout and "FAIL" not in check.stdout
 
 
-def test_auto_skips_a_backend_that_does_not_support_the_call(monkeypatch):
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """Forget which ops already warned that auto ran the reference on CUDA tensors."""
+    monkeypatch.setattr(_backend, "_REFERENCE_WARNED", set())
+
+
+def test_auto_skips_a_backend_that_does_not_support_the_call(monkeypatch, fresh_warnings):
     """A kernel's size limit moves auto to the next backend (resolved for a CUDA device; nothing runs)."""
     monkeypatch.delenv(_backend.ENV_BACKEND, raising=False)
     cuda_device = torch.device("cuda")
     first = _backend.resolve("poly_ncp", None, cuda_device, torch.float32)
-    assert _backend.resolve("poly_ncp", None, cuda_device, torch.float32, supports=lambda n: n != first) != first
-    assert _backend.resolve("poly_ncp", None, cuda_device, torch.float32, supports=lambda n: False) == "reference"
+    with pytest.warns(UserWarning, match="runs the reference"):  # when the next backend is the reference
+        assert _backend.resolve("poly_ncp", None, cuda_device, torch.float32, supports=lambda n: n != first) != first
+        assert _backend.resolve("poly_ncp", None, cuda_device, torch.float32, supports=lambda n: False) == "reference"
     # Asked for by name, the backend is returned and raises NotImplementedError itself.
     assert _backend.resolve("poly_ncp", "reference", CPU, torch.float32, supports=lambda n: False) == "reference"
 
@@ -100,6 +108,23 @@ def test_cli_bench_lists_cases():
     out = subprocess.run([sys.executable, "-m", "hadamard_kernels", "bench", "--list"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "poly_chain" in out.stdout and "poly_ncp" in out.stdout
+
+
+# ---------------------------------------------------------------- auto on a CUDA tensor no fused kernel supports
+def test_auto_warns_once_per_op_when_a_cuda_call_runs_the_reference(monkeypatch, fresh_warnings):
+    monkeypatch.delenv(_backend.ENV_BACKEND, raising=False)
+    cuda_device = torch.device("cuda")
+    with pytest.warns(UserWarning, match=r"poly_ncp: no fused kernel .*triton: its kernel does not support"):
+        assert _backend.resolve("poly_ncp", None, cuda_device, torch.float32, supports=lambda n: False) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second warning for the same op would raise here
+        assert _backend.resolve("poly_ncp", None, cuda_device, torch.float32, supports=lambda n: False) == "reference"
+        # Asked for by name, or CPU tensors (where auto always means the reference): no warning.
+        assert _backend.resolve("poly_chain", "reference", cuda_device, torch.float32) == "reference"
+        assert _backend.resolve("poly_chain", None, CPU, torch.float32, supports=lambda n: False) == "reference"
+    # Another op warns on its own; the reason names the backend's own sentence (float64 is no GPU dtype).
+    with pytest.warns(UserWarning, match=r"poly_chain: .*triton: the triton backend supports float32"):
+        _backend.resolve("poly_chain", None, cuda_device, torch.float64)
 
 
 # ---------------------------------------------------------------- triton's dependencies
