@@ -1,6 +1,6 @@
 // pybind11 module hadamard_kernels._C: turns Python ints (tensor.data_ptr(), the stream handle) into each
 // family's params struct and a non-zero CUDA error into RuntimeError. No logic, no argument checks (those
-// live in Python), and no CUDA call at import, so a machine without a GPU imports it.
+// live in Python), and no CUDA call at import, so a machine without a GPU (or with an old driver) imports it.
 // Add a family: one bind_<family>() block below and one line in PYBIND11_MODULE.
 
 #include <pybind11/pybind11.h>
@@ -93,8 +93,26 @@ void check_activation_code(int code) {
   }
 }
 
-// ---- shared: dtype codes, activation codes and host wrappers of the device math (for CPU tests)
+// (driver version, runtime version, device count, error or None) as the CUDA runtime linked into this module sees
+// them; versions are 1000 * major + 10 * minor, driver 0 = no driver. Never raises: on a machine without a GPU, or
+// with a driver older than the runtime, cudaGetDeviceCount's error says why (Python decides what it means).
+py::tuple cuda_runtime_info() {
+  int driver = 0;
+  if (cudaDriverGetVersion(&driver) != cudaSuccess) driver = 0;
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  (void)cudaGetLastError();  // leave no error behind for the next launch to report
+  if (err != cudaSuccess) {
+    return py::make_tuple(driver, CUDART_VERSION, 0,
+                          std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err));
+  }
+  return py::make_tuple(driver, CUDART_VERSION, count, py::none());
+}
+
+// ---- shared: dtype codes, activation codes, the runtime check and host wrappers of the device math (CPU tests)
 void bind_common(py::module_& m) {
+  m.def("cuda_runtime_info", &cuda_runtime_info,
+        "(driver version, runtime version, device count, error or None) of the CUDA runtime linked in");
   m.attr("DTYPES") = names(hk::kDTypeNames);
   m.attr("ACTIVATIONS") = names(hk::kActivationNames);
   m.def(

@@ -24,6 +24,13 @@ def info() -> int:
         print(f"triton: {err}")
     ext, why = _backend.cuda_extension()
     print(f"CUDA extension hadamard_kernels._C: {'built (' + ext.__file__ + ')' if ext else why}")
+    if ext is not None:
+        driver, runtime, count, error = ext.cuda_runtime_info()
+        driver_text = f"CUDA {_backend._cuda_version(driver)}" if driver > 0 else "none"
+        print(f"  CUDA runtime {_backend._cuda_version(runtime)} (linked in)   NVIDIA driver: {driver_text}   "
+              f"GPUs: {count if error is None else error}")
+        if (problem := _backend.cuda_runtime_problem()) is not None:
+            print(f"  the cuda backend cannot run here: {problem}")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     print(f"GPU: {gpu}   {_backend.ENV_BACKEND}={os.environ.get(_backend.ENV_BACKEND, '(unset: auto)')}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -62,6 +62,36 @@ def cuda_extension():
                       "HADAMARD_KERNELS_CUDA=1 pip install --no-build-isolation -e .")
 
 
+def driver_problem(driver_version: int, runtime_version: int) -> str | None:
+    """Why an NVIDIA driver of `driver_version` cannot run the CUDA runtime of `runtime_version` that
+    hadamard_kernels._C links statically, or None. Versions as CUDA encodes them (1000 * major + 10 * minor,
+    13000 = 13.0); a driver version of 0 means no driver. A driver of the runtime's major version runs any of its
+    minor versions (CUDA's minor version compatibility); an older major version fails every launch."""
+    if driver_version <= 0:
+        return "no NVIDIA driver was found"
+    if driver_version // 1000 < runtime_version // 1000:
+        return (f"the NVIDIA driver supports CUDA {_cuda_version(driver_version)} but hadamard_kernels._C was built "
+                f"with CUDA {_cuda_version(runtime_version)}, whose runtime it links statically: install a driver "
+                f"for CUDA {runtime_version // 1000}.x or newer, or rebuild the extension with a CUDA "
+                f"{driver_version // 1000}.x toolkit")
+    return None
+
+
+@functools.cache
+def cuda_runtime_problem() -> str | None:
+    """Why the extension's kernels cannot launch on this machine, or None. Asked once, and only for CUDA tensors
+    (so a CPU-only process never initialises the CUDA runtime); never raises."""
+    ext, why = cuda_extension()
+    if ext is None:
+        return why
+    driver, runtime, _, error = ext.cuda_runtime_info()
+    if (problem := driver_problem(driver, runtime)) is not None:
+        return problem
+    if error is not None:
+        return f"the CUDA runtime of hadamard_kernels._C finds no usable GPU ({error})"
+    return None
+
+
 def require_cuda_extension():
     """The built extension module, or RuntimeError saying why there is none."""
     ext, why = cuda_extension()
@@ -96,7 +126,7 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
             return f"the cuda backend needs CUDA tensors (got {device.type})"
         if dtype not in GPU_DTYPES:
             return f"the cuda backend supports {_names(GPU_DTYPES)}, got {dtype}"
-        return None
+        return cuda_runtime_problem()
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
 
 
@@ -146,6 +176,10 @@ def available_backends(device: str | torch.device | None = None,
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     return {name: unavailable_reason(name, device, dtype) for name in BACKENDS}
+
+
+def _cuda_version(version: int) -> str:
+    return f"{version // 1000}.{version % 1000 // 10}"
 
 
 def _names(dtypes) -> str:

@@ -146,3 +146,82 @@ def test_numpy_is_a_runtime_dependency():
     pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
     dependencies = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
     assert any(re.match(r"numpy\b", d) for d in dependencies), dependencies
+
+
+# ---------------------------------------------------------------- the CUDA runtime linked into _C vs the driver
+@pytest.mark.parametrize(("driver", "runtime", "expected"), [
+    (13000, 13000, None),
+    (13020, 13000, None),      # newer driver
+    (13000, 13010, None),      # older minor version of the same major: CUDA's minor version compatibility
+    (14000, 13000, None),
+    (12040, 13000, r"driver supports CUDA 12\.4 but .* built with CUDA 13\.0"),
+    (0, 13000, "no NVIDIA driver"),
+])
+def test_driver_problem(driver, runtime, expected):
+    problem = _backend.driver_problem(driver, runtime)
+    if expected is None:
+        assert problem is None
+    else:
+        assert problem is not None and re.search(expected, problem), problem
+
+
+class FakeExtension:
+    """hadamard_kernels._C as an old driver shows it: cudaGetDeviceCount fails."""
+
+    __file__ = "_C.so"
+
+    def __init__(self, driver=12040, runtime=13000, count=0, error="cudaErrorInsufficientDriver: CUDA driver version "
+                 "is insufficient for CUDA runtime version"):
+        self.info = (driver, runtime, count, error)
+        self.calls = 0
+
+    def cuda_runtime_info(self):
+        self.calls += 1
+        return self.info
+
+
+@pytest.fixture
+def fake_extension(monkeypatch):
+    def install(ext):
+        monkeypatch.setattr(_backend, "cuda_extension", lambda: (ext, None))
+        _backend.cuda_runtime_problem.cache_clear()
+        return ext
+    yield install
+    _backend.cuda_runtime_problem.cache_clear()
+
+
+def test_old_driver_makes_the_cuda_backend_unavailable(monkeypatch, fake_extension, fresh_warnings):
+    ext = fake_extension(FakeExtension())
+    cuda_device = torch.device("cuda")
+    why = _backend.unavailable_reason("cuda", cuda_device, torch.float16)
+    assert why is not None and "CUDA 12.4" in why and "CUDA 13.0" in why
+    with pytest.raises(RuntimeError, match="driver supports CUDA 12.4"):
+        _backend.resolve("poly_chain", "cuda", cuda_device, torch.float16)
+    # Auto passes over it (here with cuda first in the table) instead of crashing at the launch.
+    monkeypatch.setattr(_backend, "AUTO_PREFERENCE", {"poly_chain": ("cuda",)})
+    with pytest.warns(UserWarning, match="driver supports CUDA 12.4"):
+        assert _backend.resolve("poly_chain", None, cuda_device, torch.float16) == "reference"
+    assert ext.calls == 1, "the runtime is asked once per process"
+    # CPU tensors never ask the CUDA runtime.
+    fake_extension(ext := FakeExtension())
+    _backend.unavailable_reason("cuda", CPU, torch.float32)
+    assert ext.calls == 0
+
+
+def test_no_gpu_for_the_extension_runtime(fake_extension):
+    """A new enough driver whose runtime still sees no device (cudaGetDeviceCount's error) is reported, not raised."""
+    fake_extension(FakeExtension(driver=13000, error="cudaErrorNoDevice: no CUDA-capable device is detected"))
+    why = _backend.unavailable_reason("cuda", torch.device("cuda"), torch.float32)
+    assert why is not None and "cudaErrorNoDevice" in why
+    fake_extension(FakeExtension(driver=13000, count=1, error=None))
+    assert _backend.unavailable_reason("cuda", torch.device("cuda"), torch.float32) is None
+
+
+def test_cli_info_reports_an_old_driver(fake_extension, capsys):
+    from hadamard_kernels.__main__ import info
+
+    fake_extension(FakeExtension())
+    assert info() == 0
+    out = capsys.readouterr().out
+    assert "CUDA runtime 13.0" in out and "NVIDIA driver: CUDA 12.4" in out
+    assert "the cuda backend cannot run here: the NVIDIA driver supports CUDA 12.4" in out

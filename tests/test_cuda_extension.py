@@ -97,6 +97,22 @@ def test_activation_host_nan_and_inf_match_torch(activation):
 
 
 @needs_ext
+def test_cuda_runtime_info_never_raises():
+    """(driver, runtime, device count, error) of the CUDA runtime linked into _C; without a GPU (or with an old
+    driver) the error says why, and the cuda backend reports it instead of crashing at a launch."""
+    driver, runtime, count, error = EXT.cuda_runtime_info()
+    assert runtime >= 12000 and driver >= 0 and count >= 0
+    assert error is None or count == 0, (count, error)
+    _backend.cuda_runtime_problem.cache_clear()
+    problem = _backend.cuda_runtime_problem()
+    if _backend.driver_problem(driver, runtime) is not None or error is not None:
+        assert problem is not None
+        assert _backend.unavailable_reason("cuda", torch.device("cuda"), torch.float32) == problem
+    if not HAS_CUDA:
+        assert problem is not None
+
+
+@needs_ext
 def test_activation_host_rejects_unknown_code():
     with pytest.raises(ValueError, match="activation code"):
         EXT.activation_host(len(ACTIVATIONS), 0.0)
