@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 from torch import nn
-from utils import REL_TOL, assert_close, cpu_backends, cuda, gpu_backends, rel_err, requires_cuda
+from utils import REL_TOL, assert_close, cpu_backends, cuda, dispatched_ops, gpu_backends, rel_err, requires_cuda
+from utils import forward_backward as forward_backward_checked
 
 import hadamard_kernels as hk
 
@@ -279,6 +280,29 @@ def test_module_compiles_fullgraph():
     assert_close("dx", dx, ref_dx, tol=DROP_IN_TOL)
     for name, g in ref_grads.items():
         assert_close(f"d{name}", grads[name], g, tol=DROP_IN_TOL)
+
+
+# ---------------------------------------------------------------- every module runs the custom op
+# (module factory taking the backend, input, the custom op its forward must dispatch). New modules join here.
+MODULE_OPS = [
+    (lambda b: hk.nn.CCP(**SMALL, backend=b), images(SMALL), "poly_chain"),
+    (lambda b: hk.nn.NCP(**SMALL, backend=b), images(SMALL), "poly_ncp"),
+    (lambda b: hk.nn.PolyChain(9, 6, 3, backend=b), torch.randn(2, 5, 9), "poly_chain"),
+    (lambda b: hk.nn.ProductChain(9, 6, 3, backend=b), torch.randn(2, 5, 9), "poly_chain"),
+    (lambda b: hk.nn.LinearSelfAttention(8, num_heads=2, backend=b), torch.randn(2, 5, 8), "causal_linear_attention"),
+]
+
+
+@pytest.mark.parametrize("backend", cpu_backends(torch.float32))
+@pytest.mark.parametrize("make, x, op", MODULE_OPS)
+def test_module_dispatches_the_custom_op(backend, make, x, op):
+    """The module's forward and backward go through hadamard_kernels::<op> and its backward op, and the backend it
+    was given is the one whose kernels run (a module that computes in plain PyTorch fails here)."""
+    module = make(backend)
+    with dispatched_ops() as ops:
+        forward_backward_checked(module, [x], backend=backend)
+    assert f"hadamard_kernels::{op}" in ops, f"{type(module).__name__} did not dispatch {op}: {ops}"
+    assert f"hadamard_kernels::{op}_backward" in ops, f"{type(module).__name__}: no {op}_backward: {ops}"
 
 
 # ---------------------------------------------------------------- arguments

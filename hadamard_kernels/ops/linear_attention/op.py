@@ -44,10 +44,10 @@ def _(q, k, v, initial_state, initial_key_sum, feature_map, normalize, scale, ep
       backend):
     check_args(q, k, v, initial_state, initial_key_sum, feature_map, normalize, cu_seqlens)
     n, (_, _, heads, head_dim), value_dim = _num_states(q, cu_seqlens), q.shape, v.shape[-1]
-    states = q.new_empty(0, dtype=state_dtype(q.dtype))
-    final_state = states.new_empty((n, heads, head_dim, value_dim)) if output_final_state else states
-    final_key_sum = states.new_empty((n, heads, head_dim)) if (output_final_state and normalize) else states
-    return q.new_empty(v.shape), final_state, final_key_sum
+    state_shape = (n, heads, head_dim, value_dim) if output_final_state else (0,)
+    key_sum_shape = (n, heads, head_dim) if (output_final_state and normalize) else (0,)
+    dtype = state_dtype(q.dtype)
+    return q.new_empty(v.shape), q.new_empty(state_shape, dtype=dtype), q.new_empty(key_sum_shape, dtype=dtype)
 
 
 @torch.library.custom_op("hadamard_kernels::causal_linear_attention_backward", mutates_args=())

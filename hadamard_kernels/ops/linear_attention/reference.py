@@ -103,7 +103,8 @@ def forward(q, k, v, initial_state, initial_key_sum, feature_map, normalize, sca
     if not output_final_state:
         return o.to(q.dtype), None, None
     if normalize:
-        return o.to(q.dtype), final[..., :-1].contiguous(), final[..., -1].contiguous()
+        # Copies, not views: a custom op's outputs must not alias each other.
+        return o.to(q.dtype), final[..., :-1].clone(), final[..., -1].clone()
     return o.to(q.dtype), final, None
 
 
@@ -135,6 +136,6 @@ def backward(grad_o, grad_final_state, grad_final_key_sum, q, k, v, initial_stat
     dq = (dQ * phi_grad(q.to(Q.dtype), feature_map)).to(q.dtype) if need_q else None
     dk = (dK * phi_grad(k.to(K.dtype), feature_map)).to(k.dtype) if need_k else None
     dv = dV[..., :v.shape[-1]].to(v.dtype) if need_v else None
-    d_state = dS0[..., :v.shape[-1]].contiguous() if need_state else None
-    d_key_sum = dS0[..., -1].contiguous() if (need_key_sum and normalize) else None
+    d_state = dS0[..., :v.shape[-1]].clone() if need_state else None
+    d_key_sum = dS0[..., -1].clone() if (need_key_sum and normalize) else None
     return dq, dk, dv, d_state, d_key_sum
