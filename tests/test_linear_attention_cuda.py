@@ -1,0 +1,406 @@
+"""The CUDA C++ backend of causal_linear_attention.
+
+Wherever the extension is built: the kernels' element-wise math (feature maps, their derivatives, the normalizer and
+its gradient) compiled for the host against the reference's functions and torch autograd, NaN included; the codes
+and limits shared with Python; launchers refusing bad params. On a GPU: backend="cuda" against the float64 reference
+(output, final state and key sum, every gradient) for every dtype, feature map and normalize, with and without
+states, packed sequences, strided inputs, and the sizes the kernels tile specially (T around the 64-token chunk,
+K and V that are not multiples of 16, up to 256), plus the float16 range guards."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from utils import HAS_CUDA, assert_close, cuda, requires_cuda
+
+import hadamard_kernels as hk
+from hadamard_kernels import _backend
+from hadamard_kernels.ops.linear_attention import cuda as la_cuda
+from hadamard_kernels.ops.linear_attention import reference
+from hadamard_kernels.ops.linear_attention.common import FEATURE_MAPS, MAX_HEAD_DIM
+
+EXT, EXT_MISSING = _backend.cuda_extension()
+needs_ext = pytest.mark.skipif(EXT is None, reason=f"hadamard_kernels._C not built: {EXT_MISSING}")
+
+
+# ---------------------------------------------------------------- codes and limits shared with Python
+@needs_ext
+def test_codes_and_limits_match_python():
+    assert tuple(EXT.FEATURE_MAPS) == FEATURE_MAPS
+    assert EXT.LINEAR_ATTENTION_MAX_DIM == la_cuda.MAX_DIM == MAX_HEAD_DIM
+
+
+def test_unsupported_names_the_limit():
+    q = torch.empty(1, 3, 2, 8, device="meta")
+    v = torch.empty(1, 3, 2, 300, device="meta")
+    options = ("identity", False, 1.0, 1e-6, False, None)
+    assert la_cuda.unsupported(q, q, q, None, None, *options) is None
+    assert "K, V <= 256" in la_cuda.unsupported(q, q, v, None, None, *options)
+    wide = torch.empty(1, 3, 2, 257, device="meta")
+    assert "K=257" in la_cuda.unsupported(wide, wide, q, None, None, *options)
+    assert "float64" in la_cuda.unsupported(q.double(), q.double(), q.double(), None, None, *options)
+
+
+def test_rows_view_copies_only_when_needed():
+    """The kernels index [B * T, H, D] with a row stride: slices of a fused projection need no copy."""
+    qkv = torch.randn(2, 5, 3, 3 * 8)
+    q = qkv[..., 8:16]
+    view, row_stride, head_stride = la_cuda._rows(q)
+    assert view.data_ptr() == q.data_ptr() and (row_stride, head_stride) == (3 * 24, 24)
+    swapped = torch.randn(2, 3, 5, 8).transpose(1, 2)  # heads outside tokens: no [B * T] row view
+    view, row_stride, head_stride = la_cuda._rows(swapped)
+    assert view.is_contiguous() and (row_stride, head_stride) == (24, 8)
+    one_token = torch.randn(4, 3, 1, 8).transpose(1, 2)  # T = 1: rows are the batch
+    view, row_stride, _ = la_cuda._rows(one_token)
+    assert view.data_ptr() == one_token.data_ptr() and row_stride == one_token.stride(0)
+
+
+# ---------------------------------------------------------------- the device math, compiled for the host
+_X = [0.0, -0.0, 1e-30, -1e-30, 1e-4, -1e-4, 0.3, -0.3, 1.0, -1.0, 2.5, -2.5, 20.0, -20.0, 80.0, -80.0, -90.0,
+      -104.0, 1e30, -1e30, math.inf, -math.inf, math.nan]
+
+
+def _assert_same(name, got, want, rtol=4e-7):
+    """Same NaN and infinity pattern; finite values within rtol * (1 + |want|)."""
+    got_nan, want_nan = torch.isnan(got), torch.isnan(want)
+    assert torch.equal(got_nan, want_nan), f"{name}: NaN at {got_nan.nonzero().flatten().tolist()}, want " \
+                                           f"{want_nan.nonzero().flatten().tolist()}"
+    infinite = torch.isinf(want) | torch.isinf(got)
+    assert torch.equal(got[infinite], want[infinite]), f"{name}: {got[infinite]} != {want[infinite]}"
+    finite = ~(want_nan | infinite)
+    bad = (got[finite] - want[finite]).abs() > rtol * (1 + want[finite].abs())
+    assert not bad.any(), f"{name}: {got[finite][bad].tolist()} != {want[finite][bad].tolist()}"
+
+
+@needs_ext
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+def test_feature_map_host_matches_reference(feature_map):
+    code = FEATURE_MAPS.index(feature_map)
+    x = torch.tensor(_X, dtype=torch.float32).double()  # float32 inputs, as the kernels see them
+    got = torch.tensor([EXT.linear_attention_feature_map_host(code, v) for v in x.tolist()], dtype=torch.float64)
+    grad = torch.tensor([EXT.linear_attention_feature_map_grad_host(code, v) for v in x.tolist()],
+                        dtype=torch.float64)
+    _assert_same(f"{feature_map}", got, reference.phi(x, feature_map))
+    _assert_same(f"{feature_map}'", grad, reference.phi_grad(x, feature_map))
+
+
+@needs_ext
+def test_feature_maps_keep_nan_like_torch():
+    nan = float("nan")
+    for feature_map in FEATURE_MAPS:
+        assert math.isnan(EXT.linear_attention_feature_map_host(FEATURE_MAPS.index(feature_map), nan)), feature_map
+    assert math.isnan(torch.relu(torch.tensor(nan)).item())  # what relu follows
+    assert EXT.linear_attention_feature_map_host(FEATURE_MAPS.index("relu"), -2.0) == 0.0
+    assert EXT.linear_attention_feature_map_host(FEATURE_MAPS.index("elu1"), -2.0) == pytest.approx(math.exp(-2.0))
+
+
+@needs_ext
+def test_feature_map_host_rejects_unknown_code():
+    with pytest.raises(ValueError, match="feature map code"):
+        EXT.linear_attention_feature_map_host(len(FEATURE_MAPS), 0.0)
+    with pytest.raises(ValueError, match="feature map code"):
+        EXT.linear_attention_feature_map_grad_host(-1, 0.0)
+
+
+@needs_ext
+def test_normalizer_host_matches_autograd():
+    """o = scale * num / den and its gradient (d num, d den) for one element, against torch autograd in float64.
+    den = 0 cases check that inf and NaN come out where torch puts them."""
+    g = torch.Generator().manual_seed(0)
+    cases = [(n, d, s, go) for n, d, s, go in (torch.randn(40, 4, generator=g) * torch.tensor([3.0, 2.0, 1.0, 1.0]))
+             .tolist()]
+    cases += [(5.0, 1e-6, 0.7, -1.3), (1e8, 1e-8, 1.0, 1.0), (0.0, 0.0, 1.0, 1.0), (1.0, 0.0, 0.5, 2.0),
+              (-3.0, 4.0, -2.0, 0.0)]
+    # float32 inputs, as the kernels see them
+    cases = [tuple(torch.tensor(c, dtype=torch.float32).double().tolist()) for c in cases]
+    got_o, got_dnum, got_dden, want_o, want_dnum, want_dden = ([] for _ in range(6))
+    for num, den, scale, grad_o in cases:
+        o = EXT.linear_attention_normalized_output_host(num, den, scale)
+        dnum, dden = EXT.linear_attention_normalizer_grads_host(grad_o, o, den, scale)
+        n = torch.tensor(num, dtype=torch.float64, requires_grad=True)
+        d = torch.tensor(den, dtype=torch.float64, requires_grad=True)
+        ref = scale * n / d
+        ref.backward(torch.tensor(grad_o, dtype=torch.float64))
+        for lst, value in ((got_o, o), (got_dnum, dnum), (got_dden, dden), (want_o, ref.item()),
+                           (want_dnum, n.grad.item()), (want_dden, d.grad.item())):
+            lst.append(value)
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.float64)  # noqa: E731
+    # float32 arithmetic: a few roundings
+    _assert_same("o", as_tensor(got_o), as_tensor(want_o), rtol=1e-6)
+    _assert_same("d num", as_tensor(got_dnum), as_tensor(want_dnum), rtol=1e-6)
+    _assert_same("d den", as_tensor(got_dden), as_tensor(want_dden), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- launchers refuse bad params without a GPU
+def _params(**fields):
+    base = dict(q=256, k=256, v=256, o=256, grad_o=256, B=2, T=10, H=3, K=16, V=8, N=2, q_row_stride=48,
+                q_head_stride=16, k_row_stride=48, k_head_stride=16, v_row_stride=24, v_head_stride=8,
+                o_row_stride=24, o_head_stride=8, dtype=0, feature_map=1, normalize=True, scale=1.0, eps=1e-6)
+    return EXT.LinearAttentionParams(**{**base, **fields})
+
+
+@needs_ext
+@pytest.mark.parametrize("bad", [dict(K=MAX_HEAD_DIM + 1), dict(V=MAX_HEAD_DIM + 1), dict(T=0), dict(N=3),
+                                 dict(feature_map=3), dict(q=0), dict(dtype=7)], ids=str)
+def test_launcher_errors_become_runtime_errors(bad):
+    """Invalid params are refused before any launch (so this is safe on a GPU too) and raise RuntimeError."""
+    params = _params(**bad)
+    with pytest.raises(RuntimeError, match="linear_attention_fwd failed"):
+        EXT.linear_attention_fwd(params, 0)
+    with pytest.raises(RuntimeError, match="linear_attention_bwd failed"):
+        EXT.linear_attention_bwd(params, 0)
+
+
+@needs_ext
+def test_backward_needs_its_workspace():
+    params = _params(workspace=0)
+    with pytest.raises(RuntimeError, match="linear_attention_bwd failed"):
+        EXT.linear_attention_bwd(params, 0)
+    params = _params(grad_o=0, workspace=256)
+    with pytest.raises(RuntimeError, match="linear_attention_bwd failed"):
+        EXT.linear_attention_bwd(params, 0)
+
+
+@needs_ext
+def test_workspace_bytes():
+    # den [B*T, H] and ceil(V / 64) partial sums of grad_o . o, float32; nothing without normalize.
+    assert EXT.linear_attention_bwd_workspace_bytes(_params(V=130)) == (1 + 3) * 2 * 10 * 3 * 4
+    assert EXT.linear_attention_bwd_workspace_bytes(_params(normalize=False)) == 0
+    assert EXT.linear_attention_bwd_workspace_bytes(_params(K=MAX_HEAD_DIM + 1)) == 0
+
+
+@needs_ext
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error path of a machine without a GPU")
+def test_launch_without_gpu_raises():
+    with pytest.raises(RuntimeError, match="linear_attention_fwd failed"):
+        EXT.linear_attention_fwd(_params(), 0)
+
+
+# ---------------------------------------------------------------- on a GPU, against the float64 reference
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    # The float64 reference runs on the GPU too; keep any float32 matmul of the test itself IEEE. (Saved and
+    # restored by hand: monkeypatch's undo deletes the attribute, which torch's cuBLAS module does not allow.)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def make_inputs(B=2, T=100, H=2, K=20, V=12, *, dtype=torch.float32, feature_map="identity", normalize=False,
+                states=True, n=None, seed=0):
+    """q, k, v [B, T, H, *] on the GPU in `dtype`, and the float32 initial state and key sum (or None). With
+    normalize the features are kept mostly positive so the normalizer stays away from 0."""
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    q, k, v = randn(B, T, H, K), randn(B, T, H, K), randn(B, T, H, V)
+    if normalize and feature_map == "identity":
+        q, k = q.abs(), k.abs()
+    elif normalize and feature_map == "relu":
+        q, k = q + 1, k + 1
+    n = B if n is None else n
+    S0 = randn(n, H, K, V) if states else None
+    z0 = 1 + torch.rand(n, H, K, generator=g, dtype=torch.float64) if (states and normalize) else None
+    cast = lambda t, dt: None if t is None else t.to(device="cuda", dtype=dt)  # noqa: E731
+    return [cast(q, dtype), cast(k, dtype), cast(v, dtype), cast(S0, torch.float32), cast(z0, torch.float32)]
+
+
+def run(inputs, grads_out=None, *, backend, normalize=False, cu_seqlens=None, **options):
+    """(o, S[, z]) with output_final_state on leaf copies of inputs, backpropagated from grads_out (random when
+    None; one per output, so the final state's gradient is exercised too). Returns (outputs, input grads,
+    grads_out)."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    q, k, v, S0, z0 = leaves
+    initial = None if S0 is None else ((S0, z0) if normalize else S0)
+    o, state = hk.causal_linear_attention(q, k, v, normalize=normalize, initial_state=initial,
+                                          output_final_state=True, cu_seqlens=cu_seqlens, backend=backend,
+                                          **options)
+    outs = (o, *state) if normalize else (o, state)
+    if grads_out is None:
+        g = torch.Generator().manual_seed(1)
+        grads_out = tuple(torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device) for t in outs)
+    torch.autograd.backward(outs, [go.to(t.dtype) for t, go in zip(outs, grads_out)])
+    return tuple(t.detach() for t in outs), [None if t is None else t.grad for t in leaves], grads_out
+
+
+OUT_NAMES = ("o", "final_state", "final_key_sum")
+GRAD_NAMES = ("dq", "dk", "dv", "d_initial_state", "d_initial_key_sum")
+
+
+def check(inputs, *, cu_seqlens=None, tol=None, **options):
+    """backend="cuda" against backend="reference" on float64 copies: every output and every gradient."""
+    outs, grads, grads_out = run(inputs, backend="cuda", cu_seqlens=cu_seqlens, **options)
+    ref_outs, ref_grads, _ = run([None if t is None else t.double() for t in inputs], grads_out,
+                                 backend="reference", cu_seqlens=cu_seqlens, **options)
+    dtype = inputs[0].dtype
+    for name, out, ref in zip(OUT_NAMES, outs, ref_outs):
+        assert out.dtype == (dtype if name == "o" else torch.float32), f"{name}: dtype {out.dtype}"
+        assert_close(name, out, ref, dtype, tol)
+    for name, grad, ref in zip(GRAD_NAMES, grads, ref_grads):
+        if ref is not None:
+            assert grad is not None, f"{name} missing"
+            assert grad.dtype == inputs[GRAD_NAMES.index(name)].dtype, f"{name}: dtype {grad.dtype}"
+            assert_close(name, grad, ref, dtype, tol)
+    return outs, grads
+
+
+@cuda
+@requires_cuda
+def test_cuda_backend_runs_the_kernels(monkeypatch):
+    calls = []
+    for name in ("linear_attention_fwd", "linear_attention_bwd"):
+        original = getattr(EXT, name)
+        monkeypatch.setattr(EXT, name, lambda *a, _o=original, _n=name: (calls.append(_n), _o(*a))[1])
+    check(make_inputs(dtype=torch.bfloat16, feature_map="elu1", normalize=True), feature_map="elu1", normalize=True)
+    assert calls == ["linear_attention_fwd", "linear_attention_bwd"]
+
+
+@cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalize"])
+@pytest.mark.parametrize("states", [True, False], ids=["states", "nostates"])
+def test_matches_reference(dtype, feature_map, normalize, states):
+    inputs = make_inputs(B=2, T=200, H=3, K=64, V=48, dtype=dtype, feature_map=feature_map, normalize=normalize,
+                         states=states)
+    check(inputs, feature_map=feature_map, normalize=normalize, scale=0.6, eps=1e-6)
+
+
+@cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("size", [
+    *[dict(T=T, K=60, V=100) for T in (1, 63, 64, 65, 1000)],       # around the 64-token chunk
+    *[dict(T=65, K=K, V=V) for K, V in ((60, 60), (100, 100), (128, 128), (256, 256), (60, 256), (256, 60),
+                                        (100, 128), (1, 1), (3, 17))],  # tails of 16 and 64, the 256 limit
+    dict(T=1000, K=256, V=256),
+    dict(B=1, T=130, H=128, K=16, V=16),                            # many heads
+], ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
+def test_sizes(dtype, size):
+    shape = dict(B=2, H=2) | size
+    normalize = size["T"] % 2 == 1  # both paths over the sizes, without doubling the list
+    inputs = make_inputs(**shape, dtype=dtype, feature_map="elu1", normalize=normalize)
+    # Normalize by the number of features: keeps o = O(1) for every K, V.
+    check(inputs, feature_map="elu1", normalize=normalize, scale=1 / math.sqrt(size["K"]))
+
+
+CU_SEQLENS = [0, 0, 1, 64, 64, 129, 200, 263, 1263]  # empty, 1, 63, 0, 65, 71, 63 and 1000 tokens
+
+
+@cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalize"])
+def test_varlen_matches_reference_and_separate_calls(dtype, normalize):
+    n = len(CU_SEQLENS) - 1
+    inputs = make_inputs(B=1, T=CU_SEQLENS[-1], H=3, K=40, V=72, n=n, dtype=dtype, feature_map="relu",
+                         normalize=normalize)
+    cu = torch.tensor(CU_SEQLENS, dtype=torch.int32, device="cuda")
+    outs, _ = check(inputs, cu_seqlens=cu, feature_map="relu", normalize=normalize)
+    # No state crosses a boundary: each sequence alone gives the same output and final state, bit for bit
+    # (the kernel runs the same instructions on the same data).
+    q, k, v, S0, z0 = inputs
+    for i, (start, end) in enumerate(zip(CU_SEQLENS[:-1], CU_SEQLENS[1:])):
+        if start == end:
+            S_end = outs[1][i]
+            assert torch.equal(S_end, S0[i]), f"sequence {i} is empty: its final state is its initial state"
+            continue
+        initial = (S0[i:i + 1], z0[i:i + 1]) if normalize else S0[i:i + 1]
+        o, state = hk.causal_linear_attention(q[:, start:end], k[:, start:end], v[:, start:end],
+                                              feature_map="relu", normalize=normalize, initial_state=initial,
+                                              output_final_state=True, backend="cuda")
+        assert torch.equal(o, outs[0][:, start:end]), f"sequence {i}: o differs from its own call"
+        S = state[0] if normalize else state
+        assert torch.equal(S, outs[1][i:i + 1]), f"sequence {i}: final state differs from its own call"
+
+
+@cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_strided_inputs(dtype):
+    """q, k, v sliced from one fused projection (read in place with row strides) and heads-major tensors (copied)."""
+    B, T, H, K, V = 2, 150, 3, 24, 40
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(B, T, H, 2 * K + V + 5, generator=g, dtype=torch.float64).to("cuda", dtype)
+    q, k, v = qkv[..., :K], qkv[..., K:2 * K], qkv[..., 2 * K + 5:]
+    check([q, k, v, None, None], feature_map="elu1", normalize=True)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    check([q, k, v, None, None], feature_map="identity", normalize=False)
+
+
+@cuda
+@requires_cuda
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalize"])
+def test_each_gradient_alone(normalize):
+    """The backward runs only the passes a gradient needs: ask for one input's gradient at a time."""
+    inputs = make_inputs(B=2, T=130, H=2, K=36, V=20, dtype=torch.float32, feature_map="elu1", normalize=normalize)
+    ref_inputs = [None if t is None else t.double() for t in inputs]
+    g = torch.Generator().manual_seed(5)
+    grad_o = torch.randn(inputs[2].shape, generator=g, dtype=torch.float64).to("cuda")
+
+    def grads(tensors, backend, which):
+        leaves = [None if t is None else t.detach().clone().requires_grad_(i == which) for i, t in
+                  enumerate(tensors)]
+        q, k, v, S0, z0 = leaves
+        o = hk.causal_linear_attention(q, k, v, feature_map="elu1", normalize=normalize,
+                                       initial_state=(S0, z0) if normalize else S0, backend=backend)
+        return torch.autograd.grad(o, leaves[which], grad_o.to(o.dtype))[0]
+
+    for which, name in enumerate(GRAD_NAMES):
+        if inputs[which] is None:
+            continue
+        assert_close(name, grads(inputs, "cuda", which), grads(ref_inputs, "reference", which), torch.float32)
+
+
+@cuda
+@requires_cuda
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalize"])
+def test_nan_propagates_like_reference(feature_map, normalize):
+    inputs = make_inputs(B=1, T=150, H=2, K=24, V=16, dtype=torch.float32, feature_map=feature_map,
+                         normalize=normalize)
+    inputs[0][0, 100, 1, 3] = float("nan")
+    inputs[1][0, 20, 0, 5] = float("nan")
+    check(inputs, feature_map=feature_map, normalize=normalize)
+
+
+@cuda
+@requires_cuda
+def test_float16_state_beyond_its_range():
+    """A state of ~1e5 (float16 overflows at 65504) still gives the right output: the kernels scale the state by a
+    power of two before it enters the float16 tensor-core products."""
+    q, k, v, S0, _ = make_inputs(B=1, T=300, H=2, K=32, V=32, dtype=torch.float16)
+    S0 = S0 * 1e5
+    check([q, k, v, S0, None], scale=1e-3)
+
+
+@cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_long_sequence_elu1_normalize(dtype):
+    """T = 65536: the key sum grows like T (kept fp32) and d num = grad_o / den shrinks like 1 / T, below float16's
+    normal range, so the gradient passes store it scaled by a power of two per chunk."""
+    inputs = make_inputs(B=1, T=65536, H=1, K=32, V=32, dtype=dtype, feature_map="elu1", normalize=True,
+                         states=False)
+    outs, grads = check(inputs, feature_map="elu1", normalize=True)
+    assert all(torch.isfinite(t).all() for t in (*outs, *grads[:3]))
+
+
+@cuda
+@requires_cuda
+def test_deterministic_on_the_current_stream():
+    inputs = make_inputs(B=2, T=300, H=4, K=64, V=64, dtype=torch.bfloat16, feature_map="elu1", normalize=True)
+    expected = run(inputs, backend="cuda", feature_map="elu1", normalize=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = run(inputs, expected[2], backend="cuda", feature_map="elu1", normalize=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    for a, b in zip((*expected[0], *expected[1]), (*got[0], *got[1])):
+        assert torch.equal(a, b)
