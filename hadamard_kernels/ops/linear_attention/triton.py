@@ -90,22 +90,31 @@ def _times_phi_grad(y, x, FMAP: tl.constexpr):
 
 
 @triton.jit
-def _load(ptr, o_t, m_t, o_d, m_d, H, D, i_h, PHI: tl.constexpr, ACC: tl.constexpr):
-    """[BT, BD] tile of x [rows, H, D] at head i_h, rows o_t (int64), as ACC, zero outside the masks; phi(x) when
-    PHI >= 0 (a feature-map code). (Helpers are few and flat: each nested call costs the interpreter ~3 ms.)"""
-    m = m_t[:, None] & m_d[None, :]
-    x = tl.load(ptr + (o_t[:, None] * H + i_h) * D + o_d[None, :], mask=m, other=0.0).to(ACC)
-    if PHI == 1:
-        x = tl.where(m, tl.where(x > 0, x + 1.0, tl.exp(x)), 0.0)  # elu1(0) = 1: keep the padding 0
-    elif PHI == 2:
-        x = tl.where(x < 0, 0.0, x)
-    return x
+def _load(ptr, o_t, m_t, o_d, m_d, H, D, i_h, PHI: tl.constexpr, ACC: tl.constexpr, OUT: tl.constexpr):
+    """[BT, BD] tile of x [rows, H, D] at head i_h, rows o_t (int64), zero outside the masks, as OUT (the input
+    dtype for dot operands); phi(x) when PHI >= 0 (a feature-map code). Helpers are few and flat: each nested
+    call costs the interpreter ~3 ms."""
+    x = tl.load(ptr + (o_t[:, None] * H + i_h) * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+    if PHI == 1 or PHI == 2:
+        # phi in the loaded dtype: for 16-bit inputs the same single rounding as fp32 math and a cast, in half the
+        # registers.
+        if ACC == tl.float64:
+            x = x.to(tl.float64)
+        if PHI == 1:
+            x = tl.where(x > 0, x + 1.0, tl.exp(x.to(ACC)).to(x.dtype))
+            # The padding (loaded as 0) became 1: zero it by 0/1 row and column factors. A 2D mask used after the
+            # load would stay live through the software pipeline, a register per element.
+            x = x * tl.where(m_t, 1.0, 0.0).to(x.dtype)[:, None] * tl.where(m_d, 1.0, 0.0).to(x.dtype)[None, :]
+        else:
+            x = tl.where(x < 0, 0.0, x)
+    return x.to(OUT)
 
 
 @triton.jit
 def _grad_num(do_ptr, o_ptr, den_ptr, o_t, m_t, o_d, m_d, H, V, i_h, scale, NORMALIZE: tl.constexpr,
-              WITH_DDEN: tl.constexpr, ACC: tl.constexpr):
-    """d(num) = scale * do (/ den) [BT, BD] and, when WITH_DDEN (o_d spans all of V), d(den) = -(do . o) / den."""
+              WITH_DDEN: tl.constexpr, ACC: tl.constexpr, OUT: tl.constexpr):
+    """d(num) = scale * do (/ den) [BT, BD] as OUT and, when WITH_DDEN (o_d spans all of V), d(den) =
+    -(do . o) / den [BT] (ACC)."""
     m = m_t[:, None] & m_d[None, :]
     p = (o_t[:, None] * H + i_h) * V + o_d[None, :]
     do = tl.load(do_ptr + p, mask=m, other=0.0).to(ACC)
@@ -117,7 +126,7 @@ def _grad_num(do_ptr, o_ptr, den_ptr, o_t, m_t, o_d, m_d, H, V, i_h, scale, NORM
         do = do * (scale / den)[:, None]
     else:
         do = do * scale
-    return do, dden
+    return do.to(OUT), dden
 
 
 @triton.jit
@@ -164,35 +173,35 @@ def _sequence(g, cu_ptr, seg_seq_ptr, seg_off_ptr, T, NSEG, L, VARLEN: tl.conste
 @triton.jit
 def _operands(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, den_ptr, o_t, m_t, o_a, m_a, o_c, m_c, H, K, V, i_h, scale,
               MODE: tl.constexpr, FMAP: tl.constexpr, NORMALIZE: tl.constexpr, WITH_A: tl.constexpr,
-              ACC: tl.constexpr):
-    """The pass's a [BT, DA] (when WITH_A), b [BT, DA], c [BT, BC] tiles of one chunk (ACC) and the extra columns
-    ea, eb [BT] of a and b (the dq and dk passes with normalize; zeros otherwise)."""
-    a = tl.zeros((o_t.shape[0], o_a.shape[0]), ACC)
+              ACC: tl.constexpr, DT: tl.constexpr):
+    """The pass's a [BT, DA] (when WITH_A), b [BT, DA], c [BT, BC] tiles of one chunk (DT) and the extra columns
+    ea, eb [BT] (ACC) of a and b (the dq and dk passes with normalize; zeros otherwise)."""
+    a = tl.zeros((o_t.shape[0], o_a.shape[0]), DT)
     ea = tl.zeros(o_t.shape, ACC)
     eb = tl.zeros(o_t.shape, ACC)
     valid = tl.where(m_t, 1.0, 0.0).to(ACC)
     if MODE == 0:
         if WITH_A:
-            a = _load(q_ptr, o_t, m_t, o_a, m_a, H, K, i_h, FMAP, ACC)
-        b = _load(k_ptr, o_t, m_t, o_a, m_a, H, K, i_h, FMAP, ACC)
-        c = _load(v_ptr, o_t, m_t, o_c, m_c, H, V, i_h, -1, ACC)
+            a = _load(q_ptr, o_t, m_t, o_a, m_a, H, K, i_h, FMAP, ACC, DT)
+        b = _load(k_ptr, o_t, m_t, o_a, m_a, H, K, i_h, FMAP, ACC, DT)
+        c = _load(v_ptr, o_t, m_t, o_c, m_c, H, V, i_h, -1, ACC, DT)
     elif MODE == 1:
-        b = _load(v_ptr, o_t, m_t, o_a, m_a, H, V, i_h, -1, ACC)
-        c = _load(k_ptr, o_t, m_t, o_c, m_c, H, K, i_h, FMAP, ACC)
+        b = _load(v_ptr, o_t, m_t, o_a, m_a, H, V, i_h, -1, ACC, DT)
+        c = _load(k_ptr, o_t, m_t, o_c, m_c, H, K, i_h, FMAP, ACC, DT)
         if WITH_A:
-            a, ea = _grad_num(do_ptr, o_ptr, den_ptr, o_t, m_t, o_a, m_a, H, V, i_h, scale, NORMALIZE, True, ACC)
+            a, ea = _grad_num(do_ptr, o_ptr, den_ptr, o_t, m_t, o_a, m_a, H, V, i_h, scale, NORMALIZE, True, ACC, DT)
         eb = valid
     elif MODE == 2:
         if WITH_A:
-            a = _load(v_ptr, o_t, m_t, o_a, m_a, H, V, i_h, -1, ACC)
-        b, eb = _grad_num(do_ptr, o_ptr, den_ptr, o_t, m_t, o_a, m_a, H, V, i_h, scale, NORMALIZE, True, ACC)
-        c = _load(q_ptr, o_t, m_t, o_c, m_c, H, K, i_h, FMAP, ACC)
+            a = _load(v_ptr, o_t, m_t, o_a, m_a, H, V, i_h, -1, ACC, DT)
+        b, eb = _grad_num(do_ptr, o_ptr, den_ptr, o_t, m_t, o_a, m_a, H, V, i_h, scale, NORMALIZE, True, ACC, DT)
+        c = _load(q_ptr, o_t, m_t, o_c, m_c, H, K, i_h, FMAP, ACC, DT)
         ea = valid
     else:
         if WITH_A:
-            a = _load(k_ptr, o_t, m_t, o_a, m_a, H, K, i_h, FMAP, ACC)
-        b = _load(q_ptr, o_t, m_t, o_a, m_a, H, K, i_h, FMAP, ACC)
-        c, _ = _grad_num(do_ptr, o_ptr, den_ptr, o_t, m_t, o_c, m_c, H, V, i_h, scale, NORMALIZE, False, ACC)
+            a = _load(k_ptr, o_t, m_t, o_a, m_a, H, K, i_h, FMAP, ACC, DT)
+        b = _load(q_ptr, o_t, m_t, o_a, m_a, H, K, i_h, FMAP, ACC, DT)
+        c, _ = _grad_num(do_ptr, o_ptr, den_ptr, o_t, m_t, o_c, m_c, H, V, i_h, scale, NORMALIZE, False, ACC, DT)
     return a, b, c, ea, eb
 
 
@@ -263,36 +272,35 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, den_ptr, out_ptr, r0_ptr, 
         o_t = bos + ci * BT + o_i
         m_t = o_t < eos
         a, b, c, ea, eb = _operands(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, den_ptr, o_t, m_t, o_a, m_a, o_c, m_c, H,
-                                    K, V, i_h, scale, MODE, FMAP, NORMALIZE, True, ACC)
-        b_t = tl.trans(b.to(DT))
-        c_dt = c.to(DT)
-        A = tl.dot(a.to(DT), b_t, input_precision=PREC, out_dtype=ACC)
+                                    K, V, i_h, scale, MODE, FMAP, NORMALIZE, True, ACC, DT)
+        b_t = tl.trans(b)
+        A = tl.dot(a, b_t, input_precision=PREC, out_dtype=ACC)
         if EXTRA_AB:
             A += ea[:, None] * eb[None, :]
         A = tl.where(causal, A, 0.0)
-        acc = tl.dot(A.to(DT), c_dt, input_precision=PREC, out_dtype=ACC)
+        acc = tl.dot(A.to(DT), c, input_precision=PREC, out_dtype=ACC)
         if TF32:  # fp16 inputs: fp16 cannot hold the state's range
-            acc += tl.dot(a, R, input_precision="tf32", out_dtype=ACC)
+            acc += tl.dot(a.to(tl.float32), R, input_precision="tf32", out_dtype=ACC)
         else:
-            acc += tl.dot(a.to(DT), R.to(DT), input_precision=PREC, out_dtype=ACC)
+            acc += tl.dot(a, R.to(DT), input_precision=PREC, out_dtype=ACC)
         if EXTRA_AB:
             acc += ea[:, None] * e[None, :]
-            e += tl.sum(eb[:, None] * c, 0)
+            e += tl.sum(eb[:, None] * c.to(ACC), 0)
         if MODE == 0:
             if NORMALIZE:
-                den = tl.sum(A, 1) + tl.sum(a * e[None, :], 1) + eps
+                den = tl.sum(A, 1) + tl.sum(a.to(ACC) * e[None, :], 1) + eps
                 acc = acc / den[:, None]
                 if STORE_DEN:
                     tl.store(den_ptr + o_t * H + i_h, den, mask=_first_block(m_t, i_c))
-                e += tl.sum(b, 0)
+                e += tl.sum(b.to(ACC), 0)
             acc = acc * scale
         elif MODE == 1:
-            acc = _times_phi_grad(acc, _load(q_ptr, o_t, m_t, o_c, m_c, H, K, i_h, -1, ACC), FMAP)
+            acc = _times_phi_grad(acc, _load(q_ptr, o_t, m_t, o_c, m_c, H, K, i_h, -1, ACC, ACC), FMAP)
         elif MODE == 2:
-            acc = _times_phi_grad(acc, _load(k_ptr, o_t, m_t, o_c, m_c, H, K, i_h, -1, ACC), FMAP)
+            acc = _times_phi_grad(acc, _load(k_ptr, o_t, m_t, o_c, m_c, H, K, i_h, -1, ACC, ACC), FMAP)
         p_out = out_ptr + (o_t[:, None] * H + i_h) * DIM_C + o_c[None, :]
         tl.store(p_out, acc.to(out_ptr.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
-        R += tl.dot(b_t, c_dt, input_precision=PREC, out_dtype=ACC)
+        R += tl.dot(b_t, c, input_precision=PREC, out_dtype=ACC)
 
     if not SPLIT:  # with SPLIT the scan kernel writes the final state
         if STORE_R:
@@ -340,12 +348,12 @@ def _segment_sum_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, den_ptr, seg_ptr, se
         o_t = bos + ci * BT + o_i
         m_t = o_t < eos
         _, b, c, _, eb = _operands(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, den_ptr, o_t, m_t, o_a, m_a, o_c, m_c, H,
-                                   K, V, i_h, scale, MODE, FMAP, NORMALIZE, False, ACC)
-        R += tl.dot(tl.trans(b.to(DT)), c.to(DT), input_precision=PREC, out_dtype=ACC)
+                                   K, V, i_h, scale, MODE, FMAP, NORMALIZE, False, ACC, DT)
+        R += tl.dot(tl.trans(b), c, input_precision=PREC, out_dtype=ACC)
         if EXTRA_AB:
-            e += tl.sum(eb[:, None] * c, 0)
+            e += tl.sum(eb[:, None] * c.to(ACC), 0)
         if KEY_SUM:
-            e += tl.sum(b, 0)
+            e += tl.sum(b.to(ACC), 0)
     gh = g.to(tl.int64) * H + i_h
     tl.store(seg_ptr + (gh * DIM_A + o_a[:, None]) * DIM_C + o_c[None, :], R, mask=m_a[:, None] & m_c[None, :])
     if KEY_SUM:  # the first column block writes the key sum
