@@ -145,6 +145,37 @@ def _first_block(mask, i_c):
 
 
 @triton.jit
+def _dot_key_sum(a, z, DT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, TF32: tl.constexpr):
+    """a [BT, DA] (DT) . z [DA] (ACC) -> [BT] on tensor cores: z split into hi + lo, the columns 0 and 1 of a
+    [DA, 16] operand (bf16 hi + lo keep 16 bits; tf32 hi + lo (the low 13 bits masked off) about 21)."""
+    o_z = tl.arange(0, 16)[None, :]
+    if ACC == tl.float64:
+        z_hi = z
+        z_lo = z * 0.0
+    elif TF32 or DT == tl.float32:
+        z_hi = (z.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        z_lo = z - z_hi
+    else:
+        z_hi = z.to(DT).to(ACC)
+        z_lo = z - z_hi
+    zz = tl.where(o_z == 0, z_hi[:, None], tl.where(o_z == 1, z_lo[:, None], 0.0))
+    if TF32:
+        r = tl.dot(a.to(tl.float32), zz.to(tl.float32), input_precision="tf32", out_dtype=ACC)
+    else:
+        r = tl.dot(a, zz.to(DT), input_precision=PREC, out_dtype=ACC)
+    return tl.sum(r, 1)
+
+
+@triton.jit
+def _column_sum(b, PREC: tl.constexpr, ACC: tl.constexpr):
+    """sum over rows of b [BT, DA] -> [DA] (ACC), as a [16, BT] x [BT, DA] dot with one row of ones."""
+    o_r = tl.arange(0, 16)[:, None]
+    o_t = tl.arange(0, b.shape[0])[None, :]
+    ones = tl.where((o_r == 0) & (o_t >= 0), 1.0, 0.0).to(b.dtype)
+    return tl.sum(tl.dot(ones, b, input_precision=PREC, out_dtype=ACC), 0)
+
+
+@triton.jit
 def _sequence(g, cu_ptr, seg_seq_ptr, seg_off_ptr, T, NSEG, L, VARLEN: tl.constexpr, SPLIT: tl.constexpr,
               BT: tl.constexpr):
     """Segment g -> (sequence n, first token, end token, first chunk, end chunk). Without SPLIT a segment is a
@@ -288,11 +319,13 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, den_ptr, out_ptr, r0_ptr, 
             e += tl.sum(eb[:, None] * c.to(ACC), 0)
         if MODE == 0:
             if NORMALIZE:
-                den = tl.sum(A, 1) + tl.sum(a.to(ACC) * e[None, :], 1) + eps
+                # Q.z and the key sum's update as small dots (elementwise forms keep fp32 copies of the a, b tiles
+                # in registers): z enters as hi + lo columns, so the dot loses none of its fp32 precision.
+                den = tl.sum(A, 1) + _dot_key_sum(a, e, DT, ACC, PREC, TF32) + eps
                 acc = acc / den[:, None]
                 if STORE_DEN:
                     tl.store(den_ptr + o_t * H + i_h, den, mask=_first_block(m_t, i_c))
-                e += tl.sum(b.to(ACC), 0)
+                e += _column_sum(b, PREC, ACC)
             acc = acc * scale
         elif MODE == 1:
             acc = _times_phi_grad(acc, _load(q_ptr, o_t, m_t, o_c, m_c, H, K, i_h, -1, ACC, ACC), FMAP)
@@ -353,7 +386,7 @@ def _segment_sum_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, den_ptr, seg_ptr, se
         if EXTRA_AB:
             e += tl.sum(eb[:, None] * c.to(ACC), 0)
         if KEY_SUM:
-            e += tl.sum(b.to(ACC), 0)
+            e += _column_sum(b, PREC, ACC)
     gh = g.to(tl.int64) * H + i_h
     tl.store(seg_ptr + (gh * DIM_A + o_a[:, None]) * DIM_C + o_c[None, :], R, mask=m_a[:, None] & m_c[None, :])
     if KEY_SUM:  # the first column block writes the key sum
