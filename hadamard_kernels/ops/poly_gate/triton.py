@@ -1,0 +1,332 @@
+"""Triton kernels for poly_gate (MONet's PolyMlp gate, DESIGN.md §5).
+
+Forward: a program owns BM whole rows ([BM, BC] in registers, BC = next power of 2 of C) and reads each row of a
+and b once: with the spatial shift, element (row r, channel c) of LN1's input is read from row r ± 1 or r ± H of a
+(an index remap, no shifted copy); the two LayerNorms' statistics (mean, then the centred variance) are taken in
+float32 (float64 for float64 inputs) and y = n1 + alpha * n1 * n2 is written once.
+
+Backward: one persistent kernel. Each program walks tiles of rows, recomputes the statistics (nothing but a and b is
+saved by the forward), writes da and db once and keeps its share of the five parameter gradients (LN1 and LN2
+weight and bias, alpha per channel) in registers; a [5, programs, C] buffer of those partial sums is reduced by one
+torch.sum. The shift's transpose is a scatter that is a permutation of rows once the two reads of each border pixel
+are added together: for the +W group, row w sends its gradient to row (w - 1) mod W, row 1 sends its own plus row
+0's, and row 0 sends 0 (to row W - 1, which no output read). The tiles of the spatial case are 2 x 2 pixels (4 x 4
+for an axis of length 3) or larger, in an order that puts pixels 0 and 1, and W - 2 and W - 1, of each axis in one
+tile, so those sums stay in registers: no atomics, and every element of da is written exactly once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import shift_groups
+
+# A program keeps whole rows in registers: C beyond this would spill (auto then picks another backend).
+MAX_C = 8192
+_PARAM_GRADS = 5  # ln1_weight, ln1_bias, ln2_weight, ln2_bias, alpha (per channel)
+
+
+def unsupported(a, b, ln1_weight, ln1_bias, ln2_weight, ln2_bias, alpha, eps, spatial_shift):
+    C = a.shape[-1]
+    if C > MAX_C:
+        return f"the triton kernels keep whole rows of C channels in registers and support C <= {MAX_C}, got C={C}"
+    return None
+
+
+@triton.jit
+def _group(c, G1, G2, G3):
+    """Channel group of channel c: 0 (+W), 1 (-W), 2 (+H), 3 (-H)."""
+    return (c >= G1).to(tl.int32) + (c >= G2).to(tl.int32) + (c >= G3).to(tl.int32)
+
+
+@triton.jit
+def _shift_source(r, grp, W, H):
+    """The row of a that row r (flat over (B, W, H)) of the shifted tensor reads, in channel group grp."""
+    w = (r // H) % W
+    h = r % H
+    step = tl.where(grp == 0, tl.where(w > 0, -H, 0),
+                    tl.where(grp == 1, tl.where(w < W - 1, H, 0),
+                             tl.where(grp == 2, tl.where(h > 0, -1, 0), tl.where(h < H - 1, 1, 0))))
+    return r + step
+
+
+@triton.jit
+def _normalise(x, m_c, C, eps):
+    """(xhat, rstd) of the rows of x over its last axis (masked channels m_c hold 0): two-pass statistics."""
+    mean = tl.sum(x, axis=len(x.shape) - 1, keep_dims=True) / C
+    xc = tl.where(m_c, x - mean, 0.0)
+    var = tl.sum(xc * xc, axis=len(x.shape) - 1, keep_dims=True) / C
+    rstd = 1.0 / tl.sqrt(var + eps)
+    return xc * rstd, rstd
+
+
+@triton.jit
+def _input_grad(dn, xhat, rstd, weight, C):
+    """dL/dx of n = xhat * weight + bias: rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))."""
+    dxhat = dn * weight
+    m1 = tl.sum(dxhat, axis=len(dn.shape) - 1, keep_dims=True) / C
+    m2 = tl.sum(dxhat * xhat, axis=len(dn.shape) - 1, keep_dims=True) / C
+    return rstd * (dxhat - m1 - xhat * m2)
+
+
+@triton.jit
+def _poly_gate_fwd_kernel(a_ptr, b_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, alpha_ptr, y_ptr, M, C, W, H, G1, G2, G3,
+                          stride_a, stride_b, stride_y, alpha_stride, eps, SPATIAL: tl.constexpr,
+                          HAS_ALPHA: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+    """y [M, C] = n1 + alpha * n1 * n2 for rows i_m * BM .. + BM; n1 = LN1(shift(a) or a), n2 = LN2(b)."""
+    o_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    o_c = tl.arange(0, BC)
+    m_c = (o_c < C)[None, :]
+    mask = (o_m < M)[:, None] & m_c
+    rows = o_m[:, None]
+    if SPATIAL:
+        src = _shift_source(rows, _group(o_c, G1, G2, G3)[None, :], W, H)
+    else:
+        src = rows
+    x1 = tl.load(a_ptr + src * stride_a + o_c[None, :], mask=mask, other=0.0).to(ACC)
+    x2 = tl.load(b_ptr + rows * stride_b + o_c[None, :], mask=mask, other=0.0).to(ACC)
+    xhat1, _ = _normalise(x1, m_c, C, eps)
+    xhat2, _ = _normalise(x2, m_c, C, eps)
+    n1 = (xhat1 * tl.load(w1_ptr + o_c, mask=o_c < C, other=0.0).to(ACC)[None, :]
+          + tl.load(b1_ptr + o_c, mask=o_c < C, other=0.0).to(ACC)[None, :])
+    n2 = (xhat2 * tl.load(w2_ptr + o_c, mask=o_c < C, other=0.0).to(ACC)[None, :]
+          + tl.load(b2_ptr + o_c, mask=o_c < C, other=0.0).to(ACC)[None, :])
+    if HAS_ALPHA:
+        y = n1 + tl.load(alpha_ptr + o_c * alpha_stride, mask=o_c < C, other=0.0).to(ACC)[None, :] * n1 * n2
+    else:
+        y = n1 + n1 * n2
+    tl.store(y_ptr + rows * stride_y + o_c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _border_first(k, n):
+    """Pixel of tile position k along an axis of length n: 0, 1, n - 2, n - 1, then 2 .. n - 3 (identity for n < 4),
+    so that 2-pixel tiles hold both pairs whose shifted gradients are summed. -1 past the axis."""
+    pixel = tl.where(k < 2, k, tl.where(k < 4, n - 4 + k, k - 2))
+    pixel = tl.where(n >= 4, pixel, k)
+    return tl.where(k < n, pixel, -1)
+
+
+@triton.jit
+def _poly_gate_bwd_kernel(a_ptr, b_ptr, gy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, alpha_ptr, da_ptr, db_ptr, part_ptr,
+                          M, C, W, H, G1, G2, G3, n_tiles, tiles_w, tiles_h, stride_a, stride_b, stride_g, stride_da,
+                          stride_db, alpha_stride, eps, SPATIAL: tl.constexpr, HAS_ALPHA: tl.constexpr,
+                          ACC: tl.constexpr, TW: tl.constexpr, TH: tl.constexpr, BC: tl.constexpr):
+    """da, db [M, C] and the partial sums part[k, program, C] of the parameter gradients
+    (k = dln1_weight, dln1_bias, dln2_weight, dln2_bias, dalpha per channel).
+
+    A tile is [TW, TH] rows x BC channels: TW x TH pixels of one image with SPATIAL (rows (b, w, h)), else TH
+    consecutive rows (TW = 1)."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    o_c = tl.arange(0, BC)
+    m_c1 = o_c < C
+    c3 = o_c[None, None, :]
+    m_c = m_c1[None, None, :]
+    w1 = tl.load(w1_ptr + c3, mask=m_c, other=0.0).to(ACC)
+    b1 = tl.load(b1_ptr + c3, mask=m_c, other=0.0).to(ACC)
+    w2 = tl.load(w2_ptr + c3, mask=m_c, other=0.0).to(ACC)
+    b2 = tl.load(b2_ptr + c3, mask=m_c, other=0.0).to(ACC)
+    if HAS_ALPHA:
+        alpha = tl.load(alpha_ptr + c3 * alpha_stride, mask=m_c, other=0.0).to(ACC)
+    else:
+        alpha = tl.full((1, 1, BC), 1.0, ACC)
+    grp = _group(c3, G1, G2, G3)
+    acc_dw1 = tl.zeros((BC,), ACC)
+    acc_db1 = tl.zeros((BC,), ACC)
+    acc_dw2 = tl.zeros((BC,), ACC)
+    acc_db2 = tl.zeros((BC,), ACC)
+    acc_dalpha = tl.zeros((BC,), ACC)
+    for t in range(pid, n_tiles, programs):
+        if SPATIAL:
+            per_image = tiles_w * tiles_h
+            i_b = t // per_image
+            i_w = (t % per_image) // tiles_h
+            i_h = t % tiles_h
+            px_w = _border_first(i_w * TW + tl.arange(0, TW), W)[:, None, None]
+            px_h = _border_first(i_h * TH + tl.arange(0, TH), H)[None, :, None]
+            valid = (px_w >= 0) & (px_h >= 0)
+            r = ((i_b * W + px_w) * H + px_h).to(tl.int64)  # row index < M; int64 for the offsets
+            src = _shift_source(r, grp, W, H)
+        else:
+            r = (tl.arange(0, TH).to(tl.int64) + t * TH)[None, :, None]
+            valid = r < M
+            src = r
+        mask = valid & m_c
+        x1 = tl.load(a_ptr + src * stride_a + c3, mask=mask, other=0.0).to(ACC)
+        x2 = tl.load(b_ptr + r * stride_b + c3, mask=mask, other=0.0).to(ACC)
+        g = tl.load(gy_ptr + r * stride_g + c3, mask=mask, other=0.0).to(ACC)
+        xhat1, rstd1 = _normalise(x1, m_c, C, eps)
+        xhat2, rstd2 = _normalise(x2, m_c, C, eps)
+        n1 = xhat1 * w1 + b1
+        n2 = xhat2 * w2 + b2
+        # y = n1 + alpha * n1 * n2; padding rows and channels contribute nothing, whatever the parameters hold.
+        dn1 = tl.where(mask, g * (1.0 + alpha * n2), 0.0)
+        dn2 = tl.where(mask, g * alpha * n1, 0.0)
+        acc_dw1 += tl.sum(tl.sum(dn1 * xhat1, axis=0), axis=0)
+        acc_db1 += tl.sum(tl.sum(dn1, axis=0), axis=0)
+        acc_dw2 += tl.sum(tl.sum(dn2 * xhat2, axis=0), axis=0)
+        acc_db2 += tl.sum(tl.sum(dn2, axis=0), axis=0)
+        acc_dalpha += tl.sum(tl.sum(tl.where(mask, g * n1 * n2, 0.0), axis=0), axis=0)
+        dx1 = _input_grad(dn1, xhat1, rstd1, w1, C)
+        dx2 = _input_grad(dn2, xhat2, rstd2, w2, C)
+        tl.store(db_ptr + r * stride_db + c3, dx2.to(db_ptr.dtype.element_ty), mask=mask)
+        if SPATIAL:
+            # The shift's transpose as a row permutation; each border pixel's two reads summed in registers.
+            dx1 = tl.where(mask, dx1, 0.0)
+            first_w = (W > 1).to(tl.int32)  # min(1, W - 1)
+            last_w = W - 1 - first_w  # max(W - 2, 0)
+            first_h = (H > 1).to(tl.int32)
+            last_h = H - 1 - first_h
+            from_w0 = tl.sum(tl.where(px_w == 0, dx1, 0.0), axis=0, keep_dims=True)
+            from_wl = tl.sum(tl.where(px_w == W - 1, dx1, 0.0), axis=0, keep_dims=True)
+            from_h0 = tl.sum(tl.where(px_h == 0, dx1, 0.0), axis=1, keep_dims=True)
+            from_hl = tl.sum(tl.where(px_h == H - 1, dx1, 0.0), axis=1, keep_dims=True)
+            v0 = tl.where(px_w >= 1, dx1, 0.0) + tl.where(px_w == first_w, from_w0, 0.0)
+            v1 = tl.where(px_w <= W - 2, dx1, 0.0) + tl.where(px_w == last_w, from_wl, 0.0)
+            v2 = tl.where(px_h >= 1, dx1, 0.0) + tl.where(px_h == first_h, from_h0, 0.0)
+            v3 = tl.where(px_h <= H - 2, dx1, 0.0) + tl.where(px_h == last_h, from_hl, 0.0)
+            t0 = tl.where(px_w >= 1, r - H, r + (W - 1) * H)  # (w - 1) mod W
+            t1 = tl.where(px_w <= W - 2, r + H, r - (W - 1) * H)  # (w + 1) mod W
+            t2 = tl.where(px_h >= 1, r - 1, r + (H - 1))  # (h - 1) mod H
+            t3 = tl.where(px_h <= H - 2, r + 1, r - (H - 1))  # (h + 1) mod H
+            value = tl.where(grp == 0, v0, tl.where(grp == 1, v1, tl.where(grp == 2, v2, v3)))
+            target = tl.where(grp == 0, t0, tl.where(grp == 1, t1, tl.where(grp == 2, t2, t3)))
+            tl.store(da_ptr + target * stride_da + c3, value.to(da_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(da_ptr + r * stride_da + c3, dx1.to(da_ptr.dtype.element_ty), mask=mask)
+    p_part = part_ptr + pid.to(tl.int64) * C + o_c
+    stride_k = programs.to(tl.int64) * C
+    tl.store(p_part, acc_dw1, mask=m_c1)
+    tl.store(p_part + stride_k, acc_db1, mask=m_c1)
+    tl.store(p_part + 2 * stride_k, acc_dw2, mask=m_c1)
+    tl.store(p_part + 3 * stride_k, acc_db2, mask=m_c1)
+    tl.store(p_part + 4 * stride_k, acc_dalpha, mask=m_c1)
+
+
+# ---------------------------------------------------------------- launchers
+def _rows(t, C):
+    """t [..., C] as an [M, C] view with unit channel stride (a copy only when no such view exists)."""
+    t2 = t.reshape(-1, C)
+    return t2 if t2.stride(-1) == 1 or t2.shape[0] <= 1 else t2.contiguous()
+
+
+def _num_warps(elements: int) -> int:
+    return 4 if elements <= 2048 else 8 if elements <= 8192 else 16
+
+
+def forward_config(C: int) -> dict:
+    """BM rows of BC channels per program: about 4096 elements, at least one row."""
+    BC = triton.next_power_of_2(C)
+    BM = max(1, min(32, 4096 // BC))
+    return dict(BM=BM, BC=BC, num_warps=_num_warps(BM * BC))
+
+
+def axis_tile(n: int) -> int:
+    """Fewest pixels per tile along a spatial axis of length n that keep both border pairs (0, 1) and (n - 2, n - 1)
+    inside one tile each (with the order of _border_first)."""
+    return 1 if n == 1 else 4 if n == 3 else 2
+
+
+def backward_config(C: int, spatial_dims: tuple[int, int] | None) -> dict:
+    """Tile shape [TW, TH] rows x BC channels, about 2048 elements (at least one row): pixel tiles grown from the
+    smallest valid ones for the spatial case (never past the image), else TH consecutive rows (TW = 1)."""
+    BC = triton.next_power_of_2(C)
+    rows = max(1, min(32, 2048 // BC))
+    if spatial_dims is not None:
+        W, H = spatial_dims
+        TW, TH = axis_tile(W), axis_tile(H)
+        while TW * TH < rows and (TW < triton.next_power_of_2(W) or TH < triton.next_power_of_2(H)):
+            if TH < triton.next_power_of_2(H) and (TH <= TW or TW >= triton.next_power_of_2(W)):
+                TH *= 2
+            else:
+                TW *= 2
+    else:
+        TW, TH = 1, rows
+    return dict(TW=TW, TH=TH, BC=BC, num_warps=_num_warps(TW * TH * BC))
+
+
+def _acc(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _alpha_args(alpha, like):
+    """(pointer, stride, HAS_ALPHA): a scalar alpha is read with stride 0."""
+    if alpha is None:
+        return like, 0, False
+    return alpha.reshape(-1).contiguous(), (0 if alpha.numel() == 1 else 1), True
+
+
+def _spatial_dims(a, spatial_shift):
+    return (a.shape[1], a.shape[2]) if spatial_shift else (1, 1)
+
+
+def forward(a, b, ln1_weight, ln1_bias, ln2_weight, ln2_bias, alpha, eps, spatial_shift, **config):
+    """config: an explicit launch (BM, BC, num_warps) for tests; by default forward_config(C)."""
+    C = a.shape[-1]
+    a2, b2 = _rows(a, C), _rows(b, C)
+    M = a2.shape[0]
+    W, H = _spatial_dims(a, spatial_shift)
+    config = config or forward_config(C)
+    y = torch.empty((M, C), device=a.device, dtype=a.dtype)
+    alpha_ptr, alpha_stride, has_alpha = _alpha_args(alpha, a2)
+    params = [t.contiguous() for t in (ln1_weight, ln1_bias, ln2_weight, ln2_bias)]
+    _poly_gate_fwd_kernel[(triton.cdiv(M, config["BM"]),)](
+        a2, b2, *params, alpha_ptr, y, M, C, W, H, *shift_groups(C), a2.stride(0), b2.stride(0), y.stride(0),
+        alpha_stride, eps, SPATIAL=spatial_shift, HAS_ALPHA=has_alpha, ACC=_acc(a.dtype), **config)
+    return y.view(a.shape)
+
+
+def backward_programs(n_tiles: int, device: torch.device) -> int:
+    """Programs of the persistent backward: a few per SM on a GPU (each writes one row of partial sums)."""
+    if device.type == "cuda":
+        return max(1, min(n_tiles, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(n_tiles, 4))
+
+
+def tile_counts(M, C, spatial_dims, config):
+    """(n_tiles, tiles_w, tiles_h) of the backward's tiling."""
+    if spatial_dims is None:
+        return triton.cdiv(M, config["TH"]), 1, 1
+    W, H = spatial_dims
+    tiles_w, tiles_h = triton.cdiv(W, config["TW"]), triton.cdiv(H, config["TH"])
+    return (M // (W * H)) * tiles_w * tiles_h, tiles_w, tiles_h
+
+
+def reduce_param_grads(part, alpha, needs, dtypes):
+    """(dln1_weight, dln1_bias, dln2_weight, dln2_bias, dalpha) from the [5, programs, C] partial sums."""
+    sums = part.sum(1)
+    grads = list(sums[:4])
+    dalpha = None
+    if alpha is not None:
+        dalpha = sums[4].reshape(alpha.shape) if (alpha.numel() > 1) else sums[4].sum().reshape(alpha.shape)
+    grads.append(dalpha)
+    return [None if (g is None or not need) else g.to(dtype) for g, need, dtype in zip(grads, needs, dtypes)]
+
+
+def backward(grad_y, a, b, ln1_weight, ln1_bias, ln2_weight, ln2_bias, alpha, eps, spatial_shift, needs,
+             programs=None, **config):
+    """config: an explicit tiling (TW, TH, BC, num_warps) and `programs` for tests; by default backward_config."""
+    C = a.shape[-1]
+    a2, b2, g2 = _rows(a, C), _rows(b, C), _rows(grad_y, C)
+    M = a2.shape[0]
+    W, H = _spatial_dims(a, spatial_shift)
+    spatial_dims = (W, H) if spatial_shift else None
+    config = config or backward_config(C, spatial_dims)
+    n_tiles, tiles_w, tiles_h = tile_counts(M, C, spatial_dims, config)
+    programs = programs or backward_programs(n_tiles, a.device)
+    da = torch.empty((M, C), device=a.device, dtype=a.dtype)
+    db = torch.empty((M, C), device=a.device, dtype=b.dtype)
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    part = torch.empty((_PARAM_GRADS, programs, C), device=a.device, dtype=acc)
+    alpha_ptr, alpha_stride, has_alpha = _alpha_args(alpha, a2)
+    params = [t.contiguous() for t in (ln1_weight, ln1_bias, ln2_weight, ln2_bias)]
+    _poly_gate_bwd_kernel[(programs,)](
+        a2, b2, g2, *params, alpha_ptr, da, db, part, M, C, W, H, *shift_groups(C), n_tiles, tiles_w, tiles_h,
+        a2.stride(0), b2.stride(0), g2.stride(0), da.stride(0), db.stride(0), alpha_stride, eps,
+        SPATIAL=spatial_shift, HAS_ALPHA=has_alpha, ACC=_acc(a.dtype), **config)
+    dtypes = [t.dtype for t in (ln1_weight, ln1_bias, ln2_weight, ln2_bias)] + [None if alpha is None else alpha.dtype]
+    param_grads = reduce_param_grads(part, alpha, needs[2:], dtypes)
+    return (da.view(a.shape) if needs[0] else None, db.view(b.shape) if needs[1] else None, *param_grads)
