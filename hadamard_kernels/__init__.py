@@ -4,8 +4,9 @@ from . import nn
 from ._backend import BACKENDS, available_backends
 from .ops.linear_attention import causal_linear_attention, causal_linear_attention_step
 from .ops.poly_chain import poly_chain
+from .ops.poly_gate import poly_gate, spatial_shift
 from .ops.poly_ncp import poly_ncp
 
 __version__ = "0.1.0"
 __all__ = ["BACKENDS", "available_backends", "causal_linear_attention", "causal_linear_attention_step", "nn",
-           "poly_chain", "poly_ncp", "__version__"]
+           "poly_chain", "poly_gate", "poly_ncp", "spatial_shift", "__version__"]
