@@ -50,11 +50,26 @@ def _linear_attention_case(gen):
     return inputs, call
 
 
+def _poly_gate_case(gen):
+    from . import poly_gate
+    B, W, H, C = 2, 5, 6, 37  # odd C: the four shifted channel groups are 9, 9, 9, 10 wide
+    inputs = [torch.randn(B, W, H, C, generator=gen), torch.randn(B, W, H, C, generator=gen)]
+    inputs += [1 + 0.2 * torch.randn(C, generator=gen) if i % 2 == 0 else 0.2 * torch.randn(C, generator=gen)
+               for i in range(4)]
+    inputs.append(torch.full((1,), 0.7))  # PolyMlp's alpha: a (1,) parameter
+
+    def call(a, b, w1, b1, w2, b2, alpha, backend):
+        return poly_gate(a, b, w1, b1, w2, b2, alpha, spatial_shift=True, backend=backend)
+
+    return inputs, call
+
+
 # (op name, builder(generator) -> (CPU example inputs, call(*inputs, backend)))
 CASES: list[tuple[str, Callable]] = [
     ("poly_chain", _poly_chain_case),
     ("poly_ncp", _poly_ncp_case),
     ("causal_linear_attention", _linear_attention_case),
+    ("poly_gate", _poly_gate_case),
 ]
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
