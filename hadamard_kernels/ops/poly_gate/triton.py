@@ -303,7 +303,8 @@ def reduce_param_grads(part, alpha, needs, dtypes):
     if alpha is not None:
         dalpha = sums[4].reshape(alpha.shape) if (alpha.numel() > 1) else sums[4].sum().reshape(alpha.shape)
     grads.append(dalpha)
-    return [None if (g is None or not need) else g.to(dtype) for g, need, dtype in zip(grads, needs, dtypes)]
+    # Rows of one tensor: each gradient gets its own storage (outputs of a custom op may not alias).
+    return [None if (g is None or not need) else g.to(dtype, copy=True) for g, need, dtype in zip(grads, needs, dtypes)]
 
 
 def backward(grad_y, a, b, ln1_weight, ln1_bias, ln2_weight, ln2_bias, alpha, eps, spatial_shift, needs,
