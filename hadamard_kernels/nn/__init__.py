@@ -3,5 +3,6 @@ Hadamard-product survey's instructional code."""
 
 from .attention import LinearSelfAttention
 from .poly import CCP, NCP, PolyChain, ProductChain
+from .poly_gate import PolyBlock, PolyMlp, SpatialShift
 
-__all__ = ["CCP", "NCP", "LinearSelfAttention", "PolyChain", "ProductChain"]
+__all__ = ["CCP", "NCP", "LinearSelfAttention", "PolyBlock", "PolyChain", "PolyMlp", "ProductChain", "SpatialShift"]
