@@ -12,6 +12,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmark
 
 @pytest.mark.parametrize("case", cases.poly_chain_cases(), ids=str)
 @pytest.mark.parametrize("mode", cases.MODES)
-@pytest.mark.parametrize("provider", cases.PROVIDERS)
+@pytest.mark.parametrize("provider", cases.Case.providers)
 def test_poly_chain(benchmark, provider, mode, case):
     cases.run_pytest_benchmark(benchmark, case, provider, mode)

@@ -13,13 +13,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmark
 
 @pytest.mark.parametrize("case", cases.poly_ncp_cases(), ids=str)
 @pytest.mark.parametrize("mode", cases.MODES)
-@pytest.mark.parametrize("provider", cases.PROVIDERS)
+@pytest.mark.parametrize("provider", cases.Case.providers)
 def test_poly_ncp(benchmark, provider, mode, case):
     cases.run_pytest_benchmark(benchmark, case, provider, mode)
 
 
 @pytest.mark.parametrize("case", cases.module_cases(), ids=str)
 @pytest.mark.parametrize("mode", cases.MODES)
-@pytest.mark.parametrize("provider", cases.PROVIDERS)
+@pytest.mark.parametrize("provider", cases.Case.providers)
 def test_module(benchmark, provider, mode, case):
     cases.run_pytest_benchmark(benchmark, case, provider, mode)

@@ -2,19 +2,25 @@
 
 - the plain-PyTorch formulas a user would write (the `eager` baseline; `compiled` is torch.compile of the same
   function), the one place they live;
-- `Case`: one model-like shape and dtype, with its model FLOP and minimal-byte counts;
-- `make_workload`: a provider's forward on a case's inputs (same values for every provider);
+- the cases, one class per family with one interface (`id`, `providers`, `describe()`, `flops(mode)`,
+  `min_bytes(mode)`): `Case` (poly_chain, poly_ncp and the CCP / NCP modules: M rows, d inputs, k outputs, degree
+  N) and `LinearAttentionCase` (causal_linear_attention: B, T, H, Dk, Dv);
+- `make_workload`: a provider's forward on a case's inputs (same values for every provider), per family;
 - the accuracy check against the float64 reference, and the timed steps (fwd, bwd, fwd+bwd).
 
-Providers: eager, compiled, triton, cuda (the last two are hadamard_kernels backends).
+Providers: eager, compiled, fla (flash-linear-attention's chunk_linear_attn, linear attention only; skipped when
+it is not installed), triton, cuda (the last two are hadamard_kernels backends).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -22,10 +28,10 @@ from torch import Tensor
 
 import hadamard_kernels as hk
 
-PROVIDERS = ("eager", "compiled", "triton", "cuda")
-BASELINES = ("eager", "compiled")
+PROVIDERS = ("eager", "compiled", "fla", "triton", "cuda")
+BASELINES = ("eager", "compiled", "fla")  # not ours: every row gets a speedup against each of them
 MODES = ("fwd", "bwd", "fwd+bwd")
-OPS = ("poly_chain", "poly_ncp", "CCP", "NCP")
+OPS = ("poly_chain", "poly_ncp", "CCP", "NCP", "linear_attention")
 
 # Relative error against the float64 reference above which a provider's result counts as wrong: the accuracy
 # contract of DESIGN.md, except float32, which is allowed long fp32 reductions (M up to 16k rows in dweight) but
@@ -78,6 +84,97 @@ def survey_forward(model: torch.nn.Module, z: Tensor) -> Tensor:
     return model.fc_out(out)
 
 
+_FEATURE_MAPS = {"identity": lambda x: x, "elu1": lambda x: F.elu(x) + 1, "relu": F.relu}
+CHUNK = 64  # tokens per chunk of the chunked eager form and of the FLOP model
+
+
+def linear_attention_masked(q: Tensor, k: Tensor, v: Tensor, feature_map: str = "identity", normalize: bool = False,
+                            scale: float = 1.0, eps: float = 1e-6) -> Tensor:
+    """causal_linear_attention as the formula is written: ((phi(Q) phi(K)^T) ∘ M) V with M the causal mask, divided by
+    the masked row sums + eps when normalize; the B x H x T x T scores in the input dtype.
+    q, k [B, T, H, Dk], v [B, T, H, Dv] -> [B, T, H, Dv]."""
+    phi = _FEATURE_MAPS[feature_map]
+    scores = torch.einsum("bthk,bshk->bhts", phi(q), phi(k)).tril()
+    o = torch.einsum("bhts,bshv->bthv", scores, v)
+    if normalize:
+        o = o / (scores.sum(-1).transpose(1, 2)[..., None] + eps)
+    return scale * o
+
+
+def linear_attention_chunked(q: Tensor, k: Tensor, v: Tensor, feature_map: str = "identity", normalize: bool = False,
+                             scale: float = 1.0, eps: float = 1e-6, chunk: int = CHUNK) -> Tensor:
+    """The same function by chunks, as a user writes it in PyTorch when the T x T scores do not fit (no Python loop):
+    the masked form inside each chunk, plus phi(Q_c) S_c with S_c = sum of phi(K)^T V over the earlier chunks (an
+    exclusive cumsum of the per-chunk phi(K_c)^T V_c); the normalizer likewise with the key sums. Input dtype."""
+    phi = _FEATURE_MAPS[feature_map]
+    B, T, H, _ = q.shape
+    n = -(-T // chunk)
+    pad = (0, 0, 0, 0, 0, n * chunk - T)  # zero rows after phi: padded keys add nothing, padded queries are cut
+    Q, K, V = (F.pad(t, pad).unflatten(1, (n, chunk)) for t in (phi(q), phi(k), v))  # [B, n, C, H, D]
+    scores = torch.einsum("bnchk,bndhk->bnhcd", Q, K).tril()
+    kv = torch.einsum("bnchk,bnchv->bnhkv", K, V)
+    S = torch.cat([torch.zeros_like(kv[:, :1]), kv[:, :-1].cumsum(1)], 1)  # the state before each chunk
+    o = torch.einsum("bnhcd,bndhv->bnchv", scores, V) + torch.einsum("bnchk,bnhkv->bnchv", Q, S)
+    if normalize:
+        k_sum = K.sum(2)  # [B, n, H, Dk]
+        z = torch.cat([torch.zeros_like(k_sum[:, :1]), k_sum[:, :-1].cumsum(1)], 1)
+        den = scores.sum(-1).transpose(2, 3) + torch.einsum("bnchk,bnhk->bnch", Q, z)
+        o = o / (den[..., None] + eps)
+    return scale * o.flatten(1, 2)[:, :T]
+
+
+class ProviderUnavailable(Exception):
+    """A provider that cannot run a case here (e.g. flash-linear-attention not installed): the row is skipped with
+    this message, not an error."""
+
+
+def import_fla_chunk_linear_attn() -> Callable:
+    """flash-linear-attention's chunk_linear_attn (package fla-core, or flash-linear-attention before the split)."""
+    try:
+        from fla.ops.linear_attn import chunk_linear_attn
+    except Exception as exc:  # ImportError, or an install that fails at import (e.g. a missing dependency)
+        raise ProviderUnavailable(
+            f"flash-linear-attention is not installed ({type(exc).__name__}: {exc}); carry its wheels in .whl/ "
+            "(benchmarks/README.md)") from exc
+    return chunk_linear_attn
+
+
+def fla_version() -> str | None:
+    import importlib.metadata
+
+    for dist in ("fla-core", "flash-linear-attention"):
+        try:
+            return f"{dist} {importlib.metadata.version(dist)}"
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return None
+
+
+def fla_forward(feature_map: str, normalize: bool, scale: float) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """What an fla user runs: the feature map in PyTorch (fla's layers do the same), then chunk_linear_attn on
+    [B, T, H, D] (head_first=False where that flag exists). fla's normalize divides scale * phi(Q) S by
+    scale * phi(q_t) . z_t + 1e-10, so the scale cancels: the same function as ours only at scale 1 (its 1e-10
+    against our eps is below bf16 rounding for positive feature maps)."""
+    chunk_linear_attn = import_fla_chunk_linear_attn()
+    params = inspect.signature(chunk_linear_attn).parameters
+    options = dict(scale=scale)
+    if "normalize" in params:
+        options["normalize"] = normalize  # its default is True
+    elif normalize:
+        raise ProviderUnavailable(f"{fla_version()}: chunk_linear_attn has no normalize option")
+    if normalize and scale != 1.0:
+        raise ProviderUnavailable(f"fla's normalize cancels scale; this case has scale {scale:g} (only scale 1 "
+                                  "computes the same function)")
+    if "head_first" in params:
+        options["head_first"] = False  # [B, T, H, D]; older versions defaulted to [B, H, T, D]
+    phi = _FEATURE_MAPS[feature_map]
+
+    def forward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return chunk_linear_attn(phi(q), phi(k), v, **options)[0]
+
+    return forward
+
+
 # ---------------------------------------------------------------- cases
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -98,6 +195,11 @@ class Case:
     channels: int = 1  # modules: images of `channels` x sqrt(d / channels)^2
     n_classes: int = 10
 
+    providers: ClassVar[tuple[str, ...]] = ("eager", "compiled", "triton", "cuda")
+    COUNTING: ClassVar[str] = ("poly_chain / poly_ncp / CCP / NCP: model FLOPs are the matmuls, forward 2·M·N·k·d "
+                               "(+ 2·M·(N−1)·k² for NCP, + the classifier for the modules), backward 2× forward; "
+                               "bytes are x, the weights and y once (backward: x, weights, dy, dx, dweight)")
+
     @property
     def id(self) -> str:
         return f"{self.op}-{self.label}-{DTYPE_NAMES[self.dtype]}"
@@ -105,14 +207,27 @@ class Case:
     def __str__(self) -> str:
         return self.id
 
+    @property
+    def shape(self) -> str:
+        return f"M={self.M} d={self.d} k={self.k} N={self.N}"
+
+    @property
+    def options(self) -> str:
+        chain = self.op == "poly_chain"  # mode, activation and scale are poly_chain's options only
+        options = [self.mode, self.activation] if chain else []
+        options.append("bias" if self.bias else "no bias")
+        if chain and self.scale != 1.0:
+            options.append(f"scale {self.scale:.4g}")
+        return ", ".join(options)
+
     def describe(self) -> dict:
         """JSON-ready description: shape, options, and the FLOP and byte counts the rates are computed from."""
-        chain = self.op == "poly_chain"  # mode, activation and scale are poly_chain's options only
-        return dict(id=self.id, op=self.op, label=self.label, M=self.M, d=self.d, k=self.k, N=self.N,
+        chain = self.op == "poly_chain"
+        return dict(id=self.id, op=self.op, label=self.label, shape=self.shape, options=self.options,
+                    M=self.M, d=self.d, k=self.k, N=self.N,
                     dtype=DTYPE_NAMES[self.dtype], bias=self.bias, mode=self.mode if chain else None,
                     activation=self.activation if chain else None, scale=self.scale if chain else None,
-                    flops_fwd=self.flops("fwd"), flops_fwd_bwd=self.flops("fwd+bwd"),
-                    bytes_fwd=self.min_bytes("fwd"), bytes_fwd_bwd=self.min_bytes("fwd+bwd"))
+                    counting=self.COUNTING, **_counts(self))
 
     @property
     def image_size(self) -> int:
@@ -142,11 +257,111 @@ class Case:
     def min_bytes(self, mode: str) -> int:
         """Compulsory traffic: forward reads x and the weights and writes y; backward reads x, the weights and dy
         and writes dx and dweight."""
-        size = torch.finfo(self.dtype).bits // 8
+        size = _itemsize(self.dtype)
         out = self.n_classes if self.op in ("CCP", "NCP") else self.k
         x, w, y = self.M * self.d, self._weight_numel(), self.M * out
         fwd, bwd = x + w + y, 2 * x + 2 * w + y
         return size * {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+# A T x T tensor of scores up to this size runs the masked form in the eager baseline; above it the chunked form.
+# Its forward + backward holds about four of them (scores, the masked scores saved for the backward, their gradient
+# and its masked copy), so 4 GiB keeps it well inside an 80 GB GPU next to the float64 reference.
+MASKED_FORM_MAX_BYTES = 4 * 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearAttentionCase:
+    """One causal_linear_attention benchmark: q, k [B, T, H, Dk], v [B, T, H, Dv], dtype and options. `eager` picks
+    the eager baseline's form: "masked", "chunked" or "auto" (masked when its T x T scores fit
+    MASKED_FORM_MAX_BYTES)."""
+
+    label: str
+    B: int
+    T: int
+    H: int
+    Dk: int
+    Dv: int
+    dtype: torch.dtype = torch.bfloat16
+    feature_map: str = "identity"
+    normalize: bool = False
+    scale: float = 1.0
+    eps: float = 1e-6
+    eager: str = "auto"
+
+    op: ClassVar[str] = "linear_attention"
+    providers: ClassVar[tuple[str, ...]] = PROVIDERS
+    COUNTING: ClassVar[str] = (
+        f"linear_attention: model FLOPs are the matmuls of the chunked algorithm ({CHUNK}-token chunks C, full C×C "
+        "score blocks, nothing recomputed), per token and head forward 2·C·(Dk+Dv') (intra-chunk scores and their "
+        "product with V) + 4·Dk·Dv' (phi(Q)·S and the state update phi(K)ᵀV), Dv' = Dv + 1 with normalize "
+        "(the key-sum column); backward 2× forward (dQ, dK, dV, dS). Bytes: q, k, v, o forward; q, k, v, o, do, dq, "
+        "dk, dv forward+backward (each once: the byte floor)")
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}-{self.label}-{DTYPE_NAMES[self.dtype]}"
+
+    def __str__(self) -> str:
+        return self.id
+
+    @property
+    def shape(self) -> str:
+        return f"B={self.B} T={self.T} H={self.H} Dk={self.Dk} Dv={self.Dv}"
+
+    @property
+    def scores_bytes(self) -> int:
+        return self.B * self.H * self.T * self.T * _itemsize(self.dtype)
+
+    @property
+    def eager_form(self) -> str:
+        if self.eager != "auto":
+            return self.eager
+        return "masked" if self.scores_bytes <= MASKED_FORM_MAX_BYTES else "chunked"
+
+    @property
+    def eager_description(self) -> str:
+        gb = f"{self.scores_bytes / 1e9:.3g} GB"
+        if self.eager_form == "masked":
+            return f"masked form ((phi(Q) phi(K)^T) ∘ M) V, T x T scores {gb}"
+        return f"chunked form ({CHUNK}-token chunks, cumsum of chunk states; the T x T scores would take {gb})"
+
+    @property
+    def options(self) -> str:
+        options = [self.feature_map, f"normalize (eps {self.eps:g})" if self.normalize else "no normalize"]
+        if self.scale != 1.0:
+            options.append(f"scale {self.scale:.4g}")
+        return ", ".join(options)
+
+    def describe(self) -> dict:
+        return dict(id=self.id, op=self.op, label=self.label, shape=self.shape, options=self.options, B=self.B,
+                    T=self.T, H=self.H, Dk=self.Dk, Dv=self.Dv, dtype=DTYPE_NAMES[self.dtype],
+                    feature_map=self.feature_map, normalize=self.normalize, scale=self.scale, eps=self.eps,
+                    eager=self.eager_description, counting=self.COUNTING, **_counts(self))
+
+    def flops(self, mode: str) -> int:
+        value_dim = self.Dv + self.normalize
+        fwd = self.B * self.T * self.H * (2 * CHUNK * (self.Dk + value_dim) + 4 * self.Dk * value_dim)
+        return {"fwd": fwd, "bwd": 2 * fwd, "fwd+bwd": 3 * fwd}[mode]
+
+    def min_bytes(self, mode: str) -> int:
+        """fwd: read q, k, v, write o; bwd: read q, k, v, do, write dq, dk, dv; fwd+bwd: q, k, v, o, do, dq, dk, dv
+        once each (a fused forward + backward need not read q, k, v twice)."""
+        qk, v = self.B * self.T * self.H * self.Dk, self.B * self.T * self.H * self.Dv
+        n = {"fwd": 2 * qk + 2 * v, "bwd": 4 * qk + 3 * v, "fwd+bwd": 4 * qk + 4 * v}[mode]
+        return _itemsize(self.dtype) * n
+
+
+AnyCase = Case | LinearAttentionCase
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def _counts(case: AnyCase) -> dict:
+    return dict(flops_fwd=case.flops("fwd"), flops_fwd_bwd=case.flops("fwd+bwd"), bytes_fwd=case.min_bytes("fwd"),
+                bytes_fwd_bwd=case.min_bytes("fwd+bwd"))
 
 
 def poly_chain_cases(quick: bool = False) -> list[Case]:
@@ -192,10 +407,23 @@ def module_cases(quick: bool = False) -> list[Case]:
     ]
 
 
-def all_cases(quick: bool = False) -> list[Case]:
+def linear_attention_cases(quick: bool = False) -> list[LinearAttentionCase]:
+    """The published flash-linear-attention shapes B·T·H·D (Dk = Dv = D), bf16: identity feature map with scale
+    D^-1/2, then each with the elu(x) + 1 feature map and normalize=True at scale 1 (the linear transformer's
+    normalized form; with an identity map the normalizer can cross zero). The quick set is the smallest shape."""
+    shapes = [(8, 1024, 8, 64), (1, 8192, 96, 128), (8, 2048, 32, 256)]
+    plain = [LinearAttentionCase(f"{B}x{T}x{H}x{D}", B=B, T=T, H=H, Dk=D, Dv=D, scale=D ** -0.5)
+             for B, T, H, D in shapes]
+    if quick:
+        return plain[:1]
+    return plain + [LinearAttentionCase(f"{B}x{T}x{H}x{D}-elu1-norm", B=B, T=T, H=H, Dk=D, Dv=D, feature_map="elu1",
+                                        normalize=True) for B, T, H, D in shapes]
+
+
+def all_cases(quick: bool = False) -> list[AnyCase]:
     """Every case: the quick ones first, then the rest, each part taking the families in turn, so a run cut short by
     a time budget has covered every family."""
-    families = [poly_chain_cases, poly_ncp_cases, module_cases]
+    families = [poly_chain_cases, linear_attention_cases, poly_ncp_cases, module_cases]
     first = _interleave([f(quick=True) for f in families])
     if quick:
         return first
@@ -223,12 +451,37 @@ def _randn(g: torch.Generator, shape, std: float, device, dtype) -> Tensor:
     return (torch.randn(shape, generator=g, device=device) * std).to(dtype)
 
 
-def make_workload(case: Case, provider: str, device="cuda", dtype: torch.dtype | None = None) -> Workload:
-    """`provider` in PROVIDERS, or "reference" (with dtype=torch.float64 for the oracle). `dtype` overrides the
-    compute dtype; the values are always those of the case dtype."""
-    if provider not in (*PROVIDERS, "reference"):
-        raise ValueError(f"provider must be one of {PROVIDERS} or 'reference', got {provider!r}")
+def make_workload(case: AnyCase, provider: str, device="cuda", dtype: torch.dtype | None = None) -> Workload:
+    """`provider` in case.providers, or "reference" (with dtype=torch.float64 for the oracle). `dtype` overrides the
+    compute dtype; the values are always those of the case dtype. Raises ProviderUnavailable for a provider that
+    cannot run here (fla not installed, or an option it lacks)."""
+    if provider not in (*case.providers, "reference"):
+        raise ValueError(f"provider must be one of {case.providers} or 'reference' for {case}, got {provider!r}")
     dtype = dtype or case.dtype
+    if isinstance(case, LinearAttentionCase):
+        return _linear_attention_workload(case, provider, device, dtype)
+    return _poly_workload(case, provider, device, dtype)
+
+
+def _linear_attention_workload(case: LinearAttentionCase, provider: str, device, dtype: torch.dtype) -> Workload:
+    g = torch.Generator(device=device).manual_seed(0)
+    qk_shape, v_shape = (case.B, case.T, case.H, case.Dk), (case.B, case.T, case.H, case.Dv)
+    inputs = [_randn(g, shape, 1.0, device, case.dtype).to(dtype).requires_grad_()
+              for shape in (qk_shape, qk_shape, v_shape)]
+    grad_out = _randn(g, v_shape, 1.0, device, case.dtype).to(dtype)
+    if provider == "fla":
+        fn = fla_forward(case.feature_map, case.normalize, case.scale)
+    else:
+        options = dict(feature_map=case.feature_map, normalize=case.normalize, scale=case.scale, eps=case.eps)
+        if provider in BASELINES:
+            eager = linear_attention_masked if case.eager_form == "masked" else linear_attention_chunked
+            fn = _baseline(functools.partial(eager, **options), provider)
+        else:
+            fn = functools.partial(hk.causal_linear_attention, **options, backend=provider)
+    return Workload(functools.partial(fn, *inputs), inputs, grad_out)
+
+
+def _poly_workload(case: Case, provider: str, device, dtype: torch.dtype) -> Workload:
     g = torch.Generator(device=device).manual_seed(0)
     cast = lambda t: None if t is None else t.to(dtype).requires_grad_()  # noqa: E731
     if case.op in ("CCP", "NCP"):
@@ -298,12 +551,12 @@ def forward_backward(work: Workload) -> tuple[Tensor, list[Tensor]]:
 
 
 @functools.lru_cache(maxsize=1)
-def reference_result(case: Case, device="cuda") -> tuple[Tensor, list[Tensor]]:
+def reference_result(case: AnyCase, device="cuda") -> tuple[Tensor, list[Tensor]]:
     """The float64 oracle (the reference backend on float64 copies of the inputs)."""
     return forward_backward(make_workload(case, "reference", device, dtype=torch.float64))
 
 
-def check_accuracy(case: Case, work: Workload, device="cuda") -> dict:
+def check_accuracy(case: AnyCase, work: Workload, device="cuda") -> dict:
     """Relative errors of the output (fwd) and of the worst leaf gradient (bwd) against the float64 reference,
     and whether they are within WRONG_ABOVE. Runs one forward + backward (which also warms the provider up)."""
     ref_y, ref_grads = reference_result(case, device)
@@ -343,6 +596,17 @@ def make_step(work: Workload, mode: str) -> Callable[[], None]:
     return step
 
 
+def compiled_for_mode(mode: str):
+    """The context a `mode` workload is made and timed in. torch.compile donates the buffers a compiled backward
+    saved, and such a backward refuses retain_graph=True, which the bwd step needs (it replays one graph's backward):
+    for bwd, compile without donation."""
+    from torch._functorch import config as functorch_config
+
+    if mode == "bwd" and hasattr(functorch_config, "donated_buffer"):
+        return functorch_config.patch(donated_buffer=False)
+    return contextlib.nullcontext()
+
+
 def peak_mib(step: Callable[[], None]) -> float:
     """Device memory one call of `step` allocates beyond what was allocated before it (MiB)."""
     torch.cuda.synchronize()
@@ -353,13 +617,13 @@ def peak_mib(step: Callable[[], None]) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def rates(case: Case, mode: str, ms: float) -> dict:
+def rates(case: AnyCase, mode: str, ms: float) -> dict:
     """TFLOP/s (model FLOPs) and GB/s (compulsory bytes) of `case` in `mode` run in `ms` milliseconds."""
     return dict(tflops=case.flops(mode) / ms / 1e9, gbps=case.min_bytes(mode) / ms / 1e6)
 
 
 # ---------------------------------------------------------------- pytest-benchmark
-def run_pytest_benchmark(benchmark, case: Case, provider: str, mode: str, rounds: int = 20,
+def run_pytest_benchmark(benchmark, case: AnyCase, provider: str, mode: str, rounds: int = 20,
                          warmup_rounds: int = 3) -> None:
     """One pytest-benchmark measurement: check accuracy once, warm up (autotune, compile), then time `mode` with
     a synchronization inside the timed callable; GB/s, TFLOP/s, errors and peak memory go to extra_info."""
@@ -367,20 +631,24 @@ def run_pytest_benchmark(benchmark, case: Case, provider: str, mode: str, rounds
 
     if provider not in BASELINES and (why := hk.available_backends("cuda", case.dtype)[provider]) is not None:
         pytest.skip(f"backend {provider} is not available: {why}")
-    work = make_workload(case, provider)
-    accuracy = check_accuracy(case, work)
-    benchmark.extra_info.update(case=case.describe(), provider=provider, mode=mode, **accuracy)
-    if not accuracy["accurate"]:
-        pytest.fail(f"{provider} on {case}: relative error fwd {accuracy['rel_err_fwd']:.2e}, "
-                    f"bwd {accuracy['rel_err_bwd']:.2e} > {accuracy['tolerance']:.0e}; not timed")
-    step = make_step(work, mode)
-    step()
-    benchmark.extra_info["peak_mib"] = peak_mib(step)
-
-    def timed():
+    with compiled_for_mode(mode):
+        try:
+            work = make_workload(case, provider)
+        except ProviderUnavailable as exc:
+            pytest.skip(str(exc))
+        accuracy = check_accuracy(case, work)
+        benchmark.extra_info.update(case=case.describe(), provider=provider, mode=mode, **accuracy)
+        if not accuracy["accurate"]:
+            pytest.fail(f"{provider} on {case}: relative error fwd {accuracy['rel_err_fwd']:.2e}, "
+                        f"bwd {accuracy['rel_err_bwd']:.2e} > {accuracy['tolerance']:.0e}; not timed")
+        step = make_step(work, mode)
         step()
-        torch.cuda.synchronize()
+        benchmark.extra_info["peak_mib"] = peak_mib(step)
 
-    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+        def timed():
+            step()
+            torch.cuda.synchronize()
+
+        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
     if benchmark.stats is not None:  # None under --benchmark-disable
         benchmark.extra_info.update(rates(case, mode, benchmark.stats.stats.median * 1e3))

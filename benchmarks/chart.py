@@ -2,7 +2,7 @@
 
 Written as SVG with the standard library only (no plotting dependency; GitHub and browsers render it, and it diffs
 as text). Reads the rows that run.derive() filled in; a provider without a speedup (an error, a wrong result, a
-missing timing) is drawn as a labelled gap, never as a bar.
+skipped provider, a missing timing) is drawn as a labelled gap, never as a bar.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import math
 from xml.sax.saxutils import escape
 
 # Providers drawn, in this order, with their colours; eager is the 1x line every bar is measured against.
-BARS = {"compiled": "#8c8c8c", "triton": "#1f77b4", "cuda": "#d62728"}
+BARS = {"compiled": "#8c8c8c", "fla": "#2ca02c", "triton": "#1f77b4", "cuda": "#d62728"}
 PANELS = {"fwd": "forward", "fwd_bwd": "forward + backward"}
+NO_BAR = {"error": "error", "wrong": "wrong result", "skipped": "skipped"}  # row status -> the label drawn instead
 
-LABEL_W, PANEL_W, GAP_W = 260, 300, 30  # px: case labels, each panel's plot area, space between panels
+LABEL_W, PANEL_W, GAP_W = 300, 300, 30  # px: case labels, each panel's plot area, space between panels
 BAR_H, CASE_GAP, TOP, BOTTOM = 12, 10, 64, 30
 
 
@@ -30,7 +31,7 @@ def bar_rows(entry: dict) -> list[tuple[str, dict[str, float | str]]]:
             if speedup is not None:
                 values[key] = speedup
             else:
-                values[key] = {"error": "error", "wrong": "wrong result"}.get(row["status"], "not measured")
+                values[key] = NO_BAR.get(row["status"], "not measured")
         out.append((row["provider"], values))
     return out
 

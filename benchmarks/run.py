@@ -2,11 +2,13 @@
 """Side-by-side GPU benchmark of every provider on every case (benchmarks/cases.py), in one process.
 
 First the device ceilings (8192^3 bf16 and fp32 matmul TFLOP/s, a 1 GiB device copy in GB/s counting bytes read +
-written). Then per case and provider: the relative error of the output and of every gradient against the float64
-reference, checked before anything is timed; forward and forward+backward time (triton.testing.do_bench,
-median); peak memory; TFLOP/s, GB/s and % of the roofline those ceilings allow; speedup vs eager and vs
-torch.compile. A provider that raises is recorded as an error row, one above the tolerance as "wrong" (timed, but
-given no speedup). Writes benchmarks/results/<device>-<date>.json, .md and .svg (the speedups as a chart).
+written). Then per case and provider (each family's own: fla only for linear attention): the relative error of the
+output and of every gradient against the float64 reference, checked before anything is timed; forward and
+forward+backward time (triton.testing.do_bench, median); peak memory; TFLOP/s, GB/s, % of the roofline those
+ceilings allow and the time over the byte floor; speedup vs eager, vs torch.compile (and vs flash-linear-attention).
+A provider that raises is recorded as an error row, one that cannot run here (fla not installed) as skipped with
+the reason, one above the tolerance as "wrong" (timed, but given no speedup). Writes
+benchmarks/results/<device>-<date>.json, .md and .svg (the speedups as a chart).
 Needs a CUDA GPU (exit status 2 without one).
 """
 
@@ -71,8 +73,10 @@ def _subset(flag, value, allowed, parser):
     return chosen
 
 
-def select_cases(args) -> list[cases.Case]:
-    return [c for c in cases.all_cases(quick=args.quick) if c.op in args.ops]
+def select_cases(args) -> list[cases.AnyCase]:
+    """The cases of the chosen ops that at least one chosen provider applies to."""
+    return [c for c in cases.all_cases(quick=args.quick)
+            if c.op in args.ops and any(p in c.providers for p in args.providers)]
 
 
 # ---------------------------------------------------------------- measuring (GPU)
@@ -101,7 +105,7 @@ def _copy_gbps(timer: Timer, nbytes: int = 2**30) -> float:
     return 2 * nbytes / timer(lambda: dst.copy_(src)) / 1e6
 
 
-def run_case(case: cases.Case, providers, timer: Timer, memory: Callable[[Callable[[], None]], float],
+def run_case(case: cases.AnyCase, providers, timer: Timer, memory: Callable[[Callable[[], None]], float],
              device="cuda") -> dict:
     """Rows for every provider on `case`: accuracy first, then the timed modes. Never raises for a provider."""
     rows = []
@@ -117,6 +121,8 @@ def run_case(case: cases.Case, providers, timer: Timer, memory: Callable[[Callab
                 step()  # warm-up outside the timer: the first no-grad forward compiles its own graph
                 row[f"peak_mib_{key}"] = memory(step)
                 row[f"ms_{key}"] = timer(step)
+        except cases.ProviderUnavailable as exc:
+            row.update(status="skipped", error=str(exc))
         except Exception as exc:  # recorded, so one failing provider does not end the run
             row.update(status="error", error=f"{type(exc).__name__}: {exc}".strip(),
                        traceback=traceback.format_exc(limit=-8))
@@ -131,15 +137,16 @@ def run_case(case: cases.Case, providers, timer: Timer, memory: Callable[[Callab
 
 
 def _row_line(row) -> str:
-    if row["status"] == "error":
-        return "error: " + row["error"].splitlines()[0][:160]
+    if row["status"] in ("error", "skipped"):
+        return f"{row['status']}: " + row["error"].splitlines()[0][:160]
     return (f"{row['status']:<6} err {row['rel_err_fwd']:.1e}/{row['rel_err_bwd']:.1e}  "
             f"fwd {row['ms_fwd']:.3f} ms  fwd+bwd {row['ms_fwd_bwd']:.3f} ms")
 
 
 # ---------------------------------------------------------------- derived numbers (pure, tested on CPU)
 def derive(report: dict) -> dict:
-    """Adds to every timed row: tflops_*, gbps_*, roofline_pct_* (time the ceilings allow / measured time) and
+    """Adds to every timed row: tflops_*, gbps_*, roofline_pct_* (time the ceilings allow / measured time),
+    byte_floor_x_* (measured time / the time the compulsory bytes take at the copy bandwidth) and
     speedup_vs_<baseline>_* (baseline ms / row ms; only for rows whose result is correct)."""
     ceil = report["ceilings"]
     for entry in report["cases"]:
@@ -154,8 +161,9 @@ def derive(report: dict) -> dict:
                 flops, nbytes = case[f"flops_{key}"], case[f"bytes_{key}"]
                 row[f"tflops_{key}"] = flops / ms / 1e9
                 row[f"gbps_{key}"] = nbytes / ms / 1e6
-                roofline_ms = max(flops / peak_tflops / 1e9, nbytes / ceil["copy_gbps"] / 1e6)
-                row[f"roofline_pct_{key}"] = 100 * roofline_ms / ms
+                byte_floor_ms = nbytes / ceil["copy_gbps"] / 1e6
+                row[f"roofline_pct_{key}"] = 100 * max(flops / peak_tflops / 1e9, byte_floor_ms) / ms
+                row[f"byte_floor_x_{key}"] = ms / byte_floor_ms
                 for baseline in cases.BASELINES:
                     base_ms = by_provider.get(baseline, {}).get(f"ms_{key}")
                     if base_ms is not None and row["status"] == "ok":
@@ -183,6 +191,10 @@ def _fmt(value, spec, missing="—"):
     return missing if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+def _times(value, spec=".2f") -> str:
+    return _fmt(value, spec) + ("" if value is None else "×")
+
+
 def _speedups(row, baseline) -> str:
     if row["status"] == "wrong":
         return "wrong result"
@@ -202,6 +214,8 @@ def render_markdown(report: dict) -> str:
     out.append(f"- commit `{meta['commit']}`; torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
                f"Python {meta['python']}")
     out.append(f"- timing: {meta['timing']}")
+    if "fla" in meta:
+        out.append(f"- flash-linear-attention (provider fla): {meta['fla'] or 'not installed (fla rows skipped)'}")
     out.append(f"- ceilings: bf16 matmul {ceil['matmul_tflops_bf16']:.1f} TFLOP/s, fp32 matmul (TF32 off) "
                f"{ceil['matmul_tflops_fp32']:.1f} TFLOP/s, device copy {ceil['copy_gbps']:.0f} GB/s (read + write)")
     if (build_rc := meta.get("build_rc")) is not None:
@@ -211,11 +225,12 @@ def render_markdown(report: dict) -> str:
         out.append(f"- GPU tests (`pytest -m cuda tests`): {tests['summary']}{rc}")
     if meta.get("note"):
         out.append(f"- {meta['note']}")
-    out += ["", "TFLOP/s counts model FLOPs (forward 2·M·N·k·d, plus 2·M·(N−1)·k² for NCP; forward+backward 3× "
-            "that); GB/s counts compulsory bytes (inputs, weights and outputs once). % roofline = the time the "
-            "ceilings allow for those FLOPs and bytes / the measured time. Speedups are baseline ms / provider ms, "
-            "forward / forward+backward; a provider whose error exceeds the tolerance is marked wrong and gets none.",
-            ""]
+    out += ["", "TFLOP/s counts model FLOPs, GB/s compulsory bytes:", ""]
+    out += [f"- {counting}" for counting in dict.fromkeys(entry["case"]["counting"] for entry in report["cases"])]
+    out += ["", "% roofline = the time the ceilings allow for those FLOPs and bytes / the measured time; × byte "
+            "floor = the measured time / the time the bytes take at the copy bandwidth. Speedups are baseline ms / "
+            "provider ms, forward / forward+backward; a provider whose error exceeds the tolerance is marked wrong "
+            "and gets none.", ""]
     out += _summary_table(report) + [""]
     for entry in report["cases"]:
         out += _case_table(entry) + [""]
@@ -227,50 +242,57 @@ def render_markdown(report: dict) -> str:
     return "\n".join(out)
 
 
+def _baselines(entries) -> list[str]:
+    """The baselines that have a row in any of `entries` (eager and compiled always)."""
+    present = {row["provider"] for entry in entries for row in entry["rows"]}
+    return [b for b in cases.BASELINES if b in ("eager", "compiled") or b in present]
+
+
 def _summary_table(report) -> list[str]:
+    baselines = _baselines(report["cases"])
+    columns = ["case", "backend", "ms fwd+bwd", "TFLOP/s", "% roofline", "× byte floor", "peak MiB",
+               *(f"vs {b}" for b in baselines)]
     lines = ["## Summary: fastest correct hadamard_kernels backend per case (forward+backward)", "",
-             "| case | backend | ms fwd+bwd | TFLOP/s | % roofline | vs eager | vs compiled |",
-             "|---|---|---|---|---|---|---|"]
+             "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for entry in report["cases"]:
         ours = [r for r in entry["rows"] if r["provider"] not in cases.BASELINES and r["status"] == "ok"
                 and r.get("ms_fwd_bwd") is not None]
         if not ours:
             statuses = ", ".join(f"{r['provider']} {r['status']}" for r in entry["rows"]
                                  if r["provider"] not in cases.BASELINES)
-            lines.append(f"| {entry['case']['id']} | none correct ({_cell(statuses)}) | — | — | — | — | — |")
+            lines.append(f"| {entry['case']['id']} | none correct ({_cell(statuses)}) |" + " — |" * (len(columns) - 2))
             continue
         best = min(ours, key=lambda r: r["ms_fwd_bwd"])
-        lines.append(f"| {entry['case']['id']} | {best['provider']} | {best['ms_fwd_bwd']:.3f} | "
-                     f"{_fmt(best.get('tflops_fwd_bwd'), '.3g')} | {_fmt(best.get('roofline_pct_fwd_bwd'), '.3g')}% | "
-                     f"{_fmt(best.get('speedup_vs_eager_fwd_bwd'), '.2f')}× | "
-                     f"{_fmt(best.get('speedup_vs_compiled_fwd_bwd'), '.2f')}× |")
+        cells = [entry["case"]["id"], best["provider"], f"{best['ms_fwd_bwd']:.3f}",
+                 _fmt(best.get("tflops_fwd_bwd"), ".3g"), _fmt(best.get("roofline_pct_fwd_bwd"), ".3g") + "%",
+                 _times(best.get("byte_floor_x_fwd_bwd"), ".3g"), _fmt(best.get("peak_mib_fwd_bwd"), ".1f"),
+                 *(_times(best.get(f"speedup_vs_{b}_fwd_bwd")) for b in baselines)]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def _case_table(entry) -> list[str]:
     c = entry["case"]
-    options = [c["mode"], c["activation"]] if c["op"] == "poly_chain" else []
-    options.append("bias" if c["bias"] else "no bias")
-    if c["scale"] not in (None, 1.0):
-        options.append(f"scale {c['scale']:.4g}")
-    options = ", ".join(options)
-    lines = [f"## {c['id']}: M={c['M']} d={c['d']} k={c['k']} N={c['N']} ({options})", "",
-             "| provider | status | rel err fwd / bwd | ms fwd | ms fwd+bwd | TFLOP/s fwd+bwd | GB/s fwd | "
-             "% roofline fwd+bwd | peak MiB fwd / fwd+bwd | vs eager | vs compiled |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    baselines = _baselines([entry])
+    columns = ["provider", "status", "rel err fwd / bwd", "ms fwd", "ms fwd+bwd", "TFLOP/s fwd+bwd", "GB/s fwd",
+               "% roofline fwd+bwd", "× byte floor fwd+bwd", "peak MiB fwd / fwd+bwd", *(f"vs {b}" for b in baselines)]
+    lines = [f"## {c['id']}: {c['shape']} ({c['options']})", ""]
+    if c.get("eager"):
+        lines += [f"eager: {c['eager']}", ""]
+    lines += ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for row in entry["rows"]:
         if row["status"] in ("error", "skipped"):
             why = row.get("error", "").splitlines()[0][:200] if row.get("error") else ""
-            lines.append(f"| {row['provider']} | {row['status']}{': ' + _cell(why) if why else ''} "
-                         "| — | — | — | — | — | — | — | — | — |")
+            lines.append(f"| {row['provider']} | {row['status']}{': ' + _cell(why) if why else ''} |"
+                         + " — |" * (len(columns) - 2))
             continue
-        lines.append(
-            f"| {row['provider']} | {row['status']} | {row['rel_err_fwd']:.1e} / {row['rel_err_bwd']:.1e} | "
-            f"{_fmt(row.get('ms_fwd'), '.3f')} | {_fmt(row.get('ms_fwd_bwd'), '.3f')} | "
-            f"{_fmt(row.get('tflops_fwd_bwd'), '.3g')} | {_fmt(row.get('gbps_fwd'), '.3g')} | "
-            f"{_fmt(row.get('roofline_pct_fwd_bwd'), '.3g')}% | "
-            f"{_fmt(row.get('peak_mib_fwd'), '.1f')} / {_fmt(row.get('peak_mib_fwd_bwd'), '.1f')} | "
-            f"{_speedups(row, 'eager')} | {_speedups(row, 'compiled')} |")
+        cells = [row["provider"], row["status"], f"{row['rel_err_fwd']:.1e} / {row['rel_err_bwd']:.1e}",
+                 _fmt(row.get("ms_fwd"), ".3f"), _fmt(row.get("ms_fwd_bwd"), ".3f"),
+                 _fmt(row.get("tflops_fwd_bwd"), ".3g"), _fmt(row.get("gbps_fwd"), ".3g"),
+                 _fmt(row.get("roofline_pct_fwd_bwd"), ".3g") + "%", _times(row.get("byte_floor_x_fwd_bwd"), ".3g"),
+                 f"{_fmt(row.get('peak_mib_fwd'), '.1f')} / {_fmt(row.get('peak_mib_fwd_bwd'), '.1f')}",
+                 *(_speedups(row, b) for b in baselines)]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -314,7 +336,7 @@ def collect_meta(args) -> dict:
                 memory_gib=round(props.total_memory / 2**30, 1), date=now.strftime("%Y-%m-%d"),
                 time_utc=now.strftime("%H:%M:%S"), commit=git_commit(), torch=torch.__version__,
                 triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version(),
-                quick=args.quick, tf32=torch.backends.cuda.matmul.allow_tf32,
+                quick=args.quick, tf32=torch.backends.cuda.matmul.allow_tf32, fla=cases.fla_version(),
                 timing=f"triton.testing.do_bench median (warmup {DO_BENCH['warmup']} ms, rep {DO_BENCH['rep']} ms, "
                        "L2 flushed between repetitions), TF32 off", build_rc=args.build_rc)
     if args.tests_log is not None:
@@ -328,8 +350,9 @@ def main(argv=None) -> int:
     selected = select_cases(args)
     if args.list:
         for case in selected:
-            print(f"{case.id:<32} M={case.M:<6} d={case.d:<5} k={case.k:<5} N={case.N} "
-                  f"fwd {case.flops('fwd') / 1e9:8.2f} GFLOP  {case.min_bytes('fwd') / 1e6:8.1f} MB")
+            print(f"{case.id:<46} {case.shape:<34} fwd {case.flops('fwd') / 1e9:8.2f} GFLOP "
+                  f"{case.min_bytes('fwd') / 1e6:8.1f} MB  fwd+bwd {case.flops('fwd+bwd') / 1e9:8.2f} GFLOP "
+                  f"{case.min_bytes('fwd+bwd') / 1e6:8.1f} MB  providers {','.join(case.providers)}")
         return 0
     if not torch.cuda.is_available():
         print("benchmarks/run.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured. "
@@ -353,7 +376,8 @@ def main(argv=None) -> int:
             print(meta["note"], flush=True)
             break
         try:
-            report["cases"].append(run_case(case, args.providers, do_bench_ms, cases.peak_mib))
+            providers = [p for p in args.providers if p in case.providers]
+            report["cases"].append(run_case(case, providers, do_bench_ms, cases.peak_mib))
         except KeyboardInterrupt:  # e.g. `timeout -s INT`: keep what was measured
             meta["note"] = f"interrupted during {case.id}; {len(selected) - i} case(s) not run"
             print(meta["note"], flush=True)

@@ -1,26 +1,29 @@
 #!/usr/bin/env bash
-# The one script a GPU machine runs, end to end, in about 11 minutes:
-#   environment (nvidia-smi, versions) -> CUDA extension build -> GPU tests -> memcheck of a subset of them
-#   (compute-sanitizer) -> benchmarks/run.py.
+# The one script a GPU machine runs, end to end, within 570 seconds (one command of the device tool may run 600):
+#   environment (nvidia-smi, versions) -> carried wheels + CUDA extension build -> GPU tests -> memcheck of a subset
+#   of them (compute-sanitizer) -> benchmarks/run.py with the time that is left.
 #
-#   bash benchmarks/run_gpu.sh [extra run.py arguments, e.g. --quick]
+#   bash benchmarks/run_gpu.sh [extra run.py arguments, e.g. --quick, or --ops linear_attention]
 #
 # The GPU machine has torch, triton, pybind11, cmake, ninja, pytest and pytest-benchmark preinstalled and no
-# network, so pip never resolves anything there (--no-deps --no-build-isolation --no-index).
+# network, so pip never resolves anything there (--no-deps --no-build-isolation --no-index); what it lacks comes as
+# wheels carried in .whl/ (pybind11; fla-core and einops for the fla benchmark provider; see benchmarks/README.md).
 # A failed build or failed tests do not stop the run: the benchmarks still run and record both outcomes.
 # Writes benchmarks/results/<device>-<date>.json, .md, .svg and -tests.log. When $OUT is set, env.txt, build.log,
 # tests.log and memcheck.log are written there as the run goes (so a run cut short still returns them), then the
 # .json, .md, .svg.
-# Budget (seconds, whole script): RUN_GPU_BUDGET_S, default 660; the memcheck stage's limit RUN_GPU_MEMCHECK_S,
-# default 120 (0 skips it; RUN_GPU_BUDGET_S=540 RUN_GPU_MEMCHECK_S=0 is the run without it in 9 minutes).
+# Budget (seconds): RUN_GPU_BUDGET_S for the whole script, default 570; the build stops at 180, the tests at
+# RUN_GPU_TESTS_S (default 150), memcheck at RUN_GPU_MEMCHECK_S (default 60); 0 skips either stage. The
+# benchmarks get the rest: about 170 s when every stage runs to its limit, and start no new case in the last
+# 60 s. `RUN_GPU_TESTS_S=0 RUN_GPU_MEMCHECK_S=0 bash benchmarks/run_gpu.sh` gives them nearly all of it.
 set -uo pipefail  # not -e: every stage runs whatever the previous one returned
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-$(command -v python3 || command -v python)}
-BUDGET_S=${RUN_GPU_BUDGET_S:-660}
+BUDGET_S=${RUN_GPU_BUDGET_S:-570}
 BUILD_LIMIT_S=180
-TESTS_LIMIT_S=200
-MEMCHECK_LIMIT_S=${RUN_GPU_MEMCHECK_S:-120}
+TESTS_LIMIT_S=${RUN_GPU_TESTS_S:-150}
+MEMCHECK_LIMIT_S=${RUN_GPU_MEMCHECK_S:-60}
 RESULTS=benchmarks/results
 LOGS=${OUT:-$(mktemp -d)}
 mkdir -p "$RESULTS" "$LOGS"
@@ -37,16 +40,24 @@ section "environment"
   git log -1 --format='commit %H %s' 2>/dev/null
 } 2>&1 | tee "$LOGS/env.txt"
 
-section "build the CUDA extension"
-# The GPU image has been seen without pybind11 and has no network: install it from a carried wheel
-# (.whl/, ignored by git; see benchmarks/README.md) when it is missing.
-if ! "$PY" -c 'import pybind11' 2>/dev/null; then
-  if compgen -G '.whl/pybind11-*.whl' >/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps .whl/pybind11-*.whl
-  else
-    echo "pybind11 is missing and no .whl/pybind11-*.whl was carried: the CUDA build will fail"
-  fi
-fi
+section "carried wheels, build the CUDA extension"
+# The GPU image has no network: what it lacks is installed from wheels carried in .whl/ (ignored by git; see
+# benchmarks/README.md). install_carried MODULE PATTERN...: installs the wheels matching the patterns when MODULE
+# does not import (all of them, or none).
+install_carried() {
+  local module=$1 wheels=() pattern
+  shift
+  "$PY" -c "import $module" 2>/dev/null && return 0
+  for pattern in "$@"; do
+    compgen -G "$pattern" >/dev/null || { echo "$module is missing and no $pattern was carried"; return 1; }
+    wheels+=($pattern)
+  done
+  "$PY" -m pip install -q --no-index --no-deps "${wheels[@]}"
+}
+install_carried pybind11 '.whl/pybind11-*.whl' || echo "  -> the CUDA build will fail"
+# flash-linear-attention's ops (package fla-core; it imports einops), the fla benchmark provider.
+install_carried einops '.whl/einops-*.whl'
+install_carried fla.ops.linear_attn '.whl/fla_core-*.whl' || echo "  -> the fla benchmark rows will be skipped"
 archs=${HADAMARD_KERNELS_CUDA_ARCHS:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d '. ')}
 [ "$archs" = 90 ] && archs=90a  # Hopper: the arch-specific target
 HADAMARD_KERNELS_CUDA=1 HADAMARD_KERNELS_CUDA_ARCHS=$archs timeout "$BUILD_LIMIT_S" \
@@ -58,11 +69,18 @@ echo "build exit status $build_rc (archs $archs)"
 
 section "GPU tests"
 STEM=$("$PY" benchmarks/run.py --print-stem 2>/dev/null) || STEM=gpu-$(date -u +%F)
-# SIGINT, not SIGTERM: an interrupted pytest still prints its summary of what ran.
-timeout -s INT -k 20 "$TESTS_LIMIT_S" "$PY" -m pytest -q -m cuda tests -rfE --durations=10 2>&1 \
-  | tee "$RESULTS/$STEM-tests.log" ${OUT:+"$OUT/tests.log"}
-tests_rc=${PIPESTATUS[0]}
-echo "tests exit status $tests_rc (124: stopped at the ${TESTS_LIMIT_S}s limit)"
+tests_args=()  # what run.py records of this stage
+if [ "$TESTS_LIMIT_S" -le 0 ]; then
+  tests_rc=skipped
+  echo "GPU tests skipped (RUN_GPU_TESTS_S=$TESTS_LIMIT_S)"
+else
+  # SIGINT, not SIGTERM: an interrupted pytest still prints its summary of what ran.
+  timeout -s INT -k 20 "$TESTS_LIMIT_S" "$PY" -m pytest -q -m cuda tests -rfE --durations=10 2>&1 \
+    | tee "$RESULTS/$STEM-tests.log" ${OUT:+"$OUT/tests.log"}
+  tests_rc=${PIPESTATUS[0]}
+  echo "tests exit status $tests_rc (124: stopped at the ${TESTS_LIMIT_S}s limit)"
+  tests_args=(--tests-log "$RESULTS/$STEM-tests.log" --tests-rc "$tests_rc")
+fi
 
 section "memcheck (compute-sanitizer)"
 # Out-of-bounds loads and stores of every kernel (Triton and CUDA) that the gpu_shapes tests launch, with ragged
@@ -80,7 +98,8 @@ elif [ ! -x "$SANITIZER" ]; then
 else
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT -k 20 "$MEMCHECK_LIMIT_S" \
     "$SANITIZER" --tool memcheck --error-exitcode 99 \
-    "$PY" -m pytest -q -m cuda tests/test_poly_chain.py tests/test_poly_ncp.py -k gpu_shapes -rfE 2>&1 \
+    "$PY" -m pytest -q -m cuda tests/test_poly_chain.py tests/test_poly_ncp.py tests/test_linear_attention.py \
+    -k gpu_shapes -rfE 2>&1 \
     | tee "$LOGS/memcheck.log" | tail -n 40
   memcheck_rc=${PIPESTATUS[0]}
   echo "memcheck exit status $memcheck_rc (99: memcheck found errors; 1: a test failed;" \
@@ -92,7 +111,7 @@ left=$((BUDGET_S - SECONDS))
 case_budget=$((left - 60))  # the case in flight when the budget ends, and writing the results, fit in the rest
 [ "$case_budget" -lt 30 ] && case_budget=30
 timeout -s INT -k 20 "$((left > 60 ? left - 15 : 45))" "$PY" benchmarks/run.py --time-budget "$case_budget" \
-  --tests-log "$RESULTS/$STEM-tests.log" --tests-rc "$tests_rc" --build-rc "$build_rc" ${OUT:+--copy-to "$OUT"} "$@"
+  ${tests_args[@]+"${tests_args[@]}"} --build-rc "$build_rc" ${OUT:+--copy-to "$OUT"} "$@"
 bench_rc=$?
 
 section "done"

@@ -1,8 +1,11 @@
 """benchmarks/run.py and benchmarks/cases.py on the CPU: the eager baselines against the reference, the accuracy
-gate, error rows, derived numbers and the JSON / markdown writing, with fake timings (no GPU needed)."""
+gate, error and skipped rows, the fla adapter (on a stand-in with fla's semantics), derived numbers and the JSON /
+markdown / SVG writing, with fake timings (no GPU needed)."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -31,6 +34,9 @@ TINY = [
     cases.Case("poly_ncp", "tiny", M=13, d=10, k=6, N=3, dtype=torch.float32),
     cases.Case("CCP", "tiny", M=5, d=12, k=6, N=3, dtype=torch.float32, channels=3),
     cases.Case("NCP", "tiny", M=5, d=16, k=6, N=2, dtype=torch.float32),
+    cases.LinearAttentionCase("tiny", B=2, T=13, H=3, Dk=5, Dv=4, dtype=torch.float32, scale=0.5),
+    cases.LinearAttentionCase("tiny-chunked", B=1, T=150, H=2, Dk=8, Dv=6, dtype=torch.float32, feature_map="elu1",
+                              normalize=True, eager="chunked"),
 ]
 
 
@@ -60,6 +66,28 @@ def test_poly_ncp_eager_formula_is_the_op(N):
     assert_close("eager", cases.poly_ncp_eager(*args), hk.poly_ncp(*args, backend="reference"))
 
 
+@pytest.mark.parametrize("feature_map", ["identity", "elu1", "relu"])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("form", ["masked", "chunked"])
+def test_linear_attention_eager_formula_is_the_op(feature_map, normalize, form):
+    """Forward and every gradient of the eager forms against the op's reference; the chunked form with chunks of 4
+    on T = 13 (several chunks, a ragged last one)."""
+    g = torch.Generator().manual_seed(2)
+    t = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    q, k, v, grad = t(2, 13, 3, 5), t(2, 13, 3, 5), t(2, 13, 3, 4), t(2, 13, 3, 4).detach()
+    if normalize and feature_map == "identity":  # keep the normalizer away from zero
+        q, k = (x.detach().abs().requires_grad_() for x in (q, k))
+    options = dict(feature_map=feature_map, normalize=normalize, scale=0.7, eps=1e-3)
+    eager = (cases.linear_attention_masked if form == "masked"
+             else functools.partial(cases.linear_attention_chunked, chunk=4))
+    results = []
+    for fn in (eager, functools.partial(hk.causal_linear_attention, backend="reference")):
+        out = fn(q, k, v, **options)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    for name, got, ref in zip(("o", "dq", "dk", "dv"), *results):
+        assert_close(name, got, ref)
+
+
 def test_case_counts():
     case = cases.Case("poly_chain", "x", M=8, d=5, k=3, N=2, dtype=torch.bfloat16)
     assert case.flops("fwd") == 2 * 8 * 2 * 3 * 5 and case.flops("fwd+bwd") == 3 * case.flops("fwd")
@@ -72,6 +100,30 @@ def test_case_counts():
     assert len(ids) == len(set(ids)), "case ids are unique"
     quick = cases.all_cases(quick=True)
     assert cases.all_cases()[:len(quick)] == quick, "the quick cases run first (a time budget cuts the tail)"
+    assert {c.op for c in quick[:4]} == {"poly_chain", "linear_attention", "poly_ncp", "CCP"}, (
+        "the first cases take every family in turn")
+
+
+def test_linear_attention_case_counts():
+    C = cases.CHUNK
+    case = cases.LinearAttentionCase("x", B=2, T=100, H=3, Dk=8, Dv=6)
+    per_token = 2 * C * (8 + 6) + 4 * 8 * 6
+    assert case.flops("fwd") == 2 * 100 * 3 * per_token
+    assert case.flops("bwd") == 2 * case.flops("fwd") and case.flops("fwd+bwd") == 3 * case.flops("fwd")
+    normalized = dataclasses.replace(case, normalize=True)  # the key-sum column: Dv + 1
+    assert normalized.flops("fwd") == 2 * 100 * 3 * (2 * C * (8 + 7) + 4 * 8 * 7)
+    qk, v = 2 * 100 * 3 * 8, 2 * 100 * 3 * 6
+    assert case.min_bytes("fwd") == 2 * (2 * qk + 2 * v)  # q, k, v, o in bf16
+    assert case.min_bytes("fwd+bwd") == 2 * (4 * qk + 4 * v)  # + do, dq, dk, dv
+    assert case.min_bytes("bwd") == 2 * (4 * qk + 3 * v)
+    described = case.describe()
+    assert described["flops_fwd_bwd"] == case.flops("fwd+bwd") and "masked" in described["eager"]
+    forms = {c.label: c.eager_form for c in cases.linear_attention_cases()}
+    assert forms["1x8192x96x128"] == "chunked", "12.9 GB of T x T scores: the chunked form"
+    assert forms["8x2048x32x256"] == forms["8x1024x8x64"] == "masked"
+    assert {(c.B, c.T, c.H, c.Dk) for c in cases.linear_attention_cases()} == {
+        (1, 8192, 96, 128), (8, 1024, 8, 64), (8, 2048, 32, 256)}
+    assert all(c.feature_map == "elu1" and c.scale == 1.0 for c in cases.linear_attention_cases() if c.normalize)
 
 
 def test_every_provider_sees_the_same_inputs():
@@ -109,11 +161,23 @@ def test_steps_run(mode):
         assert all(t.grad is None for t in work.leaves)
 
 
+def test_compiled_bwd_step_replays_the_backward():
+    """The bwd step replays one graph's backward (retain_graph=True), which a compiled backward with donated buffers
+    refuses: workloads timed in bwd mode are compiled without donation."""
+    with cases.compiled_for_mode("bwd"):
+        work = cases.make_workload(TINY[0], "compiled", "cpu")
+        step = cases.make_step(work, "bwd")
+        step()
+        step()
+    assert all(t.grad is not None for t in work.leaves)
+
+
 # ---------------------------------------------------------------- run.py
 def test_help_and_list_work_without_a_gpu():
     for flags in (["--help"], ["--list", "--quick"]):
         done = subprocess.run([sys.executable, str(BENCH_DIR / "run.py"), *flags], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
+    assert "linear_attention-8x1024x8x64-bf16" in done.stdout and "B=8 T=1024 H=8 Dk=64 Dv=64" in done.stdout
     assert "--quick" in subprocess.run([sys.executable, str(BENCH_DIR / "run.py"), "--help"], capture_output=True,
                                        text=True).stdout
 
@@ -134,6 +198,50 @@ def test_run_case_rows_on_cpu(monkeypatch):
     assert rows["reference"]["peak_mib_fwd"] == 1.5
     assert rows["cuda"]["status"] == "error" and "RuntimeError" in rows["cuda"]["error"]
     assert entry["case"]["id"] == TINY[0].id
+
+
+def fake_chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=False, normalize=True,
+                           head_first=False):
+    """A stand-in with the semantics of fla's chunk_linear_attn (q, k already feature-mapped): o = scale * masked
+    form; normalize divides by scale * q_t . cumsum(k)_t + 1e-10 (so the scale cancels); returns (o, state)."""
+    assert not head_first, "the benchmark passes [B, T, H, D] with head_first=False"
+    scale = k.shape[-1] ** -0.5 if scale is None else scale
+    o = cases.linear_attention_masked(q, k, v, scale=scale)
+    if normalize:
+        o = o / ((q * scale * k.cumsum(1)).sum(-1, keepdim=True) + 1e-10)
+    return o, None
+
+
+@pytest.mark.parametrize("case", [c for c in TINY if isinstance(c, cases.LinearAttentionCase)], ids=str)
+def test_fla_provider(case, monkeypatch):
+    """The adapter (feature map in PyTorch, scale, normalize passed explicitly, head_first=False) computes the case's
+    function on a stand-in with fla's semantics, so a real fla's result is comparable."""
+    monkeypatch.setattr(cases, "import_fla_chunk_linear_attn", lambda: fake_chunk_linear_attn)
+    work = cases.make_workload(case, "fla", "cpu")
+    assert cases.check_accuracy(case, work, "cpu")["accurate"]
+
+
+def test_fla_provider_skips(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fla", None)  # `import fla...` raises ImportError, installed or not
+    case = TINY[4]
+    with pytest.raises(cases.ProviderUnavailable, match="flash-linear-attention is not installed"):
+        cases.make_workload(case, "fla", "cpu")
+    entry = bench_run.run_case(case, ["eager", "fla"], fake_timer, lambda step: 1.5, device="cpu")
+    assert [row["status"] for row in entry["rows"]] == ["ok", "skipped"]
+    assert "not installed" in entry["rows"][1]["error"]
+
+    def without_normalize(q, k, v, scale=None, initial_state=None, output_final_state=False):
+        return cases.linear_attention_masked(q, k, v, scale=scale), None
+
+    monkeypatch.setattr(cases, "import_fla_chunk_linear_attn", lambda: without_normalize)
+    with pytest.raises(cases.ProviderUnavailable, match="no normalize option"):
+        cases.make_workload(TINY[5], "fla", "cpu")
+    assert cases.check_accuracy(case, cases.make_workload(case, "fla", "cpu"), "cpu")["accurate"]
+    monkeypatch.setattr(cases, "import_fla_chunk_linear_attn", lambda: fake_chunk_linear_attn)
+    with pytest.raises(cases.ProviderUnavailable, match="cancels scale"):
+        cases.make_workload(dataclasses.replace(TINY[5], scale=0.5), "fla", "cpu")
+    with pytest.raises(ValueError, match="provider must be one of"):
+        cases.make_workload(TINY[0], "fla", "cpu")  # fla has no poly_chain
 
 
 def fake_report():
@@ -233,3 +341,39 @@ def test_chart():
     texts = [t.text for t in svg.iter(f"{ns}text")]
     assert texts.count("cuda: wrong result") == 2 and texts.count("triton: error") == 2
     assert "poly_chain-fake-bf16" in texts and any("commit abc123" in t for t in texts)
+
+
+def test_linear_attention_report(tmp_path):
+    """A linear-attention case: speedups vs fla, the byte floor, the eager form and the skipped rows in the markdown;
+    fla's bar in the chart."""
+    case = cases.linear_attention_cases()[1]
+    rows = [dict(provider=p, status="ok", rel_err_fwd=1e-3, rel_err_bwd=2e-3, ms_fwd=fwd, ms_fwd_bwd=both,
+                 peak_mib_fwd=10.0, peak_mib_fwd_bwd=30.0)
+            for p, fwd, both in (("eager", 4.0, 12.0), ("compiled", 2.0, 8.0), ("fla", 0.8, 3.4),
+                                 ("triton", 0.4, 1.7))]
+    rows.append(dict(provider="cuda", status="skipped", error="backend cuda is not available: not built"))
+    report = fake_report()
+    report["cases"] = [dict(case=case.describe(), rows=rows)] + report["cases"]
+    bench_run.derive(report)
+    triton = report["cases"][0]["rows"][3]
+    assert triton["speedup_vs_fla_fwd_bwd"] == pytest.approx(2.0)
+    assert triton["byte_floor_x_fwd_bwd"] == pytest.approx(1.7 / (case.min_bytes("fwd+bwd") / 3000e9 * 1e3))
+    md = bench_run.render_markdown(report)
+    for expected in ("## linear_attention-1x8192x96x128-bf16: B=1 T=8192 H=96 Dk=128 Dv=128 "
+                     "(identity, no normalize, scale 0.08839)",
+                     "eager: chunked form", "| vs eager | vs compiled | vs fla |", "| fla | ok |",
+                     "| cuda | skipped: backend cuda is not available: not built |", "linear_attention: model FLOPs",
+                     "poly_chain / poly_ncp / CCP / NCP: model FLOPs"):
+        assert expected in md, f"{expected!r} missing from the markdown:\n{md}"
+    for block in md.split("\n\n"):  # every table row has as many cells as its header
+        table = [line for line in block.splitlines() if line.startswith("|")]
+        if table:
+            assert len({len(line.replace("\\|", "").split("|")) for line in table}) == 1, block
+    poly_table = md[md.index("## poly_chain-fake-bf16"):].split("\n\n")[1]
+    assert "vs fla" not in poly_table, "a case without an fla row has no fla column"
+    svg = ET.fromstring(chart.render_svg(report))
+    ns = "{http://www.w3.org/2000/svg}"
+    bars = [rect.find(f"{ns}title").text for rect in svg.iter(f"{ns}rect") if rect.find(f"{ns}title") is not None]
+    assert "fla 3.53×" in bars and "triton 7.06×" in bars  # over eager, fwd+bwd: 12 / 3.4, 12 / 1.7
+    assert [t.text for t in svg.iter(f"{ns}text")].count("cuda: skipped") == 2
+    bench_run.write_report(report, tmp_path)
