@@ -24,6 +24,9 @@ from utils import assert_close, cpu_backends
 from hadamard_kernels.ops._projections import projection_grads
 from hadamard_kernels.ops.poly_chain import reference as chain_reference
 from hadamard_kernels.ops.poly_chain import triton as chain_triton
+from hadamard_kernels.ops.poly_gate import common as gate_common
+from hadamard_kernels.ops.poly_gate import reference as gate_reference
+from hadamard_kernels.ops.poly_gate import triton as gate_triton
 from hadamard_kernels.ops.poly_ncp import common as ncp_common
 from hadamard_kernels.ops.poly_ncp import reference as ncp_reference
 from hadamard_kernels.ops.poly_ncp import triton as ncp_triton
@@ -176,6 +179,81 @@ def launch_ncp_bwd(BM, BD, N, K=K, bias=True, dtype=torch.float64, kernel=None):
     return Launch(outputs, guarded, check_values)
 
 
+# ---------------------------------------------------------------- poly_gate
+def gate_inputs(shape, dtype, seed=0):
+    C = shape[-1]
+    return [randn(*shape, dtype=dtype, seed=seed), randn(*shape, dtype=dtype, seed=seed + 1),
+            1 + randn(C, dtype=dtype, seed=seed + 2, scale=0.3), randn(C, dtype=dtype, seed=seed + 3, scale=0.2),
+            1 + randn(C, dtype=dtype, seed=seed + 4, scale=0.3), randn(C, dtype=dtype, seed=seed + 5, scale=0.2),
+            randn(C, dtype=dtype, seed=seed + 6, scale=0.5)]
+
+
+def _gate_operands(inputs):
+    """a and b as row-padded [M, C] guards (the kernels take their row strides), the parameters in NaN guards."""
+    C = inputs[0].shape[-1]
+    rows = [guarded_copy(t.reshape(-1, C), name=name, row_pad=ROW_PAD) for name, t in zip("ab", inputs[:2])]
+    names = ("ln1_weight", "ln1_bias", "ln2_weight", "ln2_bias", "alpha")
+    return rows, [guarded_copy(t, name=name) for name, t in zip(names, inputs[2:])]
+
+
+def _gate_dims(shape, spatial):
+    return (shape[1], shape[2]) if spatial else (1, 1)
+
+
+def launch_gate_fwd(BM, shape, spatial, dtype=torch.float64, kernel=None):
+    """poly_gate.triton.forward with BM rows per program, into a row-padded y."""
+    kernel = kernel or raw_kernel(gate_triton._poly_gate_fwd_kernel)
+    inputs = gate_inputs(shape, dtype)
+    (a, b), params = _gate_operands(inputs)
+    M, C = a.view.shape
+    BC = triton.next_power_of_2(C)
+    y = guard_buffer((M, C), dtype, name=f"poly_gate fwd y BM={BM} spatial={spatial}", row_pad=ROW_PAD)
+    kernel[(triton.cdiv(M, BM),)](
+        a.view, b.view, *(g.view for g in params), y.view, M, C, *_gate_dims(shape, spatial),
+        *gate_common.shift_groups(C), a.view.stride(0), b.view.stride(0), y.view.stride(0), 1, 1e-6,
+        SPATIAL=spatial, HAS_ALPHA=True, ACC=gate_triton._acc(dtype), BM=BM, BC=BC)
+
+    def check_values():
+        ref = gate_reference.forward(*(t.double() for t in inputs), 1e-6, spatial)
+        assert_close(y.name, y.view, ref.reshape(M, C), dtype)
+
+    return Launch([y], [a, b, *params], check_values)
+
+
+def launch_gate_bwd(TW, TH, programs, shape, spatial, dtype=torch.float64, kernel=None):
+    """poly_gate.triton.backward's kernel with a [TW, TH]-row tiling and `programs` persistent programs: da, db
+    row-padded, the partial sums guarded; the values are checked through the gradients the launcher forms."""
+    kernel = kernel or raw_kernel(gate_triton._poly_gate_bwd_kernel)
+    inputs = gate_inputs(shape, dtype)
+    gy = randn(*shape, dtype=dtype, seed=9)
+    (a, b), params = _gate_operands(inputs)
+    g = guarded_copy(gy.reshape(a.view.shape), name="grad_y", row_pad=ROW_PAD)
+    M, C = a.view.shape
+    config = dict(TW=TW, TH=TH, BC=triton.next_power_of_2(C))
+    dims = _gate_dims(shape, spatial)
+    n_tiles, tiles_w, tiles_h = gate_triton.tile_counts(M, C, dims if spatial else None, config)
+    tag = f"TW={TW} TH={TH} programs={programs} spatial={spatial}"
+    da = guard_buffer((M, C), dtype, name=f"poly_gate bwd da {tag}", row_pad=ROW_PAD)
+    db = guard_buffer((M, C), dtype, name=f"poly_gate bwd db {tag}", row_pad=ROW_PAD)
+    part = guard_buffer((5, programs, C), torch.float64 if dtype == torch.float64 else torch.float32,
+                        name=f"poly_gate bwd partial sums {tag}")
+    kernel[(programs,)](
+        a.view, b.view, g.view, *(t.view for t in params), da.view, db.view, part.view, M, C, *dims,
+        *gate_common.shift_groups(C), n_tiles, tiles_w, tiles_h, a.view.stride(0), b.view.stride(0),
+        g.view.stride(0), da.view.stride(0), db.view.stride(0), 1, 1e-6, SPATIAL=spatial, HAS_ALPHA=True,
+        ACC=gate_triton._acc(dtype), **config)
+
+    def check_values():
+        ref = gate_reference.backward(gy.double(), *(t.double() for t in inputs), 1e-6, spatial, [True] * 7)
+        got = [da.view.reshape(shape), db.view.reshape(shape),
+               *gate_triton.reduce_param_grads(part.view, inputs[6], [True] * 5, [dtype] * 5)]
+        for name, out, expected in zip(("da", "db", "dln1_weight", "dln1_bias", "dln2_weight", "dln2_bias",
+                                        "dalpha"), got, ref):
+            assert_close(f"poly_gate bwd -> {name}", out, expected, dtype)
+
+    return Launch([da, db, part], [a, b, g, *params], check_values)
+
+
 # ---------------------------------------------------------------- the cases
 def loop(BM=16, BC=32, BD=16):
     return dict(BM=BM, BC=BC, BD=BD, GROUPED=False)
@@ -209,6 +287,17 @@ CASES = [
     pytest.param(launch_ncp_bwd, dict(BM=16, BD=16, N=3), id="ncp_bwd-N3"),
     pytest.param(launch_ncp_bwd, dict(BM=32, BD=32, N=2, K=5, bias=False, dtype=torch.float32),
                  id="ncp_bwd-N2-K5-fp32"),
+    # poly_gate: C = 45 in a 64-wide block; ragged row tiles; pixel tiles (2 x 2, 4 x 2) over a 5 x 7 and a 3 x 2
+    # image (W = 3: 4-pixel tiles along W, the last half empty), persistent programs with several tiles each.
+    pytest.param(launch_gate_fwd, dict(BM=8, shape=(37, 45), spatial=False), id="gate_fwd-flat"),
+    pytest.param(launch_gate_fwd, dict(BM=4, shape=(2, 5, 7, 45), spatial=True), id="gate_fwd-spatial"),
+    pytest.param(launch_gate_fwd, dict(BM=16, shape=(1, 3, 2, 21), spatial=True, dtype=torch.float16),
+                 id="gate_fwd-spatial-fp16"),
+    pytest.param(launch_gate_bwd, dict(TW=1, TH=8, programs=3, shape=(37, 45), spatial=False), id="gate_bwd-flat"),
+    pytest.param(launch_gate_bwd, dict(TW=2, TH=2, programs=5, shape=(2, 5, 7, 45), spatial=True),
+                 id="gate_bwd-spatial-2x2"),
+    pytest.param(launch_gate_bwd, dict(TW=4, TH=2, programs=2, shape=(1, 3, 2, 21), spatial=True,
+                                       dtype=torch.float32), id="gate_bwd-spatial-W3-fp32"),
 ]
 
 
@@ -243,6 +332,11 @@ PLANTS = [
     pytest.param(launch_ncp_bwd, dict(BM=16, BD=16, N=3), ncp_triton._poly_ncp_bwd_kernel,
                  _COLUMN_MASK, _COLUMN_MASK.replace("o_k < K", "o_k <= K"), "past the end",
                  id="ncp_bwd-column+1"),
+    pytest.param(launch_gate_fwd, dict(BM=8, shape=(37, 45), spatial=False), gate_triton._poly_gate_fwd_kernel,
+                 "mask = (o_m < M)[:, None] & m_c", "mask = m_c", "past the end", id="gate_fwd-no-row-mask"),
+    pytest.param(launch_gate_bwd, dict(TW=2, TH=2, programs=3, shape=(2, 5, 7, 45), spatial=True),
+                 gate_triton._poly_gate_bwd_kernel, "t1 = tl.where(px_w <= W - 2, r + H, r - (W - 1) * H)",
+                 "t1 = r + H", "past the end", id="gate_bwd-shift-target-unwrapped"),
 ]
 
 
