@@ -246,7 +246,7 @@ def launch_gate_bwd(TW, TH, programs, shape, spatial, dtype=torch.float64, kerne
     def check_values():
         ref = gate_reference.backward(gy.double(), *(t.double() for t in inputs), 1e-6, spatial, [True] * 7)
         got = [da.view.reshape(shape), db.view.reshape(shape),
-               *gate_triton.reduce_param_grads(part.view, inputs[6], [True] * 5, [dtype] * 5)]
+               *gate_common.reduce_param_grads(part.view, inputs[6], [True] * 5, [dtype] * 5)]
         for name, out, expected in zip(("da", "db", "dln1_weight", "dln1_bias", "dln2_weight", "dln2_bias",
                                         "dalpha"), got, ref):
             assert_close(f"poly_gate bwd -> {name}", out, expected, dtype)

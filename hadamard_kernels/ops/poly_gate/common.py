@@ -15,6 +15,10 @@ import torch
 
 from ... import _checks
 
+# Parameter gradients the fused backward kernels sum per program (block): ln1_weight, ln1_bias, ln2_weight,
+# ln2_bias and alpha per channel, as a [PARAM_GRADS, programs, C] float32 (float64) buffer.
+PARAM_GRADS = 5
+
 
 def shift_groups(C: int) -> tuple[int, int, int]:
     """The channel boundaries (g1, g2, g3) of the four shifted groups, as the survey's Spatial_Shift slices them."""
@@ -84,3 +88,15 @@ def spatial_shift_adjoint(dy: torch.Tensor) -> torch.Tensor:
     dx[:, :, 1:, g3:] += dy[:, :, :-1, g3:]
     dx[:, :, -1, g3:] += dy[:, :, -1, g3:]
     return dx
+
+
+def reduce_param_grads(part, alpha, needs, dtypes):
+    """(dln1_weight, dln1_bias, dln2_weight, dln2_bias, dalpha) from the [5, programs, C] partial sums."""
+    sums = part.sum(1)
+    grads = list(sums[:4])
+    dalpha = None
+    if alpha is not None:
+        dalpha = sums[4].reshape(alpha.shape) if (alpha.numel() > 1) else sums[4].sum().reshape(alpha.shape)
+    grads.append(dalpha)
+    # Rows of one tensor: each gradient gets its own storage (outputs of a custom op may not alias).
+    return [None if (g is None or not need) else g.to(dtype, copy=True) for g, need, dtype in zip(grads, needs, dtypes)]

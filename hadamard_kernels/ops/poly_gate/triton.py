@@ -21,11 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import shift_groups
+from .common import PARAM_GRADS, reduce_param_grads, shift_groups
 
 # A program keeps whole rows in registers: C beyond this would spill (auto then picks another backend).
 MAX_C = 8192
-_PARAM_GRADS = 5  # ln1_weight, ln1_bias, ln2_weight, ln2_bias, alpha (per channel)
 
 
 def unsupported(a, b, ln1_weight, ln1_bias, ln2_weight, ln2_bias, alpha, eps, spatial_shift):
@@ -295,18 +294,6 @@ def tile_counts(M, C, spatial_dims, config):
     return (M // (W * H)) * tiles_w * tiles_h, tiles_w, tiles_h
 
 
-def reduce_param_grads(part, alpha, needs, dtypes):
-    """(dln1_weight, dln1_bias, dln2_weight, dln2_bias, dalpha) from the [5, programs, C] partial sums."""
-    sums = part.sum(1)
-    grads = list(sums[:4])
-    dalpha = None
-    if alpha is not None:
-        dalpha = sums[4].reshape(alpha.shape) if (alpha.numel() > 1) else sums[4].sum().reshape(alpha.shape)
-    grads.append(dalpha)
-    # Rows of one tensor: each gradient gets its own storage (outputs of a custom op may not alias).
-    return [None if (g is None or not need) else g.to(dtype, copy=True) for g, need, dtype in zip(grads, needs, dtypes)]
-
-
 def backward(grad_y, a, b, ln1_weight, ln1_bias, ln2_weight, ln2_bias, alpha, eps, spatial_shift, needs,
              programs=None, **config):
     """config: an explicit tiling (TW, TH, BC, num_warps) and `programs` for tests; by default backward_config."""
@@ -321,7 +308,7 @@ def backward(grad_y, a, b, ln1_weight, ln1_bias, ln2_weight, ln2_bias, alpha, ep
     da = torch.empty((M, C), device=a.device, dtype=a.dtype)
     db = torch.empty((M, C), device=a.device, dtype=b.dtype)
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-    part = torch.empty((_PARAM_GRADS, programs, C), device=a.device, dtype=acc)
+    part = torch.empty((PARAM_GRADS, programs, C), device=a.device, dtype=acc)
     alpha_ptr, alpha_stride, has_alpha = _alpha_args(alpha, a2)
     params = [t.contiguous() for t in (ln1_weight, ln1_bias, ln2_weight, ln2_bias)]
     _poly_gate_bwd_kernel[(programs,)](
