@@ -16,6 +16,7 @@
 #include "hadamard_kernels/common.h"
 #include "hadamard_kernels/linear_attention.h"
 #include "hadamard_kernels/poly_chain.h"
+#include "hadamard_kernels/poly_gate.h"
 #include "hadamard_kernels/poly_ncp.h"
 
 namespace py = pybind11;
@@ -216,6 +217,53 @@ void bind_linear_attention(py::module_& m) {
       "(d num, d den) of o = scale * num / den for one element, in float32");
 }
 
+// ---- poly_gate (csrc/poly_gate.cu)
+void bind_poly_gate(py::module_& m) {
+  m.attr("POLY_GATE_MAX_C") = hk::kPolyGateMaxC;
+  using P = hk::PolyGateParams;
+  ParamsClass<P>(m, "PolyGateParams")
+      .pointer("a", &P::a).pointer("b", &P::b).pointer("ln1_weight", &P::ln1_weight).pointer("ln1_bias", &P::ln1_bias)
+      .pointer("ln2_weight", &P::ln2_weight).pointer("ln2_bias", &P::ln2_bias).pointer("alpha", &P::alpha)
+      .pointer("y", &P::y).pointer("grad_y", &P::grad_y).pointer("da", &P::da).pointer("db", &P::db)
+      .pointer("partial", &P::partial)
+      .value("M", &P::M).value("C", &P::C).value("W", &P::W).value("H", &P::H)
+      .value("a_row_stride", &P::a_row_stride).value("b_row_stride", &P::b_row_stride)
+      .value("y_row_stride", &P::y_row_stride).value("da_row_stride", &P::da_row_stride)
+      .value("db_row_stride", &P::db_row_stride).value("alpha_stride", &P::alpha_stride).value("grid", &P::grid)
+      .value("eps", &P::eps).value("spatial", &P::spatial).value("dtype", &P::dtype);
+  def_launcher(m, "poly_gate_fwd", &hk::launch_poly_gate_fwd);
+  def_launcher(m, "poly_gate_bwd", &hk::launch_poly_gate_bwd);
+  // Host builds of the kernels' index and element math, for CPU tests.
+  m.def(
+      "poly_gate_shift_host",
+      [](int64_t row, int64_t c, int64_t W, int64_t H, int64_t C) {
+        const int group = hk::shift_group(c, hk::shift_groups(C));
+        const int64_t image = row / (W * H), w = row / H % W, h = row % H;
+        const hk::ShiftTransposeTerms terms = hk::shift_transpose_terms(w, h, group, W, H);
+        int64_t partner_row = -1;
+        if (terms.partner >= 0) {
+          partner_row = group < 2 ? (image * W + terms.partner) * H + h : (image * W + w) * H + terms.partner;
+        }
+        return py::make_tuple(hk::shift_source_row(row, group, W, H), hk::shift_target_row(row, group, W, H),
+                              terms.own, partner_row);
+      },
+      py::arg("row"), py::arg("c"), py::arg("W"), py::arg("H"), py::arg("C"),
+      "(row read by the shift, row its gradient goes to, whether it sends its own term, row whose term it adds or -1)");
+  m.def(
+      "poly_gate_tile_pixel_host",
+      [](int64_t k, int64_t n) { return py::make_tuple(hk::shift_axis_tile(n), hk::shift_tile_pixel(k, n)); },
+      py::arg("k"), py::arg("n"), "(pixels per backward tile along an axis of length n, pixel at tile position k)");
+  m.def(
+      "poly_gate_grads_host",
+      [](float g, float n1, float n2, float alpha) {
+        return py::make_tuple(hk::poly_gate_output(n1, n2, alpha), hk::poly_gate_grad_n1(g, n2, alpha),
+                              hk::poly_gate_grad_n2(g, n1, alpha));
+      },
+      py::arg("g"), py::arg("n1"), py::arg("n2"), py::arg("alpha"), "(y, dL/dn1, dL/dn2) in float32");
+  m.def("poly_gate_layer_norm_input_grad_host", &hk::layer_norm_input_grad, py::arg("dxhat"), py::arg("xhat"),
+        py::arg("rstd"), py::arg("mean_dxhat"), py::arg("mean_dxhat_xhat"), "dL/dx of one LayerNorm element");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -224,4 +272,5 @@ PYBIND11_MODULE(_C, m) {
   bind_poly_chain(m);
   bind_poly_ncp(m);
   bind_linear_attention(m);
+  bind_poly_gate(m);
 }
