@@ -209,7 +209,7 @@ def _poly_gate_bwd_kernel(a_ptr, b_ptr, gy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, 
 def _rows(t, C):
     """t [..., C] as an [M, C] view with unit channel stride (a copy only when no such view exists)."""
     t2 = t.reshape(-1, C)
-    return t2 if t2.stride(-1) == 1 or t2.shape[0] <= 1 else t2.contiguous()
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
 def _num_warps(elements: int) -> int:
