@@ -1,0 +1,3 @@
+from .op import poly_sa, poly_sa_pool
+
+__all__ = ["poly_sa", "poly_sa_pool"]
