@@ -24,6 +24,8 @@ ENV_BACKEND = "HADAMARD_KERNELS_BACKEND"
 AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
     "poly_chain": ("triton",),
     "poly_ncp": ("triton",),
+    "poly_sa_pool": ("triton",),
+    "poly_sa": ("triton",),
 }
 DEFAULT_PREFERENCE = ("triton",)
 
