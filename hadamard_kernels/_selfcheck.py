@@ -64,12 +64,41 @@ def _poly_gate_case(gen):
     return inputs, call
 
 
+def _ragged_mask(z, lengths):
+    """(B, N) bool on z's device: the first lengths[b] tokens of row b are real (a row of length 0 has none)."""
+    return torch.arange(z.shape[1], device=z.device)[None, :] < torch.tensor(lengths, device=z.device)[:, None]
+
+
+def _poly_sa_inputs(gen, B=3, N=19, C=27):
+    """z (B, N, C), w1, w2, w3 (C, C) scaled as the survey's randn / sqrt(C), alpha, beta of shape (1,)."""
+    return [torch.randn(B, N, C, generator=gen), *[torch.randn(C, C, generator=gen) / math.sqrt(C) for _ in range(3)],
+            torch.randn(1, generator=gen), torch.randn(1, generator=gen)]
+
+
+def _poly_sa_pool_case(gen):
+    from . import poly_sa_pool
+    inputs = _poly_sa_inputs(gen)[:3]  # odd C; padded tokens, and a row with no real token (m = 0)
+    return inputs, lambda z, w1, w2, backend: poly_sa_pool(z, w1, w2, mask=_ragged_mask(z, [19, 6, 0]),
+                                                           backend=backend)
+
+
+def _poly_sa_case(gen):
+    from . import poly_sa
+
+    def call(z, w1, w2, w3, alpha, beta, backend):
+        return poly_sa(z, w1, w2, w3, alpha, beta, mask=_ragged_mask(z, [19, 6, 0]), backend=backend)
+
+    return _poly_sa_inputs(gen), call
+
+
 # (op name, builder(generator) -> (CPU example inputs, call(*inputs, backend)))
 CASES: list[tuple[str, Callable]] = [
     ("poly_chain", _poly_chain_case),
     ("poly_ncp", _poly_ncp_case),
     ("causal_linear_attention", _linear_attention_case),
     ("poly_gate", _poly_gate_case),
+    ("poly_sa_pool", _poly_sa_pool_case),
+    ("poly_sa", _poly_sa_case),
 ]
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
