@@ -4,5 +4,7 @@ Hadamard-product survey's instructional code."""
 from .attention import LinearSelfAttention
 from .poly import CCP, NCP, PolyChain, ProductChain
 from .poly_gate import PolyBlock, PolyMlp, SpatialShift
+from .poly_sa import PolySA
 
-__all__ = ["CCP", "NCP", "LinearSelfAttention", "PolyBlock", "PolyChain", "PolyMlp", "ProductChain", "SpatialShift"]
+__all__ = ["CCP", "NCP", "LinearSelfAttention", "PolyBlock", "PolyChain", "PolyMlp", "PolySA", "ProductChain",
+           "SpatialShift"]
