@@ -292,6 +292,7 @@ MODULE_OPS = [
     (lambda b: hk.nn.LinearSelfAttention(8, num_heads=2, backend=b), torch.randn(2, 5, 8), "causal_linear_attention"),
     (lambda b: hk.nn.PolyMlp(8, 16, use_spatial=True, backend=b), torch.randn(2, 3, 4, 8), "poly_gate"),
     (lambda b: hk.nn.PolyBlock(8, expansion_factor=2, backend=b), torch.randn(2, 3, 4, 8), "poly_gate"),
+    (lambda b: hk.nn.PolySA(7, backend=b), torch.randn(2, 5, 7), "poly_sa"),
 ]
 
 
