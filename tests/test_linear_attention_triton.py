@@ -225,11 +225,12 @@ def test_decode_equals_chunked_forward():
         assert_close(name, a, b, torch.float64)
 
 
-def test_decode_without_state_or_final_state():
-    q, k, v, _, _ = make_inputs(B=2, T=1, H=1, K=5, V=7, states=False)
+@pytest.mark.parametrize("K,V", [(5, 7), (1, 1)])
+def test_decode_without_state_or_final_state(K, V):
+    q, k, v, _, _ = make_inputs(B=2, T=1, H=1, K=K, V=V, states=False)
     o, S_T, z_T = la_triton.forward(q, k, v, None, None, "relu", False, 1.0, 0.0, False, None)
     assert S_T is None and z_T is None
-    ref = naive(q, k, v, torch.zeros(2, 1, 5, 7, dtype=q.dtype), torch.zeros(2, 1, 5, dtype=q.dtype), "relu", False,
+    ref = naive(q, k, v, torch.zeros(2, 1, K, V, dtype=q.dtype), torch.zeros(2, 1, K, dtype=q.dtype), "relu", False,
                 1.0, 0.0, None)[0]
     assert_close("o", o, ref, torch.float64)
 

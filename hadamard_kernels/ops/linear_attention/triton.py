@@ -25,9 +25,11 @@ long T), every sequence is cut into segments of L chunks: `_segment_sum_kernel` 
 parallel reduction), `_segment_scan_kernel` turns them into each segment's start state (a short sequential scan
 over segments, which also writes the final state), and the chunk kernel then runs one program per segment.
 
-The intra-chunk operands and the inter-chunk state enter the dots in the input dtype (bf16: like the per-chunk
-states fla stores in bf16); fp16 inputs take the inter-chunk dot in tf32 instead, since the state (and above all
-the key sum, which grows like T) can pass fp16's range. The key sum z and den stay fp32 and use no dot.
+Precision: accumulation, the state R, the key sum z and den are fp32. The tiles and the state enter the dots in
+the input dtype (bf16: as the per-chunk states fla stores in bf16; an emulation at T = 2048..8192, D = 64 gives
+about 2e-3 relative error, mostly the bf16 output's own rounding); fp16 inputs take the inter-chunk dot in tf32,
+since the state can pass fp16's range. Q.z and the key sum's update run as small dots too, z split into hi + lo
+parts so it keeps fp32 precision (the key sum grows like T).
 
 cu_seqlens: chunks start at each sequence's first token and never cross its end; the segment tables are built on
 the device with torch ops (no host sync). T == 1 without cu_seqlens (decoding) runs `_decode_kernel`, one program
@@ -51,20 +53,27 @@ _FMAP = {name: code for code, name in enumerate(FEATURE_MAPS)}
 _MODE_O, _MODE_DQ, _MODE_DK, _MODE_DV = 0, 1, 2, 3
 _DC_BLOCK_PLAN = 64  # the BC the segment plan assumes (the autotuner may pick another)
 
-# Chunk kernel configs: BC state columns per program. DA (the a/b width, padded to a power of 2) sets the register
-# cost: R is [DA, BC] fp32. First config = the default when autotuning is off; the interpreter takes the smallest.
-_CHUNK_CONFIGS = [
+# Chunk kernel configs (BC: state columns per program, R is [DA, BC] fp32), one list per width DA of the a/b tiles
+# (the head dim padded to a power of 2). First config = the default when autotuning is off; the interpreter takes
+# the smallest. Registers and spills per config (sm_90, bf16) are in the report of ../shared/tools/sm90_report.py:
+# these lists keep the configs that fit.
+_CHUNK_CONFIGS = [  # DA <= 64
     triton.Config({"BC": bc}, num_warps=w, num_stages=s)
-    for bc, w, s in [(64, 4, 2), (64, 8, 2), (64, 4, 1), (128, 8, 2), (64, 4, 3)]
+    for bc, w, s in [(64, 4, 2), (64, 8, 2), (64, 4, 3), (128, 8, 2)]
 ]
-_CHUNK_CONFIGS_WIDE = [  # DA = 256: more warps to hold the state
+_CHUNK_CONFIGS_MID = [  # DA = 128
     triton.Config({"BC": bc}, num_warps=w, num_stages=s)
-    for bc, w, s in [(64, 8, 1), (32, 8, 2), (32, 4, 2), (64, 8, 2)]
+    for bc, w, s in [(64, 8, 2), (32, 8, 2), (64, 8, 3)]
 ]
-_SUM_CONFIGS = [
+_CHUNK_CONFIGS_WIDE = [  # DA = 256
     triton.Config({"BC": bc}, num_warps=w, num_stages=s)
-    for bc, w, s in [(64, 4, 3), (64, 8, 3), (32, 4, 3), (128, 8, 3)]
+    for bc, w, s in [(32, 8, 2), (16, 8, 1), (16, 8, 2)]
 ]
+_SUM_CONFIGS = {  # segment sums, by DA
+    da: [triton.Config({"BC": bc}, num_warps=w, num_stages=s) for bc, w, s in configs]
+    for da, configs in [(64, [(64, 4, 3), (64, 8, 3), (128, 8, 3)]), (128, [(64, 8, 3), (128, 8, 3), (32, 8, 3)]),
+                        (256, [(64, 8, 3), (32, 8, 3)])]
+}
 _KEY = ["K", "V", "MODE", "NORMALIZE", "FMAP", "SPLIT", "VARLEN"]
 
 
@@ -497,9 +506,11 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s0_ptr, z0_ptr, sT_ptr, zT_ptr, H
         tl.store(sT_ptr + p_s, S.to(sT_ptr.dtype.element_ty), mask=m_r)
 
 
-_chunk = triton_autotune(_CHUNK_CONFIGS, key=_KEY)(_chunk_kernel)
-_chunk_wide = triton_autotune(_CHUNK_CONFIGS_WIDE, key=_KEY)(_chunk_kernel)
-_segment_sum = triton_autotune(_SUM_CONFIGS, key=[n for n in _KEY if n != "SPLIT"])(_segment_sum_kernel)
+_chunk = {64: triton_autotune(_CHUNK_CONFIGS, key=_KEY)(_chunk_kernel),
+          128: triton_autotune(_CHUNK_CONFIGS_MID, key=_KEY)(_chunk_kernel),
+          256: triton_autotune(_CHUNK_CONFIGS_WIDE, key=_KEY)(_chunk_kernel)}
+_segment_sum = {da: triton_autotune(configs, key=[n for n in _KEY if n != "SPLIT"])(_segment_sum_kernel)
+                for da, configs in _SUM_CONFIGS.items()}
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -594,7 +605,7 @@ def _pass(mode, q, k, v, do, o, den, out, r0, e0, rT, eT, *, feature_map, normal
         sdt = state_dtype(q.dtype)
         seg = torch.empty((plan.G, H, DA_, DC_), device=q.device, dtype=sdt)
         sege = torch.empty((plan.G, H, K), device=q.device, dtype=sdt) if extra else seg
-        kernel, kwargs = (_segment_sum, {}) if config is None else (_segment_sum_kernel, dict(config))
+        kernel, kwargs = (_segment_sum[max(DA, 64)], {}) if config is None else (_segment_sum_kernel, dict(config))
         kernel[grid](q, k, v, do, o, den, seg, sege, *plan.args(q), plan.T, H, K, V, plan.nseg,
                      plan.L, *_hi_lo(scale), DA=DA, BT=BT, **flags, **kwargs)
         BS = 32 if DA >= 256 else 64
@@ -604,7 +615,7 @@ def _pass(mode, q, k, v, do, o, den, out, r0, e0, rT, eT, *, feature_map, normal
             STORE_R=rT is not None, STORE_E=eT is not None, VARLEN=plan.varlen, ACC=flags["ACC"], DA=DA, BC=BS, num_warps=4)
         r0 = e0 = rT = eT = None  # the scan consumed the initial state and wrote the final one
     if config is None:
-        kernel, kwargs = (_chunk_wide if DA >= 256 else _chunk), {}
+        kernel, kwargs = _chunk[max(DA, 64)], {}
     else:
         kernel, kwargs = _chunk_kernel, dict(config)
     dummy = seg if seg is not None else q
