@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from guard import check_guards, guard_buffer, guarded_copy
 from utils import REL_TOL, assert_close, cpu_backends
 
 from hadamard_kernels.ops.linear_attention.common import FEATURE_MAPS
@@ -302,6 +303,47 @@ def test_key_sum_beyond_fp16_range():
     assert z_T.dtype == torch.float32 and z_T.min() > 65504
     for name, g in zip(GRAD_NAMES, grads):
         assert torch.isfinite(g).all(), name
+
+
+@pytest.mark.parametrize("segment", [None, 1])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_stores_stay_in_bounds(segment, varlen):
+    """Every pass launched into guard buffers (tests/guard.py), with ragged column blocks (BC = 16 over Dk = 20,
+    Dv = 36), a ragged last chunk and, for varlen, an empty sequence: each output (o, den, dq, dk, dv, the final
+    states and the initial-state gradients) is fully written, nothing past it is, and no masked-off load reads an
+    input's guard (its NaN would reach the values, which match the formula)."""
+    cu = torch.tensor([0, 5, 5, 70], dtype=torch.int32) if varlen else None
+    B, T, H, K, V = (1, 70, 2, 20, 36) if varlen else (2, 70, 2, 20, 36)
+    N = B if cu is None else len(cu) - 1
+    q, k, v, S0, z0 = make_inputs(B=B, T=T, H=H, K=K, V=V, N=N, normalize=True)
+    g = torch.Generator().manual_seed(3)
+    go, G, g_z = torch.randn(B, T, H, V, generator=g), torch.randn(N, H, K, V, generator=g), torch.randn(N, H, K,
+                                                                                                       generator=g)
+    go, G, g_z = go.double(), G.double(), g_z.double()
+    ins = {name: guarded_copy(t, name=name).view for name, t in
+           dict(q=q, k=k, v=v, S0=S0, z0=z0, do=go, G=G, g_z=g_z).items()}
+    outs = {name: guard_buffer(shape, torch.float64, name=name) for name, shape in
+            dict(o=v.shape, den=q.shape[:3], S_T=S0.shape, z_T=z0.shape, dq=q.shape, dk=k.shape, dv=v.shape,
+                 dS0=S0.shape, dz0=z0.shape).items()}
+    o_ = {name: guard.view for name, guard in outs.items()}
+    options = dict(feature_map="elu1", normalize=True, scale=SCALE, eps=EPS, config=dict(BC=16))
+    qg, kg, vg = ins["q"], ins["k"], ins["v"]
+    plan = lambda DC: la_triton._Plan(qg, cu, N, H, DC, segment)  # noqa: E731
+    la_triton._pass(la_triton._MODE_O, qg, kg, vg, None, None, o_["den"], o_["o"], ins["S0"], ins["z0"], o_["S_T"],
+                    o_["z_T"], plan=plan(V), store_den=True, **options)
+    la_triton._pass(la_triton._MODE_DQ, qg, kg, vg, ins["do"], o_["o"], o_["den"], o_["dq"], ins["S0"], ins["z0"],
+                    None, None, plan=plan(K), **options)
+    la_triton._pass(la_triton._MODE_DK, qg, kg, vg, ins["do"], o_["o"], o_["den"], o_["dk"], ins["G"], ins["g_z"],
+                    None, o_["dz0"], plan=plan(K), **options)
+    la_triton._pass(la_triton._MODE_DV, qg, kg, vg, ins["do"], o_["o"], o_["den"], o_["dv"], ins["G"], None,
+                    o_["dS0"], None, plan=plan(V), **options)
+    check_guards(*outs.values())
+
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, S0, z0)]
+    ref = naive(*leaves, "elu1", True, SCALE, EPS, cu)
+    ref_grads = torch.autograd.grad(ref, leaves, (go, G, g_z))
+    for name, want in zip(("o", "S_T", "z_T", "dq", "dk", "dv", "dS0", "dz0"), (*ref, *ref_grads)):
+        assert_close(name, o_[name], want, torch.float64)
 
 
 def test_unsupported_sizes():
