@@ -281,8 +281,8 @@ def _pool_grads(s, z, w1, w2, mask, needs, dz=None, **config):
     if needs[1] or needs[2]:
         dw = z2.T @ grad_p
         # Own storage each (custom op outputs may not alias).
-        dw1 = dw[:, :C].contiguous() if needs[1] else None
-        dw2 = dw[:, C:].contiguous() if needs[2] else None
+        dw1 = dw[:, :C].clone(memory_format=torch.contiguous_format) if needs[1] else None
+        dw2 = dw[:, C:].clone(memory_format=torch.contiguous_format) if needs[2] else None
     return dz_out, dw1, dw2
 
 
