@@ -21,12 +21,17 @@
 //
 // Tensor cores. A block of 128 threads (2 x 2 warps) holds each 64 x 64 product as the fp32 accumulators of
 // mma.m16n8k16 (32 per thread). float16/bfloat16 run mma.sync with fp32 accumulation; operands go through
-// shared memory in the input dtype (the feature map applied in fp32 on load), the state is converted from its
-// fp32 copy when the fragments are built, and the masked P = A B^T is rounded to the input dtype before P C.
+// shared memory in the input dtype (the feature map applied in fp32 on load), the state enters from its fp32 copy
+// as hi + lo in the input dtype (two MMAs, near-fp32 accuracy), and the masked P = A B^T is rounded to the input
+// dtype before P C.
 // float32 runs exact fp32 FMAs in the same register layout. float16 has a small range: the state is scaled by a
 // power of two (from its block-wide max) before conversion, and a row-scaled gradient operand G is stored as
 // G / F with F a power of two per chunk (d num shrinks like 1/T with normalize), the accumulators multiplied
 // back in fp32. Power-of-two factors are exact, so bf16 and fp32 take the same path at no cost in accuracy.
+//
+// HK_CPU_EMULATION (defined by tests/emulation/cuda_emulation.h) compiles this file with a host compiler: blocks
+// run as threads on the CPU and the few PTX instructions (ldmatrix, mma) are emulated, so the tests check this
+// source on machines without a GPU.
 
 #pragma once
 
@@ -144,6 +149,12 @@ __device__ __forceinline__ int exponent_of(float m) {
   return max(-100, min(100, e));
 }
 
+// |x| when finite, else 0: the float16 state scale follows the finite values (an inf stays inf when converted).
+__device__ __forceinline__ float finite_abs(float x) {
+  const float a = fabsf(x);
+  return a < INFINITY ? a : 0.f;
+}
+
 // The maximum of `v` over the block (NaN ignored, as fmaxf does). Contains one __syncthreads(); `scratch` [4]
 // must not be rewritten before every thread has returned (the caller's next barrier).
 __device__ __forceinline__ float block_max(float v, float* scratch) {
@@ -152,6 +163,18 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
   if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
   __syncthreads();
   return fmaxf(fmaxf(scratch[0], scratch[1]), fmaxf(scratch[2], scratch[3]));
+}
+
+// The chunk's per-token factor d num_t / d o_t (`rs`: this thread's row, tid < 64; 0 past the end) written as
+// F * row_scale[t], F = 2^(returned exponent) from the chunk's largest |rs|, so that grad_o * row_scale[t] stays in
+// float16's range when rs is tiny (normalize: rs = scale / den_t, den_t ~ t). The stats pass and the gradient passes
+// compute it from the same den values in the same way, so grad_o . o (stats) is taken with the very rounding of
+// d num the gradient passes use; the normalizer's terms then cancel as they do in exact arithmetic. Contains a
+// barrier (every thread calls it); row_scale is read after the caller's next barrier.
+__device__ __forceinline__ int chunk_row_scale(float rs, float* row_scale, float* scratch) {
+  const int f_exp = exponent_of(block_max(threadIdx.x < kChunk ? fabsf(rs) : 0.f, scratch));
+  if (threadIdx.x < kChunk) row_scale[threadIdx.x] = rs * pow2(-f_exp);
+  return f_exp;
 }
 
 // ---- where this thread's 32 accumulators sit in a 64 x 64 tile (mma.m16n8k16 C layout; each warp owns a
@@ -179,6 +202,9 @@ struct Fragment {
 // memory. A is row-major [m][k] or, with A_COL, stored as [k][m]; B is stored [n][k] or, with B_KN, [k][n].
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans) {
+#if defined(HK_CPU_EMULATION)
+  hk_emulation::ldmatrix_x4(r, smem, trans);
+#else
   const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   if (trans) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -191,11 +217,15 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem, 
                  : "r"(addr)
                  : "memory");
   }
+#endif
 }
 
 // c[0..3] += A (16 x 16 fragment) * B (16 x 8 fragment), fp32 accumulation.
 template <typename T>
 __device__ __forceinline__ void mma_16816(float* c, const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(HK_CPU_EMULATION)
+  hk_emulation::mma_16816<T>(c, a, b0, b1);
+#else
   if constexpr (std::is_same_v<T, __half>) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -209,6 +239,7 @@ __device__ __forceinline__ void mma_16816(float* c, const uint32_t (&a)[4], uint
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
+#endif
 }
 
 // A fragment (rows m0..m0+15, k0..k0+15) of a tile with row stride ld.
@@ -267,7 +298,19 @@ __device__ __forceinline__ void mma_tile(float (&acc)[kPerThread], const uint16_
   }
 }
 
-// acc += A * (sc * S) with S an fp32 [k][n] slice of the state (row stride kStateLd), converted to T here.
+// x = hi + lo with hi = x rounded to T and lo = the remainder rounded to T, for two adjacent elements (a pair
+// register each): hi + lo carries 2 x 8 (bf16) or 2 x 11 (fp16) significant bits, close to the fp32 state.
+template <typename T>
+__device__ __forceinline__ void split_pair(float x0, float x1, uint32_t& hi, uint32_t& lo) {
+  const typename Elem<T>::Bits h0 = float_to_bits<T>(x0), h1 = float_to_bits<T>(x1);
+  hi = static_cast<uint32_t>(h0) | (static_cast<uint32_t>(h1) << 16);
+  const float r0 = x0 - bits_to_float<T>(h0), r1 = x1 - bits_to_float<T>(h1);
+  lo = pack2<T>(r0 == r0 ? r0 : 0.f, r1 == r1 ? r1 : 0.f);  // inf - inf: hi alone carries an inf (or NaN)
+}
+
+// acc += A * (sc * S) with S an fp32 [k][n] slice of the state (row stride kStateLd). S enters the tensor cores
+// as hi + lo (two MMAs): rounded once to T, the state's error would come back amplified in the gradients, where
+// the normalizer's terms S dnum and z dden cancel to leading order when v has a nonzero mean.
 template <typename T>
 __device__ __forceinline__ void mma_tile_state(float (&acc)[kPerThread], const uint16_t* a_tile, const float* s,
                                                float sc, int ksteps) {
@@ -285,10 +328,14 @@ __device__ __forceinline__ void mma_tile_state(float (&acc)[kPerThread], const u
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
       const int n = f.warp_col + nt * 8 + f.g;
-      const uint32_t b0 = pack2<T>(sc * sk[n], sc * sk[kStateLd + n]);
-      const uint32_t b1 = pack2<T>(sc * sk[8 * kStateLd + n], sc * sk[9 * kStateLd + n]);
+      uint32_t b0_hi, b0_lo, b1_hi, b1_lo;
+      split_pair<T>(sc * sk[n], sc * sk[kStateLd + n], b0_hi, b0_lo);
+      split_pair<T>(sc * sk[8 * kStateLd + n], sc * sk[9 * kStateLd + n], b1_hi, b1_lo);
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt) mma_16816<T>(acc + (mt * 4 + nt) * 4, a[mt], b0, b1);
+      for (int mt = 0; mt < 2; ++mt) {
+        mma_16816<T>(acc + (mt * 4 + nt) * 4, a[mt], b0_lo, b1_lo);
+        mma_16816<T>(acc + (mt * 4 + nt) * 4, a[mt], b0_hi, b1_hi);
+      }
     }
   }
 }
@@ -412,7 +459,11 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(const ScanParams p) {
   constexpr bool kScaleState = std::is_same_v<T, __half>;
   constexpr int ld = kTileLd<T>;
 
+#if defined(HK_CPU_EMULATION)
+  unsigned char* const smem_raw = hk_emulation::dynamic_shared_memory();
+#else
   extern __shared__ __align__(16) unsigned char smem_raw[];
+#endif
   Bits* const tile_a = reinterpret_cast<Bits*>(smem_raw);
   Bits* const tile_b = tile_a + kTileElems<T>;
   Bits* const tile_c = tile_b + kTileElems<T>;
@@ -439,7 +490,7 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(const ScanParams p) {
   const bool norm_fwd = p.normalize && ROLE == kForward;
 
   // Initial state [da, 64] (zeros past da and past the valid columns) and the normalize vector.
-  float local_max = 0.f;  // max |S| over the elements this thread owns (float16 state scaling)
+  float local_max = 0.f;  // max finite |S| over the elements this thread owns (float16 state scaling)
   for (int i = tid; i < slices * kBlock * kBlock; i += kThreads) {
     const int r = i / kBlock, c = i % kBlock;
     float s = 0.f;
@@ -447,7 +498,7 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(const ScanParams p) {
       s = p.state_in[nh * p.da * p.dv + r * p.state_da_stride + (col0 + c) * p.state_dv_stride];
     }
     state[r * kStateLd + c] = s;
-    local_max = fmaxf(local_max, fabsf(s));
+    local_max = fmaxf(local_max, finite_abs(s));
   }
   if (norm_fwd) {
     for (int i = tid; i < slices * kBlock; i += kThreads) {
@@ -484,11 +535,8 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(const ScanParams p) {
           rs = p.scale;
         }
       }
-      f_exp = exponent_of(block_max(tid < kChunk ? fabsf(rs) : 0.f, scratch));
-      if (tid < kChunk) {
-        row_scale[tid] = rs * pow2(-f_exp);
-        dden[tid] = dd;
-      }
+      f_exp = chunk_row_scale(rs, row_scale, scratch);
+      if (tid < kChunk) dden[tid] = dd;
       __syncthreads();
     }
 
@@ -532,7 +580,7 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(const ScanParams p) {
         x.x = fmaf(ds, acc_s[r], x.x);
         x.y = fmaf(ds, acc_s[r + 1], x.y);
         *s = x;
-        local_max = fmaxf(local_max, fmaxf(fabsf(x.x), fabsf(x.y)));
+        local_max = fmaxf(local_max, fmaxf(finite_abs(x.x), finite_abs(x.y)));
       }
       if (norm_fwd && tid < kBlock) {
         float sum = 0.f;
@@ -564,8 +612,9 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(const ScanParams p) {
     }
     if (norm_fwd) {
       float part[4] = {0.f, 0.f, 0.f, 0.f};
+      // Row sums of P as rounded for P C below: den is then the same computation as num on a column of ones.
 #pragma unroll
-      for (int r = 0; r < kPerThread; ++r) part[Fragment::i_of(r)] += acc_p[r];
+      for (int r = 0; r < kPerThread; ++r) part[Fragment::i_of(r)] += bits_to_float<T>(float_to_bits<T>(acc_p[r]));
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         part[i] += __shfl_xor_sync(0xffffffffu, part[i], 1);
@@ -585,6 +634,11 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(const ScanParams p) {
       }
     }
     __syncthreads();
+    if (ROLE == kForward && p.stats) {  // the gradient passes' d num factors of this chunk (see chunk_row_scale)
+      const float den = tid < rows ? den_inter[tid] + row_sum[0][tid] + row_sum[1][tid] + p.eps : 0.f;
+      chunk_row_scale(tid < rows ? normalizer_row_scale(den, p.scale) : 0.f, row_scale, scratch);
+      __syncthreads();
+    }
 
     tile_product<T, false, true>(acc_o, tile_p, tile_c, rows);  // out += P C
     if constexpr (ROLE != kForward) {
@@ -619,9 +673,12 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(const ScanParams p) {
             v0 *= p.scale;
             v1 *= p.scale;
           }
-          if (p.stats) {
-            float d = v0 * load_element<T>(p.grad_o, row, head, col);
-            if (second) d = fmaf(v1, load_element<T>(p.grad_o, row, head, col + 1), d);
+          if (p.stats) {  // grad_o . o with grad_o as the gradient passes will see it
+            const float rp = row_scale[t];
+            const bool rounded = finite_abs(rp) > 0.f;  // 0, inf, NaN: the pass has no finite factor to round by
+            auto effective = [&](float g) { return rounded ? bits_to_float<T>(float_to_bits<T>(g * rp)) / rp : g; };
+            float d = v0 * effective(load_element<T>(p.grad_o, row, head, col));
+            if (second) d = fmaf(v1, effective(load_element<T>(p.grad_o, row, head, col + 1)), d);
             part[Fragment::i_of(r)] += d;
           }
         } else if constexpr (ROLE == kGradQ || ROLE == kGradK) {
@@ -688,11 +745,16 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(const ScanParams p) {
 template <typename T, int ROLE>
 cudaError_t launch_scan(const ScanParams& p, cudaStream_t stream) {
   const int64_t smem = shared_bytes<T>(p.da);
+  const dim3 grid(static_cast<unsigned>(p.N * p.H), static_cast<unsigned>((p.dv + kBlock - 1) / kBlock));
+#if defined(HK_CPU_EMULATION)
+  (void)stream;
+  return hk_emulation::launch(scan_kernel<T, ROLE>, grid, kThreads, static_cast<size_t>(smem), p);
+#else
   HK_RETURN_IF_ERROR(
       cudaFuncSetAttribute(scan_kernel<T, ROLE>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  const dim3 grid(static_cast<unsigned>(p.N * p.H), static_cast<unsigned>((p.dv + kBlock - 1) / kBlock));
   scan_kernel<T, ROLE><<<grid, kThreads, static_cast<size_t>(smem), stream>>>(p);
   return cudaGetLastError();
+#endif
 }
 
 // Instantiated in linear_attention_{f32,f16,bf16}.cu.
