@@ -1,5 +1,9 @@
 """The CUDA C++ backend of causal_linear_attention.
 
+Everywhere a C++ compiler and the CUDA headers are: the kernels' source itself, compiled for the CPU under
+tests/emulation/cuda_emulation.h (blocks run as fibers, ldmatrix and mma.sync emulated) and driven by
+ops/linear_attention/cuda.py, against the float64 reference for every dtype, feature map and normalize, the sizes
+the kernels tile specially, packed sequences, strided inputs, NaN, and the float16 range guards.
 Wherever the extension is built: the kernels' element-wise math (feature maps, their derivatives, the normalizer and
 its gradient) compiled for the host against the reference's functions and torch autograd, NaN included; the codes
 and limits shared with Python; launchers refusing bad params. On a GPU: backend="cuda" against the float64 reference
@@ -9,7 +13,17 @@ K and V that are not multiples of 16, up to 256), plus the float16 range guards.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import importlib.util
 import math
+import os
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,6 +145,195 @@ def test_normalizer_host_matches_autograd():
     _assert_same("o", as_tensor(got_o), as_tensor(want_o), rtol=1e-6)
     _assert_same("d num", as_tensor(got_dnum), as_tensor(want_dnum), rtol=1e-6)
     _assert_same("d den", as_tensor(got_dden), as_tensor(want_dden), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- the kernels' source, emulated on the CPU
+EMULATION = Path(__file__).parent / "emulation"
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+
+
+def _cuda_include() -> Path | None:
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    if nvcc := shutil.which("nvcc"):
+        roots.append(str(Path(nvcc).resolve().parents[1]))
+    return next((Path(r) / "include" for r in filter(None, roots) if (Path(r) / "include" / "cuda_fp16.h").is_file()),
+                None)
+
+
+@pytest.fixture(scope="session")
+def emulated_extension():
+    """csrc/linear_attention*.cu built by the host compiler under tests/emulation/cuda_emulation.h, as a module with
+    the linear_attention part of _C's interface. Cached in the temp dir by a hash of the sources and the command."""
+    pybind11 = pytest.importorskip("pybind11")
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    include = _cuda_include()
+    if cxx is None or include is None:
+        pytest.skip("the CPU emulation of the kernels needs a C++ compiler and the CUDA headers")
+    command = [cxx, "-O1", "-std=c++20", "-shared", "-fPIC", "-Wall", "-Wextra", "-Wno-unknown-pragmas",
+               f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", f"-I{include}",
+               f"-I{CSRC / 'include'}", f"-I{CSRC}", str(EMULATION / "linear_attention_module.cpp")]
+    sources = [*EMULATION.iterdir(), *CSRC.glob("linear_attention*"),
+               *(CSRC / "include" / "hadamard_kernels").iterdir()]
+    digest = hashlib.sha256("\0".join(command).encode())
+    for path in sorted(p for p in sources if p.is_file()):
+        digest.update(path.read_bytes())
+    name = "hk_linear_attention_emulated"
+    out = (Path(tempfile.gettempdir()) / f"{name}_{digest.hexdigest()[:16]}" /
+           f"{name}{sysconfig.get_config_var('EXT_SUFFIX')}")
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_name(f"{out.name}.{os.getpid()}.partial")
+        result = subprocess.run([*command, "-o", str(partial)], capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.fail(f"the kernels no longer build for the CPU emulation:\n{result.stderr[-6000:]}")
+        os.replace(partial, out)
+    spec = importlib.util.spec_from_file_location(name, out)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def emulated(emulated_extension, monkeypatch):
+    """cuda.py's forward / backward run the emulated kernels on CPU tensors."""
+    monkeypatch.setattr(la_cuda, "require_cuda_extension", lambda: emulated_extension)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    return emulated_extension
+
+
+def cpu_inputs(B=2, T=130, H=2, K=40, V=24, *, dtype=torch.float32, feature_map="identity", normalize=False,
+               states=True, n=None, seed=0, v_mean=0.0, state_scale=1.0, key_sum_scale=1.0):
+    """q, k, v [B, T, H, *] in `dtype` and float32 states (or None) on the CPU; see make_inputs."""
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    q, k, v = randn(B, T, H, K), randn(B, T, H, K), randn(B, T, H, V) + v_mean
+    if normalize and feature_map == "identity":
+        q, k = q.abs(), k.abs()
+    elif normalize and feature_map == "relu":
+        q, k = q + 1, k + 1
+    n = B if n is None else n
+    S0 = (state_scale * randn(n, H, K, V)).float() if states else None
+    z0 = (key_sum_scale * (1 + torch.rand(n, H, K, generator=g, dtype=torch.float64))).float() \
+        if (states and normalize) else None
+    return [q.to(dtype), k.to(dtype), v.to(dtype), S0, z0]
+
+
+def check_emulated(inputs, *, feature_map="identity", normalize=False, scale=0.7, eps=1e-6, cu_seqlens=None,
+                   needs=None, final_grads=True, tol=None, seed=1):
+    """cuda.forward / cuda.backward (emulated kernels) against reference.forward / backward on float64 copies, with the
+    backend modules' own signatures (what op.py calls). Returns (outputs, gradients)."""
+    q, k, v, S0, z0 = inputs
+    dtype, n = q.dtype, (q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1)
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    options = (feature_map, normalize, scale, eps)
+    g = torch.Generator().manual_seed(seed)
+    grad_o = torch.randn(v.shape, generator=g, dtype=torch.float64)
+    grad_S = torch.randn(n, H, K, V, generator=g, dtype=torch.float64) if final_grads else None
+    grad_z = torch.randn(n, H, K, generator=g, dtype=torch.float64) if (final_grads and normalize) else None
+    needs = needs or [True, True, True, S0 is not None, z0 is not None]
+
+    outs = la_cuda.forward(q, k, v, S0, z0, *options, True, cu_seqlens)
+    grads = la_cuda.backward(grad_o.to(dtype), *(None if t is None else t.float() for t in (grad_S, grad_z)),
+                             q, k, v, S0, z0, *options, cu_seqlens, needs)
+    wide = [None if t is None else t.double() for t in inputs]
+    ref_outs = reference.forward(*wide, *options, True, cu_seqlens)
+    ref_grads = reference.backward(grad_o, grad_S, grad_z, *wide, *options, cu_seqlens, needs)
+    for name, out, ref in zip(OUT_NAMES, outs, ref_outs):
+        assert (out is None) == (ref is None), f"{name}: {out is None=} but {ref is None=}"
+        if ref is not None:
+            assert out.dtype == (dtype if name == "o" else torch.float32), f"{name}: dtype {out.dtype}"
+            assert_close(name, out, ref, dtype, tol)
+    for name, need, grad, ref in zip(GRAD_NAMES, needs, grads, ref_grads):
+        if need and ref is not None:
+            assert grad is not None and grad.shape == ref.shape, f"{name} missing or misshapen"
+            assert_close(name, grad, ref, dtype, tol)
+        elif not need:
+            assert grad is None, f"{name} computed but not asked for"
+    return outs, grads
+
+
+EMULATED_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", EMULATED_DTYPES, ids=str)
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalize"])
+def test_emulated_matches_reference(emulated, dtype, feature_map, normalize):
+    inputs = cpu_inputs(dtype=dtype, feature_map=feature_map, normalize=normalize)
+    check_emulated(inputs, feature_map=feature_map, normalize=normalize)
+
+
+@pytest.mark.parametrize("dtype", EMULATED_DTYPES, ids=str)
+@pytest.mark.parametrize("size", [
+    *[dict(T=T, K=60, V=100) for T in (1, 63, 64, 65)],           # around the 64-token chunk
+    dict(T=65, K=3, V=17), dict(T=65, K=100, V=100),               # tails of 16 and 64
+    dict(T=65, K=256, V=60), dict(T=65, K=60, V=256),              # the 256 limit, one side at a time
+], ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
+def test_emulated_sizes(emulated, dtype, size):
+    normalize = (size["T"] + size["K"]) % 2 == 1  # both paths over the sizes, without doubling the list
+    inputs = cpu_inputs(B=2 if size["T"] < 65 else 1, H=2, **size, dtype=dtype, feature_map="elu1",
+                        normalize=normalize)
+    check_emulated(inputs, feature_map="elu1", normalize=normalize, scale=1 / math.sqrt(size["K"]))
+
+
+def test_emulated_single_feature(emulated):
+    """K = V = 1 (without normalize: there o = S / z would not depend on q at all)."""
+    check_emulated(cpu_inputs(B=2, T=70, H=3, K=1, V=1, dtype=torch.bfloat16), feature_map="relu")
+
+
+@pytest.mark.parametrize("dtype", EMULATED_DTYPES, ids=str)
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalize"])
+def test_emulated_varlen(emulated, dtype, normalize):
+    cu = [0, 0, 1, 64, 64, 129, 200, 263]  # empty, 1, 63, empty, 65, 71 and 63 tokens
+    inputs = cpu_inputs(B=1, T=cu[-1], H=2, K=40, V=72, n=len(cu) - 1, dtype=dtype, feature_map="relu",
+                        normalize=normalize)
+    outs, _ = check_emulated(inputs, feature_map="relu", normalize=normalize,
+                             cu_seqlens=torch.tensor(cu, dtype=torch.int32))
+    assert torch.equal(outs[1][[0, 3]], inputs[3][[0, 3]]), "an empty sequence's final state is its initial state"
+
+
+def test_emulated_strided_inputs(emulated):
+    """Slices of one fused projection: read in place with their row strides (16-byte loads do not apply)."""
+    B, T, H, K, V = 2, 100, 3, 24, 40
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(B, T, H, 2 * K + V + 3, generator=g).to(torch.bfloat16)
+    q, k, v = qkv[..., :K], qkv[..., K + 1:2 * K + 1], qkv[..., 2 * K + 3:]
+    assert la_cuda._rows(q)[0].data_ptr() == q.data_ptr()
+    check_emulated([q, k, v, None, None], feature_map="elu1", normalize=True)
+    check_emulated([q, k, v, None, None], feature_map="identity", final_grads=False)
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalize"])
+def test_emulated_each_gradient_alone(emulated, normalize):
+    """The backward runs only the passes a gradient needs; each alone must still be right."""
+    inputs = cpu_inputs(B=2, T=100, H=2, K=36, V=20, feature_map="elu1", normalize=normalize)
+    for which in range(5 if normalize else 4):
+        needs = [i == which for i in range(5)]
+        check_emulated(inputs, feature_map="elu1", normalize=normalize, needs=needs)
+
+
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalize"])
+def test_emulated_nan_propagates_like_reference(emulated, feature_map, normalize):
+    inputs = cpu_inputs(B=1, T=150, H=2, K=24, V=16, feature_map=feature_map, normalize=normalize)
+    inputs[0][0, 100, 1, 3] = float("nan")
+    inputs[1][0, 20, 0, 5] = float("nan")
+    check_emulated(inputs, feature_map=feature_map, normalize=normalize)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_emulated_half_precision_guards(emulated, dtype):
+    """float16's range and 16-bit rounding, each guarded in the kernels:
+    - a state of ~1e5 (float16 overflows at 65504) is scaled by a power of two before the tensor cores;
+    - a key sum of ~1e6 makes d num = grad_o / den ~1e-6, below float16's normal range: stored scaled by F per chunk;
+    - values with a large mean make the normalizer's gradient terms cancel to leading order: the state enters as
+      hi + lo, den sums P as rounded, and grad_o . o is taken with d num as the gradient passes round it."""
+    check_emulated(cpu_inputs(T=200, K=32, V=32, dtype=dtype, state_scale=1e5), scale=1e-3)
+    check_emulated(cpu_inputs(T=200, K=32, V=32, dtype=dtype, feature_map="elu1", normalize=True,
+                              state_scale=1e6, key_sum_scale=1e6), feature_map="elu1", normalize=True, scale=1.0)
+    check_emulated(cpu_inputs(B=1, T=300, K=32, V=32, dtype=dtype, feature_map="elu1", normalize=True, states=False,
+                              v_mean=3.0), feature_map="elu1", normalize=True)
 
 
 # ---------------------------------------------------------------- launchers refuse bad params without a GPU

@@ -1,0 +1,348 @@
+// CPU emulation of the CUDA features the linear_attention kernels use, so their real source runs under a host
+// compiler in CI (no GPU there). Include this first, then the kernel sources; they see HK_CPU_EMULATION.
+//
+// A launch runs its blocks one after another; a block runs its CUDA threads as fibers on the calling
+// thread, switching at every barrier: __syncthreads is a barrier of the block's fibers, `__shared__` variables are
+// function statics they share, and warp operations (shuffles, ldmatrix, mma.sync) exchange values through per-warp
+// slots at a warp barrier (every lane of a warp must reach them together, as the kernels guarantee). A
+// fiber waiting at a barrier nobody else reaches is a deadlock and aborts. mma.m16n8k16 multiplies in fp32 from the
+// fp16/bf16 fragments (products are exact; only the summation order differs from the hardware). Dynamic shared
+// memory is followed by a guard band checked after each block. What this cannot show: timing, bank conflicts, and
+// races between threads that a barrier does not order (fibers run one at a time, in a fixed order).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+#include <vector_functions.h>
+
+#include <algorithm>
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#define HK_CPU_EMULATION 1
+
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __forceinline__
+#undef __launch_bounds__
+#undef __shared__
+#undef __align__
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) alignas(n)
+
+using std::max;
+using std::min;
+
+inline thread_local uint3 threadIdx;
+inline thread_local uint3 blockIdx;
+
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+}
+
+namespace hk_emulation {
+
+// ---- fiber contexts: on x86-64 Linux a switch saves the callee-saved registers and swaps stack pointers (a few
+// instructions); elsewhere, or with HK_EMULATION_UCONTEXT defined, ucontext, which is correct but slower (it saves
+// the signal mask with a system call at every switch).
+#if defined(__x86_64__) && defined(__linux__) && !defined(HK_EMULATION_UCONTEXT)
+extern "C" void hk_emulation_switch(void** save_sp, void* load_sp);
+asm(".pushsection .text\n"
+    ".globl hk_emulation_switch\n"
+    ".hidden hk_emulation_switch\n"
+    ".type hk_emulation_switch, @function\n"
+    "hk_emulation_switch:\n"
+    "  pushq %rbp\n  pushq %rbx\n  pushq %r12\n  pushq %r13\n  pushq %r14\n  pushq %r15\n"
+    "  subq $16, %rsp\n  stmxcsr 8(%rsp)\n  fnstcw (%rsp)\n"
+    "  movq %rsp, (%rdi)\n  movq %rsi, %rsp\n"
+    "  fldcw (%rsp)\n  ldmxcsr 8(%rsp)\n  addq $16, %rsp\n"
+    "  popq %r15\n  popq %r14\n  popq %r13\n  popq %r12\n  popq %rbx\n  popq %rbp\n  ret\n"
+    ".size hk_emulation_switch, .-hk_emulation_switch\n"
+    ".popsection\n");
+
+struct Context {
+  void* sp = nullptr;
+};
+inline void switch_context(Context& save, Context& load) { hk_emulation_switch(&save.sp, load.sp); }
+
+// A context whose first switch enters entry() (which must never return) at the top of the stack.
+inline void start_context(Context& c, char* stack, size_t bytes, void (*entry)()) {
+  uint64_t* slot = reinterpret_cast<uint64_t*>((reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t{15});
+  *--slot = 0;                                  // entry's return address (never used): keeps the ABI's alignment
+  *--slot = reinterpret_cast<uint64_t>(entry);  // where hk_emulation_switch returns to
+  for (int i = 0; i < 6; ++i) *--slot = 0;      // rbp, rbx, r12 - r15
+  slot -= 2;                                    // x87 control word at [sp], MXCSR at [sp + 8]: the caller's
+  uint32_t mxcsr;
+  uint16_t fpu_control;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpu_control));
+  std::memcpy(slot, &fpu_control, sizeof fpu_control);
+  std::memcpy(reinterpret_cast<char*>(slot) + 8, &mxcsr, sizeof mxcsr);
+  c.sp = slot;
+}
+#else
+struct Context {
+  ucontext_t uc;
+};
+inline void switch_context(Context& save, Context& load) { swapcontext(&save.uc, &load.uc); }
+
+// getcontext returns twice, as setjmp does: kept in its own frame so no caller variable can be clobbered.
+[[gnu::noinline]] inline void start_context(Context& c, char* stack, size_t bytes, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+#endif
+
+// Fibers of the block being run, and the scheduler's context.
+struct Barrier;
+struct Fiber {
+  Context context;
+  std::unique_ptr<char[]> stack;
+  unsigned index = 0;
+  bool done = false;
+  const Barrier* waiting = nullptr;  // blocked at this barrier until its generation moves past wait_generation
+  uint64_t wait_generation = 0;
+};
+
+inline thread_local Context scheduler_context;
+inline thread_local Fiber* current_fiber = nullptr;
+
+// A reusable barrier of `count` fibers: the last to arrive goes on, the others yield until it has.
+struct Barrier {
+  explicit Barrier(int n) : count(n) {}
+  int count, arrived = 0;
+  uint64_t generation = 0;
+  // Returns true for the last fiber to arrive, which runs on before any other resumes.
+  bool arrive_and_wait() {
+    if (++arrived == count) {
+      arrived = 0;
+      ++generation;
+      return true;
+    }
+    Fiber* self = current_fiber;
+    self->waiting = this;
+    self->wait_generation = generation;
+    switch_context(self->context, scheduler_context);
+    return false;
+  }
+};
+
+constexpr size_t kGuardBytes = 4096;
+constexpr unsigned char kGuard = 0xA5;
+
+// Per-warp exchange slots, double-buffered by each lane's count of warp operations: a lane can only come back to a
+// buffer after the next operation's barrier, which every lane reaches only once done reading this one. So one
+// barrier per warp operation suffices.
+struct Warp {
+  Barrier barrier{32};
+  unsigned calls[32] = {};
+  uint32_t words[2][32][6];
+  float accumulators[2][32][4];
+  const void* pointers[2][32];
+  float values[2][32];
+  int next_buffer(int lane) { return static_cast<int>(calls[lane]++ & 1u); }
+};
+
+struct Block {
+  explicit Block(int threads, size_t smem) : barrier(threads), warps((threads + 31) / 32), shared(smem + kGuardBytes) {
+    std::fill(shared.begin() + static_cast<std::ptrdiff_t>(smem), shared.end(), kGuard);
+  }
+  Barrier barrier;
+  std::vector<Warp> warps;
+  std::vector<unsigned char> shared;  // operator new aligns it to 16 bytes
+};
+
+inline thread_local Block* block = nullptr;
+
+inline Warp& warp() { return block->warps[threadIdx.x / 32]; }
+inline int lane() { return static_cast<int>(threadIdx.x % 32); }
+inline unsigned char* dynamic_shared_memory() { return block->shared.data(); }
+
+inline float shfl_xor(float v, int offset) {
+  Warp& w = warp();
+  const int buf = w.next_buffer(lane());
+  w.values[buf][lane()] = v;
+  (void)w.barrier.arrive_and_wait();
+  return w.values[buf][lane() ^ offset];
+}
+
+// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: lanes 8i..8i+7 give the row addresses of matrix i; each lane
+// receives from matrix i the pair (row lane / 4, columns 2 (lane % 4), +1), or with .trans the pair
+// (rows 2 (lane % 4), +1 of column lane / 4).
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* address, bool trans) {
+  Warp& w = warp();
+  const int buf = w.next_buffer(lane());
+  const void* const* pointers = w.pointers[buf];
+  w.pointers[buf][lane()] = address;
+  (void)w.barrier.arrive_and_wait();
+  const int g = lane() / 4, t = lane() % 4;
+  for (int i = 0; i < 4; ++i) {
+    uint16_t lo, hi;
+    if (trans) {
+      lo = static_cast<const uint16_t*>(pointers[i * 8 + 2 * t])[g];
+      hi = static_cast<const uint16_t*>(pointers[i * 8 + 2 * t + 1])[g];
+    } else {
+      const uint16_t* row = static_cast<const uint16_t*>(pointers[i * 8 + g]);
+      lo = row[2 * t];
+      hi = row[2 * t + 1];
+    }
+    r[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+}
+
+template <typename T>
+float half_bits_to_float(uint16_t bits) {
+  if constexpr (std::is_same_v<T, __half>) return __half2float(__ushort_as_half(bits));
+  else return __bfloat162float(__ushort_as_bfloat16(bits));
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: lane (g, t) = (lane / 4, lane % 4) holds A (16 x 16) pairs
+// a0 (g, 2t..), a1 (g + 8, 2t..), a2 (g, 2t + 8..), a3 (g + 8, 2t + 8..); B (16 x 8) pairs b0 (k = 2t, 2t + 1; n = g),
+// b1 (k = 2t + 8, 2t + 9; n = g); C pairs c0, c1 (g, 2t..), c2, c3 (g + 8, 2t..).
+template <typename T>
+void mma_16816(float* c, const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  Warp& w = warp();
+  const int buf = w.next_buffer(lane());
+  uint32_t* mine = w.words[buf][lane()];
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  mine[4] = b0;
+  mine[5] = b1;
+  for (int e = 0; e < 4; ++e) w.accumulators[buf][lane()][e] = c[e];
+  if (w.barrier.arrive_and_wait()) {  // the last lane in multiplies for the warp while the others wait
+    float A[16][16], B[16][8];
+    auto lo = [](uint32_t v) { return half_bits_to_float<T>(static_cast<uint16_t>(v & 0xffffu)); };
+    auto hi = [](uint32_t v) { return half_bits_to_float<T>(static_cast<uint16_t>(v >> 16)); };
+    for (int l = 0; l < 32; ++l) {
+      const int g = l / 4, t = l % 4;
+      const uint32_t* x = w.words[buf][l];
+      A[g][2 * t] = lo(x[0]);
+      A[g][2 * t + 1] = hi(x[0]);
+      A[g + 8][2 * t] = lo(x[1]);
+      A[g + 8][2 * t + 1] = hi(x[1]);
+      A[g][2 * t + 8] = lo(x[2]);
+      A[g][2 * t + 9] = hi(x[2]);
+      A[g + 8][2 * t + 8] = lo(x[3]);
+      A[g + 8][2 * t + 9] = hi(x[3]);
+      B[2 * t][g] = lo(x[4]);
+      B[2 * t + 1][g] = hi(x[4]);
+      B[2 * t + 8][g] = lo(x[5]);
+      B[2 * t + 9][g] = hi(x[5]);
+    }
+    for (int l = 0; l < 32; ++l) {
+      const int g = l / 4, t = l % 4;
+      for (int e = 0; e < 4; ++e) {
+        const int row = g + (e / 2) * 8, col = 2 * t + e % 2;
+        float sum = w.accumulators[buf][l][e];
+        for (int k = 0; k < 16; ++k) sum = std::fma(A[row][k], B[k][col], sum);
+        w.accumulators[buf][l][e] = sum;
+      }
+    }
+  }
+  for (int e = 0; e < 4; ++e) c[e] = w.accumulators[buf][lane()][e];
+}
+
+constexpr size_t kStackBytes = 256 * 1024;
+
+template <class Params>
+struct Launch {
+  void (*kernel)(Params);
+  const Params* params;
+};
+inline thread_local void (*fiber_body)() = nullptr;
+
+[[gnu::noinline]] inline void resume(Fiber& f) { switch_context(scheduler_context, f.context); }
+
+[[noreturn]] inline void fiber_entry() {
+  fiber_body();
+  current_fiber->done = true;
+  switch_context(current_fiber->context, scheduler_context);
+  std::abort();  // a finished fiber is never resumed
+}
+
+inline void prepare(Fiber& f, unsigned index) {
+  f.index = index;
+  f.done = false;
+  f.waiting = nullptr;
+  start_context(f.context, f.stack.get(), kStackBytes, fiber_entry);
+}
+
+// Runs kernel(params) on grid.x * grid.y blocks of `threads` threads, one block after another.
+template <class Params>
+cudaError_t launch(void (*kernel)(Params), dim3 grid, int threads, size_t smem, const Params& params) {
+  static thread_local Launch<Params> current;
+  current = {kernel, &params};
+  fiber_body = [] { current.kernel(*current.params); };
+  std::vector<Fiber> fibers(static_cast<size_t>(threads));
+  for (int t = 0; t < threads; ++t) fibers[t].stack = std::make_unique<char[]>(kStackBytes);
+  for (unsigned by = 0; by < grid.y; ++by) {
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+      Block b(threads, smem);
+      block = &b;
+      blockIdx = make_uint3(bx, by, 0);
+      for (int t = 0; t < threads; ++t) prepare(fibers[t], static_cast<unsigned>(t));
+      int finished = 0;
+      while (finished < threads) {
+        bool progressed = false;
+        for (Fiber& f : fibers) {
+          if (f.done || (f.waiting != nullptr && f.waiting->generation == f.wait_generation)) continue;
+          f.waiting = nullptr;
+          current_fiber = &f;
+          threadIdx = make_uint3(f.index, 0, 0);
+          resume(f);
+          progressed = true;
+          if (f.done) ++finished;
+        }
+        if (!progressed) {
+          std::fprintf(stderr, "hk_emulation: deadlock in block (%u, %u): threads wait at different barriers\n", bx,
+                       by);
+          std::abort();
+        }
+      }
+      for (size_t i = smem; i < b.shared.size(); ++i) {
+        if (b.shared[i] != kGuard) {
+          std::fprintf(stderr, "hk_emulation: block (%u, %u) wrote past its %zu bytes of dynamic shared memory\n", bx,
+                       by, smem);
+          std::abort();
+        }
+      }
+      block = nullptr;
+    }
+  }
+  return cudaSuccess;
+}
+
+}  // namespace hk_emulation
+
+#define __syncthreads() ((void)hk_emulation::block->barrier.arrive_and_wait())
+
+inline float __shfl_xor_sync(unsigned /*mask*/, float v, int offset) { return hk_emulation::shfl_xor(v, offset); }

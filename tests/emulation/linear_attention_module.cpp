@@ -1,0 +1,90 @@
+// The linear_attention kernels and launchers (csrc/linear_attention*.cu, unchanged) built for the CPU under
+// cuda_emulation.h, as a pybind11 module with the linear_attention part of hadamard_kernels._C's interface, so
+// hadamard_kernels/ops/linear_attention/cuda.py drives them on CPU tensors (tests/test_linear_attention_cuda.py
+// builds it with the host compiler).
+
+#include "cuda_emulation.h"
+
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "linear_attention.cu"
+#include "linear_attention_bf16.cu"
+#include "linear_attention_f16.cu"
+#include "linear_attention_f32.cu"
+
+namespace py = pybind11;
+namespace hk = hadamard_kernels;
+using P = hk::LinearAttentionParams;
+
+namespace {
+
+// As the real module's, without the CUDA runtime (nothing here links it): the error code in numbers.
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string(what) + " failed: CUDA error " + std::to_string(static_cast<int>(err)));
+  }
+}
+
+template <class T>
+void pointer(py::class_<P>& cls, const char* name, T* P::*member) {
+  cls.def_property(
+      name, [member](const P& p) { return reinterpret_cast<std::uintptr_t>(p.*member); },
+      [member](P& p, std::uintptr_t address) { p.*member = reinterpret_cast<T*>(address); });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(hk_linear_attention_emulated, m) {
+  m.attr("DTYPES") = py::make_tuple("float32", "float16", "bfloat16");
+  m.attr("LINEAR_ATTENTION_MAX_DIM") = hk::kLinearAttentionMaxDim;
+  py::class_<P> cls(m, "LinearAttentionParams", py::module_local());  // _C registers the same C++ type
+  cls.def(py::init([](const py::kwargs& fields) {
+    P params;
+    py::object view = py::cast(&params, py::return_value_policy::reference);
+    for (auto field : fields) py::setattr(view, field.first, field.second);
+    return params;
+  }));
+  pointer(cls, "q", &P::q);
+  pointer(cls, "k", &P::k);
+  pointer(cls, "v", &P::v);
+  pointer(cls, "o", &P::o);
+  pointer(cls, "grad_o", &P::grad_o);
+  pointer(cls, "dq", &P::dq);
+  pointer(cls, "dk", &P::dk);
+  pointer(cls, "dv", &P::dv);
+  pointer(cls, "initial_state", &P::initial_state);
+  pointer(cls, "initial_key_sum", &P::initial_key_sum);
+  pointer(cls, "final_state", &P::final_state);
+  pointer(cls, "final_key_sum", &P::final_key_sum);
+  pointer(cls, "grad_final_state", &P::grad_final_state);
+  pointer(cls, "grad_final_key_sum", &P::grad_final_key_sum);
+  pointer(cls, "grad_initial_state", &P::grad_initial_state);
+  pointer(cls, "grad_initial_key_sum", &P::grad_initial_key_sum);
+  pointer(cls, "cu_seqlens", &P::cu_seqlens);
+  pointer(cls, "workspace", &P::workspace);
+  cls.def_readwrite("B", &P::B).def_readwrite("T", &P::T).def_readwrite("H", &P::H).def_readwrite("K", &P::K)
+      .def_readwrite("V", &P::V).def_readwrite("N", &P::N)
+      .def_readwrite("q_row_stride", &P::q_row_stride).def_readwrite("q_head_stride", &P::q_head_stride)
+      .def_readwrite("k_row_stride", &P::k_row_stride).def_readwrite("k_head_stride", &P::k_head_stride)
+      .def_readwrite("v_row_stride", &P::v_row_stride).def_readwrite("v_head_stride", &P::v_head_stride)
+      .def_readwrite("o_row_stride", &P::o_row_stride).def_readwrite("o_head_stride", &P::o_head_stride)
+      .def_readwrite("dq_row_stride", &P::dq_row_stride).def_readwrite("dq_head_stride", &P::dq_head_stride)
+      .def_readwrite("dk_row_stride", &P::dk_row_stride).def_readwrite("dk_head_stride", &P::dk_head_stride)
+      .def_readwrite("dv_row_stride", &P::dv_row_stride).def_readwrite("dv_head_stride", &P::dv_head_stride)
+      .def_readwrite("feature_map", &P::feature_map).def_readwrite("normalize", &P::normalize)
+      .def_readwrite("scale", &P::scale).def_readwrite("eps", &P::eps);
+  cls.def_property(
+      "dtype", [](const P& p) { return static_cast<int>(p.dtype); },
+      [](P& p, int code) { p.dtype = static_cast<hk::DType>(code); });
+  m.def("linear_attention_fwd", [](const P& p, std::uintptr_t) {
+    py::gil_scoped_release release;
+    check(hk::launch_linear_attention_fwd(p, nullptr), "linear_attention_fwd");
+  });
+  m.def("linear_attention_bwd", [](const P& p, std::uintptr_t) {
+    py::gil_scoped_release release;
+    check(hk::launch_linear_attention_bwd(p, nullptr), "linear_attention_bwd");
+  });
+  m.def("linear_attention_bwd_workspace_bytes", &hk::linear_attention_bwd_workspace_bytes);
+}
