@@ -30,6 +30,8 @@ from hadamard_kernels.ops.poly_gate import triton as gate_triton
 from hadamard_kernels.ops.poly_ncp import common as ncp_common
 from hadamard_kernels.ops.poly_ncp import reference as ncp_reference
 from hadamard_kernels.ops.poly_ncp import triton as ncp_triton
+from hadamard_kernels.ops.poly_sa import reference as sa_reference
+from hadamard_kernels.ops.poly_sa import triton as sa_triton
 
 pytestmark = pytest.mark.skipif("triton" not in cpu_backends(), reason="needs the Triton interpreter "
                                 "(TRITON_INTERPRET=1, set by conftest.py on a machine without a GPU)")
@@ -254,6 +256,140 @@ def launch_gate_bwd(TW, TH, programs, shape, spatial, dtype=torch.float64, kerne
     return Launch([da, db, part], [a, b, g, *params], check_values)
 
 
+# ---------------------------------------------------------------- poly_sa
+# B batch rows of SA_N tokens and SA_C channels: 16-token splits leave a ragged last split, 16-wide tiles 3 column
+# blocks (the last ragged) and 3 contraction chunks.
+SA_B, SA_N, SA_C = 2, 37, 45
+
+
+def sa_inputs(dtype, seed=0):
+    """z [B*N, C] rows, w1, w2, w3, alpha, beta, a ragged mask [B*N] (row 1 has 20 real tokens) and grad_y."""
+    rows = SA_B * SA_N
+    ws = [randn(SA_C, SA_C, dtype=dtype, seed=seed + 1 + i, scale=1 / math.sqrt(SA_C)) for i in range(3)]
+    mask = (torch.arange(SA_N)[None, :] < torch.tensor([SA_N, 20])[:, None]).reshape(-1)
+    return dict(z=randn(rows, SA_C, dtype=dtype, seed=seed), w1=ws[0], w2=ws[1], w3=ws[2],
+                alpha=randn(1, dtype=dtype, seed=seed + 4), beta=randn(1, dtype=dtype, seed=seed + 5), mask=mask,
+                g=randn(rows, SA_C, dtype=dtype, seed=seed + 6))
+
+
+def _sa_flags(dtype):
+    return sa_triton._flags(torch.empty(0, dtype=dtype), None)
+
+
+def _sa_reference_m(t, masked):
+    """m [B, C] in float64 from the float64 reference."""
+    z = t["z"].double().view(SA_B, SA_N, SA_C)
+    mask = t["mask"].view(SA_B, SA_N) if masked else None
+    return sa_reference.pool_forward(z, t["w1"].double(), t["w2"].double(), mask)
+
+
+def _sa_acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def launch_sa_pool(BT, BJ, BK, tokens_per_split, masked=True, dtype=torch.float64, kernel=None):
+    """poly_sa.triton's pool kernel with an explicit tile and token split: z row-padded, partial sums guarded."""
+    kernel = kernel or raw_kernel(sa_triton._poly_sa_pool_kernel)
+    t = sa_inputs(dtype)
+    splits = triton.cdiv(SA_N, tokens_per_split)
+    z = guarded_copy(t["z"], name="z", row_pad=ROW_PAD)
+    w1, w2 = guarded_copy(t["w1"], name="w1"), guarded_copy(t["w2"], name="w2")
+    mask = guarded_copy(t["mask"].to(torch.uint8), name="mask")
+    tag = f"BT={BT} BJ={BJ} BK={BK} split={tokens_per_split}"
+    part = guard_buffer((SA_B, splits, SA_C), _sa_acc(dtype), name=f"poly_sa pool partial sums {tag}")
+    kernel[(SA_B * triton.cdiv(SA_C, BJ), splits)](
+        z.view, w1.view, w2.view, mask.view, part.view, SA_N, SA_C, tokens_per_split, splits, z.view.stride(0),
+        HAS_MASK=masked, **_sa_flags(dtype), BT=BT, BJ=BJ, BK=BK)
+
+    def check_values():
+        counts = t["mask"].view(SA_B, SA_N).sum(1) if masked else torch.full((SA_B,), SA_N)
+        m = part.view.double().sum(1) / counts.clamp_min(1)[:, None]
+        assert_close(part.name, m, _sa_reference_m(t, masked), dtype)
+
+    return Launch([part], [z, w1, w2, mask], check_values)
+
+
+def launch_sa_out(BT, BJ, BK, dtype=torch.float64, kernel=None):
+    """poly_sa.triton's output kernel with an explicit tile, into a row-padded y."""
+    kernel = kernel or raw_kernel(sa_triton._poly_sa_out_kernel)
+    t = sa_inputs(dtype)
+    m_exact = _sa_reference_m(t, True)
+    z = guarded_copy(t["z"], name="z", row_pad=ROW_PAD)
+    m = guarded_copy(m_exact.to(_sa_acc(dtype)), name="m")
+    w3, alpha, beta = (guarded_copy(t[k], name=k) for k in ("w3", "alpha", "beta"))
+    rows = SA_B * SA_N
+    y = guard_buffer((rows, SA_C), dtype, name=f"poly_sa out y BT={BT} BJ={BJ} BK={BK}", row_pad=ROW_PAD)
+    kernel[(triton.cdiv(rows, BT) * triton.cdiv(SA_C, BJ),)](
+        z.view, m.view, w3.view, alpha.view, beta.view, y.view, rows, SA_N, SA_C, z.view.stride(0), y.view.stride(0),
+        **_sa_flags(dtype), BT=BT, BJ=BJ, BK=BK)
+
+    def check_values():
+        z3 = t["z"].double().view(SA_B, SA_N, SA_C)
+        ref = t["alpha"].double() * z3 + t["beta"].double() * ((z3 * m_exact[:, None, :]) @ t["w3"].double())
+        assert_close(y.name, y.view, ref.view(rows, SA_C), dtype)
+
+    return Launch([y], [z, m, w3, alpha, beta], check_values)
+
+
+def launch_sa_out_bwd(BT, BI, BK, tokens_per_split, dtype=torch.float64, kernel=None):
+    """poly_sa.triton's output-backward kernel with an explicit tile and token split: z and grad_y row-padded, dz and
+    u row-padded guards, the partial sums guarded."""
+    kernel = kernel or raw_kernel(sa_triton._poly_sa_out_bwd_kernel)
+    t = sa_inputs(dtype)
+    m_exact = _sa_reference_m(t, True)
+    splits = triton.cdiv(SA_N, tokens_per_split)
+    rows = SA_B * SA_N
+    z, g = guarded_copy(t["z"], name="z", row_pad=ROW_PAD), guarded_copy(t["g"], name="grad_y", row_pad=ROW_PAD)
+    m = guarded_copy(m_exact.to(_sa_acc(dtype)), name="m")
+    w3, alpha, beta = (guarded_copy(t[k], name=k) for k in ("w3", "alpha", "beta"))
+    tag = f"BT={BT} BI={BI} BK={BK} split={tokens_per_split}"
+    dz = guard_buffer((rows, SA_C), dtype, name=f"poly_sa out bwd dz {tag}", row_pad=ROW_PAD)
+    u = guard_buffer((rows, SA_C), dtype, name=f"poly_sa out bwd u {tag}", row_pad=ROW_PAD)
+    part = guard_buffer((2, SA_B, splits, SA_C), _sa_acc(dtype), name=f"poly_sa out bwd partial sums {tag}")
+    kernel[(SA_B * triton.cdiv(SA_C, BI), splits)](
+        z.view, g.view, m.view, w3.view, alpha.view, beta.view, dz.view, u.view, part.view, SA_N, SA_C,
+        tokens_per_split, splits, SA_B * splits * SA_C, z.view.stride(0), g.view.stride(0), dz.view.stride(0),
+        u.view.stride(0), **_sa_flags(dtype), BT=BT, BI=BI, BK=BK)
+
+    def check_values():
+        zd, gd = t["z"].double(), t["g"].double()
+        alpha_d, beta_d = t["alpha"].double(), t["beta"].double()
+        m_rows = m_exact.repeat_interleave(SA_N, 0)
+        gp = gd @ t["w3"].double().T
+        assert_close(dz.name, dz.view, alpha_d * gd + beta_d * gp * m_rows, dtype)
+        assert_close(u.name, u.view, beta_d * zd * m_rows, dtype)
+        sums = part.view.double().sum(2)
+        assert_close(f"{part.name} (q)", sums[0], (gp * zd).view(SA_B, SA_N, SA_C).sum(1), dtype)
+        assert_close(f"{part.name} (dalpha)", sums[1].sum(), (gd * zd).sum(), dtype)
+
+    return Launch([dz, u, part], [z, g, m, w3, alpha, beta], check_values)
+
+
+def launch_sa_pool_bwd(BT, BJ, BK, masked=True, dtype=torch.float64, kernel=None):
+    """poly_sa.triton's pool-gradient kernel with an explicit tile, into a row-padded grad_p [B*N, 2C]."""
+    kernel = kernel or raw_kernel(sa_triton._poly_sa_pool_bwd_kernel)
+    t = sa_inputs(dtype)
+    s_exact = randn(SA_B, SA_C, dtype=torch.float64, seed=9)
+    z = guarded_copy(t["z"], name="z", row_pad=ROW_PAD)
+    w1, w2 = guarded_copy(t["w1"], name="w1"), guarded_copy(t["w2"], name="w2")
+    mask = guarded_copy(t["mask"].to(torch.uint8), name="mask")
+    s = guarded_copy(s_exact.to(_sa_acc(dtype)), name="s")
+    rows = SA_B * SA_N
+    grad_p = guard_buffer((rows, 2 * SA_C), dtype, name=f"poly_sa grad_p BT={BT} BJ={BJ} BK={BK}", row_pad=ROW_PAD)
+    kernel[(triton.cdiv(rows, BT) * triton.cdiv(SA_C, BJ),)](
+        z.view, w1.view, w2.view, mask.view, s.view, grad_p.view, rows, SA_N, SA_C, z.view.stride(0),
+        grad_p.view.stride(0), HAS_MASK=masked, **_sa_flags(dtype), BT=BT, BJ=BJ, BK=BK)
+
+    def check_values():
+        zd = t["z"].double()
+        s_rows = s_exact.repeat_interleave(SA_N, 0)
+        keep = t["mask"][:, None] if masked else torch.ones(rows, 1, dtype=torch.bool)
+        expected = torch.cat([s_rows * (zd @ t["w2"].double()), s_rows * (zd @ t["w1"].double())], 1)
+        assert_close(grad_p.name, grad_p.view, torch.where(keep, expected, 0.0), dtype)
+
+    return Launch([grad_p], [z, w1, w2, mask, s], check_values)
+
+
 # ---------------------------------------------------------------- the cases
 def loop(BM=16, BC=32, BD=16):
     return dict(BM=BM, BC=BC, BD=BD, GROUPED=False)
@@ -298,6 +434,21 @@ CASES = [
                  id="gate_bwd-spatial-2x2"),
     pytest.param(launch_gate_bwd, dict(TW=4, TH=2, programs=2, shape=(1, 3, 2, 21), spatial=True,
                                        dtype=torch.float32), id="gate_bwd-spatial-W3-fp32"),
+    # poly_sa: 37 tokens per batch row, C = 45; 16-token splits (the last ragged), 16-wide tiles (3 column blocks and
+    # 3 contraction chunks), one split of 128 tokens; the flat-row kernels' tiles straddle batch rows.
+    pytest.param(launch_sa_pool, dict(BT=16, BJ=16, BK=16, tokens_per_split=16), id="sa_pool-split16"),
+    pytest.param(launch_sa_pool, dict(BT=32, BJ=32, BK=16, tokens_per_split=128, masked=False, dtype=torch.float32),
+                 id="sa_pool-one-split-fp32"),
+    pytest.param(launch_sa_pool, dict(BT=16, BJ=32, BK=32, tokens_per_split=32, dtype=torch.float16),
+                 id="sa_pool-split32-fp16"),
+    pytest.param(launch_sa_out, dict(BT=16, BJ=16, BK=16), id="sa_out"),
+    pytest.param(launch_sa_out, dict(BT=32, BJ=32, BK=32, dtype=torch.float16), id="sa_out-fp16"),
+    pytest.param(launch_sa_out_bwd, dict(BT=16, BI=16, BK=16, tokens_per_split=16), id="sa_out_bwd-split16"),
+    pytest.param(launch_sa_out_bwd, dict(BT=32, BI=32, BK=16, tokens_per_split=128, dtype=torch.float32),
+                 id="sa_out_bwd-one-split-fp32"),
+    pytest.param(launch_sa_pool_bwd, dict(BT=16, BJ=16, BK=16), id="sa_pool_bwd"),
+    pytest.param(launch_sa_pool_bwd, dict(BT=32, BJ=32, BK=32, masked=False, dtype=torch.float16),
+                 id="sa_pool_bwd-fp16"),
 ]
 
 
@@ -337,6 +488,18 @@ PLANTS = [
     pytest.param(launch_gate_bwd, dict(TW=2, TH=2, programs=3, shape=(2, 5, 7, 45), spatial=True),
                  gate_triton._poly_gate_bwd_kernel, "t1 = tl.where(px_w <= W - 2, r + H, r - (W - 1) * H)",
                  "t1 = r + H", "past the end", id="gate_bwd-shift-target-unwrapped"),
+    pytest.param(launch_sa_pool, dict(BT=16, BJ=16, BK=16, tokens_per_split=16), sa_triton._poly_sa_pool_kernel,
+                 "+ o_j, acc, mask=m_j)", "+ o_j, acc)", "past the end", id="sa_pool-no-column-mask"),
+    pytest.param(launch_sa_out, dict(BT=16, BJ=16, BK=16), sa_triton._poly_sa_out_kernel,
+                 "m_y = m_rows[:, None] & m_j[None, :]", "m_y = m_j[None, :]", "past the end",
+                 id="sa_out-no-row-mask"),
+    pytest.param(launch_sa_out_bwd, dict(BT=16, BI=16, BK=16, tokens_per_split=16),
+                 sa_triton._poly_sa_out_bwd_kernel, "m_tile = m_t[:, None] & m_i[None, :]",
+                 "m_tile = m_i[None, :]", "past the end", id="sa_out_bwd-no-token-mask"),
+    pytest.param(launch_sa_pool_bwd, dict(BT=16, BJ=16, BK=16), sa_triton._poly_sa_pool_bwd_kernel,
+                 "tl.store(p_out + C, tl.where(keep, s * p1, 0.0).to(gp_ptr.dtype.element_ty), mask=m_tile)",
+                 "tl.store(p_out + C, tl.where(keep, s * p1, 0.0).to(gp_ptr.dtype.element_ty), mask=m_rows[:, None])",
+                 "past the end of row", id="sa_pool_bwd-column-overrun"),
 ]
 
 
