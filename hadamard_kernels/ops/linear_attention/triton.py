@@ -17,8 +17,8 @@ loaded tiles. With Q = phi(q), K = phi(k), dN = d(num) = scale * do (/ den):
 (G, g_z: gradients of the final state and key sum; dden = -(do . o) / den.) The final R of the o pass is the final
 state S_T, of the dv pass d S_0; the extra row of the dk pass ends as d z_0. With normalize the backward first
 reruns the o pass to get o and den (fp32, [B*T, H]). A pass costs about one forward: it reads its three operands
-and writes one output, so the backward is three passes (four with normalize) and nothing of size T x D x D (the
-per-chunk states) is ever written.
+and writes one output, so the backward is three passes (four with normalize); the per-chunk states are never
+written (only per-segment sums, when sequences are split as below).
 
 Parallelism: programs = sequences x heads x cdiv(DC, BC). When that is below the SM count (small batch x heads,
 long T), every sequence is cut into segments of L chunks: `_segment_sum_kernel` computes each segment's b^T c (a
@@ -55,8 +55,9 @@ _DC_BLOCK_PLAN = 64  # the BC the segment plan assumes (the autotuner may pick a
 
 # Chunk kernel configs (BC: state columns per program, R is [DA, BC] fp32), one list per width DA of the a/b tiles
 # (the head dim padded to a power of 2). First config = the default when autotuning is off; the interpreter takes
-# the smallest. Registers and spills per config (sm_90, bf16) are in the report of ../shared/tools/sm90_report.py:
-# these lists keep the configs that fit.
+# the smallest. Kept: configs that compile for sm_90 (bf16) to wgmma with no register spills, except DA = 256 with
+# a feature map in the o and dv passes, where every config tried spills 40-220 bytes (both a and b are phi'd tiles
+# held in registers as dot operands).
 _CHUNK_CONFIGS = [  # DA <= 64
     triton.Config({"BC": bc}, num_warps=w, num_stages=s)
     for bc, w, s in [(64, 4, 2), (64, 8, 2), (64, 4, 3), (128, 8, 2)]
@@ -248,10 +249,10 @@ def _operands(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, den_ptr, o_t, m_t, o_a, m_a, o
 @triton.jit
 def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, den_ptr, out_ptr, r0_ptr, e0_ptr, rT_ptr, eT_ptr, seg_ptr,
                   sege_ptr, cu_ptr, seg_seq_ptr, seg_off_ptr, T, H, K, V, NSEG, L, scale, scale_lo, eps,
-                  eps_lo, stride_ra, stride_rc, MODE: tl.constexpr, FMAP: tl.constexpr, NORMALIZE: tl.constexpr, HAS_R0: tl.constexpr,
-                  HAS_E0: tl.constexpr, STORE_R: tl.constexpr, STORE_E: tl.constexpr, STORE_DEN: tl.constexpr,
-                  VARLEN: tl.constexpr, SPLIT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                  TF32: tl.constexpr, DA: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+                  eps_lo, stride_ra, stride_rc, MODE: tl.constexpr, FMAP: tl.constexpr, NORMALIZE: tl.constexpr,
+                  HAS_R0: tl.constexpr, HAS_E0: tl.constexpr, STORE_R: tl.constexpr, STORE_E: tl.constexpr,
+                  STORE_DEN: tl.constexpr, VARLEN: tl.constexpr, SPLIT: tl.constexpr, ACC: tl.constexpr,
+                  PREC: tl.constexpr, TF32: tl.constexpr, DA: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """One pass (see the module docstring) for one segment, one head and BC columns of c.
 
     out [rows, H, DC]. r0, rT [N, H, K, V] read/written with strides (stride_ra, stride_rc) over (a, c) dims;
@@ -612,7 +613,8 @@ def _pass(mode, q, k, v, do, o, den, out, r0, e0, rT, eT, *, feature_map, normal
         _segment_scan_kernel[(triton.cdiv(DC_, BS) * H * plan.N,)](
             seg, sege, *(t if t is not None else seg for t in (r0, e0, rT, eT)), plan.seg_off, H, K, V, plan.nseg,
             *strides, MODE=mode, NORMALIZE=normalize, HAS_R0=r0 is not None, HAS_E0=e0 is not None,
-            STORE_R=rT is not None, STORE_E=eT is not None, VARLEN=plan.varlen, ACC=flags["ACC"], DA=DA, BC=BS, num_warps=4)
+            STORE_R=rT is not None, STORE_E=eT is not None, VARLEN=plan.varlen, ACC=flags["ACC"], DA=DA, BC=BS,
+            num_warps=4)
         r0 = e0 = rT = eT = None  # the scan consumed the initial state and wrote the final one
     if config is None:
         kernel, kwargs = _chunk[max(DA, 64)], {}
@@ -647,9 +649,9 @@ def _decode(q, k, v, initial_state, initial_key_sum, feature_map, normalize, sca
     _decode_kernel[(triton.cdiv(V, BC) * B * H,)](
         q, k, v, o, *(t if t is not None else dummy for t in (initial_state, initial_key_sum, final_state,
                                                               final_key_sum)),
-        H, K, V, *_hi_lo(scale), *_hi_lo(eps), FMAP=_FMAP[feature_map], NORMALIZE=normalize, HAS_S0=initial_state is not None,
-        HAS_Z0=initial_key_sum is not None, STORE_S=output_final_state, ACC=_dtype_flags(q.dtype)["ACC"], DA=DA,
-        BC=BC, num_warps=4)
+        H, K, V, *_hi_lo(scale), *_hi_lo(eps), FMAP=_FMAP[feature_map], NORMALIZE=normalize,
+        HAS_S0=initial_state is not None, HAS_Z0=initial_key_sum is not None, STORE_S=output_final_state,
+        ACC=_dtype_flags(q.dtype)["ACC"], DA=DA, BC=BC, num_warps=4)
     return o, final_state, final_key_sum
 
 
