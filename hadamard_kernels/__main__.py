@@ -24,7 +24,7 @@ def info() -> int:
         print(f"triton: {err}")
     ext, why = _backend.cuda_extension()
     print(f"CUDA extension hadamard_kernels._C: {'built (' + ext.__file__ + ')' if ext else why}")
-    if ext is not None:
+    if ext is not None and hasattr(ext, "cuda_runtime_info"):
         driver, runtime, count, error = ext.cuda_runtime_info()
         driver_text = f"CUDA {_backend._cuda_version(driver)}" if driver > 0 else "none"
         print(f"  CUDA runtime {_backend._cuda_version(runtime)} (linked in)   NVIDIA driver: {driver_text}   "

@@ -86,6 +86,9 @@ def cuda_runtime_problem() -> str | None:
     ext, why = cuda_extension()
     if ext is None:
         return why
+    if not hasattr(ext, "cuda_runtime_info"):
+        return ("hadamard_kernels._C was built from an older version of the package; rebuild it: "
+                "HADAMARD_KERNELS_CUDA=1 pip install --no-build-isolation -e .")
     driver, runtime, _, error = ext.cuda_runtime_info()
     if (problem := driver_problem(driver, runtime)) is not None:
         return problem

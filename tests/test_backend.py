@@ -217,6 +217,12 @@ def test_no_gpu_for_the_extension_runtime(fake_extension):
     assert _backend.unavailable_reason("cuda", torch.device("cuda"), torch.float32) is None
 
 
+def test_stale_extension_is_reported(fake_extension):
+    """An _C built before cuda_runtime_info existed makes the backend unavailable with a rebuild hint."""
+    fake_extension(object())
+    assert "rebuild" in _backend.unavailable_reason("cuda", torch.device("cuda"), torch.float32)
+
+
 def test_cli_info_reports_an_old_driver(fake_extension, capsys):
     from hadamard_kernels.__main__ import info
 
