@@ -256,6 +256,14 @@ def check_emulated(inputs, *, feature_map="identity", normalize=False, scale=0.7
 EMULATED_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def test_shared_memory_formula_matches_the_kernels(emulated_extension):
+    """cuda.shared_bytes (unsupported() compares it with the GPU's limit) against the kernels' own, plus static."""
+    for code, dtype in enumerate(EMULATED_DTYPES):
+        for K, V in ((1, 1), (64, 3), (65, 200), (256, 256)):
+            dynamic = emulated_extension.scan_shared_bytes(code, max(K, V))
+            assert 0 < la_cuda.shared_bytes(dtype, K, V) - dynamic <= 4096, (dtype, K, V)
+
+
 @pytest.mark.parametrize("dtype", EMULATED_DTYPES, ids=str)
 @pytest.mark.parametrize("feature_map", FEATURE_MAPS)
 @pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalize"])

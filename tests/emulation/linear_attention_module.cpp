@@ -87,4 +87,10 @@ PYBIND11_MODULE(hk_linear_attention_emulated, m) {
     check(hk::launch_linear_attention_bwd(p, nullptr), "linear_attention_bwd");
   });
   m.def("linear_attention_bwd_workspace_bytes", &hk::linear_attention_bwd_workspace_bytes);
+  // The dynamic shared memory of one block (dtype code, reduction dim), for cuda.py's copy of the formula.
+  m.def("scan_shared_bytes", [](int dtype, int64_t da) {
+    namespace d = hk::linear_attention_detail;
+    return dtype == 0 ? d::shared_bytes<float>(da) : dtype == 1 ? d::shared_bytes<__half>(da)
+                                                                : d::shared_bytes<__nv_bfloat16>(da);
+  });
 }

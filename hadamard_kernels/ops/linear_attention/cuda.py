@@ -23,6 +23,15 @@ MAX_DIM = 256
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def shared_bytes(dtype, K, V) -> int:
+    """Shared memory of one block of the scan kernel, the largest over the passes (their reduction dim is K or V):
+    shared_bytes() in csrc/linear_attention_kernels.cuh (four [64, 64] tiles and the fp32 state [dim, 64 + 4])
+    plus its static arrays."""
+    elem, pad = (4, 4) if dtype == torch.float32 else (2, 8)
+    dim = -(-max(K, V) // 64) * 64
+    return 4 * 64 * (64 + pad) * elem + dim * 68 * 4 + 4 * (256 + 7 * 64 + 4)
+
+
 def unsupported(q, k, v, initial_state, initial_key_sum, feature_map, normalize, scale, eps, output_final_state,
                 cu_seqlens):
     if q.dtype not in DTYPES:
@@ -31,6 +40,12 @@ def unsupported(q, k, v, initial_state, initial_key_sum, feature_map, normalize,
     if K > MAX_DIM or V > MAX_DIM:
         return (f"the cuda kernels keep a [K or V, 64] slice of the fp32 state in shared memory and support "
                 f"K, V <= {MAX_DIM}, got K={K}, V={V}")
+    if q.device.type == "cuda":
+        # GPUs with 99 KB per block (sm_86, sm_89) fit every 16-bit size up to K, V = 192 and float32 up to 64.
+        limit = getattr(torch.cuda.get_device_properties(q.device), "shared_memory_per_block_optin", None)
+        if limit and (need := shared_bytes(q.dtype, K, V)) > limit:
+            return (f"K={K}, V={V} in {q.dtype} need {need} bytes of shared memory per block, this GPU allows "
+                    f"{limit}")
     return None
 
 
