@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -38,6 +39,35 @@ def test_extension_built_where_nvcc_is():
     if os.environ.get("HADAMARD_KERNELS_CUDA", "auto") == "0" or not nvcc_present():
         pytest.skip(f"no CUDA build requested here ({EXT_MISSING})")
     pytest.fail(f"nvcc is present but {EXT_MISSING}")
+
+
+def _configure(tmp_path, *options) -> str:
+    """Configures CMakeLists.txt in tmp_path (no compile; again in the same folder: the compiler checks are cached)
+    and returns the generated build.ninja."""
+    import subprocess
+    import sys
+
+    pybind11 = pytest.importorskip("pybind11")
+    if shutil.which("cmake") is None or shutil.which("ninja") is None or not nvcc_present():
+        pytest.skip("needs cmake, ninja and nvcc")
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run(["cmake", str(root), "-G", "Ninja", f"-DCMAKE_CUDA_COMPILER={nvcc}",
+                    f"-DPython_EXECUTABLE={sys.executable}", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", *options],
+                   cwd=tmp_path, check=True, capture_output=True)
+    return (tmp_path / "build.ninja").read_text()
+
+
+def test_build_flags(tmp_path):
+    """Warnings are errors only with HK_WERROR (CI); the default architectures are SASS for sm_80 and sm_90a plus
+    compute_80 PTX (which newer GPUs JIT-compile), and no sm_90a PTX (which runs nowhere else)."""
+    default = _configure(tmp_path)
+    assert "Werror" not in default
+    codes = set(re.findall(r"--generate-code=arch=(compute_\w+),code=\[([\w,]+)\]", default))
+    targets = {(arch, code) for arch, codes_ in codes for code in codes_.split(",")}
+    assert targets == {("compute_80", "sm_80"), ("compute_80", "compute_80"), ("compute_90a", "sm_90a")}, targets
+    strict = _configure(tmp_path, "-DHK_WERROR=ON")
+    assert "-Werror=all-warnings" in strict and "-Xcompiler=-Werror" in strict
 
 
 # ---------------------------------------------------------------- codes shared with Python
