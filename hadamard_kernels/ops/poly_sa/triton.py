@@ -32,15 +32,28 @@ import triton.language as tl
 from .._library import triton_autotune
 from .common import accumulate_dtype, inverse_counts
 
-# Tiles: BT tokens x BJ (or BI) columns, BK the contraction chunk. The first config is the default.
-_CONFIGS = [
+# Tiles: BT tokens x BJ (or BI) columns, BK the contraction chunk; the first config of each list is the default.
+# Register use on sm_90 (bf16, ../shared/tools/sm90_report.py) picks the lists: two [BT, BJ] fp32 accumulators
+# (pool, pool gradient) spill at 128 x 128 or 64 x 128 with 4 warps, so those take 8; the output-backward epilogue
+# spills at 128 x 128.
+_TWO_ACC_CONFIGS = [
+    triton.Config({"BT": bt, "BJ": bj, "BK": bk}, num_warps=w, num_stages=s)
+    for bt, bj, bk, w, s in [
+        (128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4), (32, 32, 32, 4, 2),
+    ]
+]
+_OUT_CONFIGS = [
     triton.Config({"BT": bt, "BJ": bj, "BK": bk}, num_warps=w, num_stages=s)
     for bt, bj, bk, w, s in [
         (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 32, 32, 4, 2),
     ]
 ]
-_OUT_BWD_CONFIGS = [triton.Config({"BT": c.kwargs["BT"], "BI": c.kwargs["BJ"], "BK": c.kwargs["BK"]},
-                                  num_warps=c.num_warps, num_stages=c.num_stages) for c in _CONFIGS]
+_OUT_BWD_CONFIGS = [
+    triton.Config({"BT": bt, "BI": bi, "BK": bk}, num_warps=w, num_stages=s)
+    for bt, bi, bk, w, s in [
+        (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4), (64, 64, 64, 8, 4), (32, 32, 32, 4, 2),
+    ]
+]
 
 # A split of one batch row's tokens is a whole number of SPLIT_ALIGN tokens.
 SPLIT_ALIGN = 128
@@ -166,15 +179,17 @@ def _poly_sa_out_bwd_kernel(z_ptr, g_ptr, m_ptr, w3_ptr, alpha_ptr, beta_ptr, dz
             b_g = tl.load(p_g + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
             b_w = tl.load(w3_ptr + o_i[:, None] * C + o_k[None, :], mask=m_i[:, None] & m_k[None, :], other=0.0)
             gp = _dot(b_g, tl.trans(b_w), gp, IEEE, ACC)
+        # z's uses first, then grad_y's: fewer fp32 tiles live at once than with both loaded up front (on sm_90 the
+        # [128, 64] tile spilled that way).
         m_tile = m_t[:, None] & m_i[None, :]
         b_z = tl.load(z_ptr + rows * stride_z + o_i[None, :], mask=m_tile, other=0.0).to(ACC)
-        b_g = tl.load(p_g + o_i[None, :], mask=m_tile, other=0.0).to(ACC)
-        dz = alpha * b_g + beta * gp * m_b
-        tl.store(dz_ptr + rows * stride_dz + o_i[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m_tile)
+        acc_q += tl.sum(gp * b_z, axis=0)
         tl.store(u_ptr + rows * stride_u + o_i[None, :], (beta * b_z * m_b).to(u_ptr.dtype.element_ty),
                  mask=m_tile)
-        acc_q += tl.sum(gp * b_z, axis=0)
+        b_g = tl.load(p_g + o_i[None, :], mask=m_tile, other=0.0).to(ACC)
         acc_a += tl.sum(b_g * b_z, axis=0)
+        dz = alpha * b_g + beta * gp * m_b
+        tl.store(dz_ptr + rows * stride_dz + o_i[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m_tile)
     p_part = part_ptr + (i_b.to(tl.int64) * n_splits + i_s) * C + o_i
     tl.store(p_part, acc_q, mask=m_i)
     tl.store(p_part + part_plane, acc_a, mask=m_i)
@@ -201,10 +216,10 @@ def _poly_sa_pool_bwd_kernel(z_ptr, w1_ptr, w2_ptr, mask_ptr, s_ptr, gp_ptr, M, 
     tl.store(p_out + C, tl.where(keep, s * p1, 0.0).to(gp_ptr.dtype.element_ty), mask=m_tile)
 
 
-_pool_tuned = triton_autotune(_CONFIGS, key=["N", "C", "HAS_MASK"])(_poly_sa_pool_kernel)
-_out_tuned = triton_autotune(_CONFIGS, key=["C"])(_poly_sa_out_kernel)
+_pool_tuned = triton_autotune(_TWO_ACC_CONFIGS, key=["N", "C", "HAS_MASK"])(_poly_sa_pool_kernel)
+_out_tuned = triton_autotune(_OUT_CONFIGS, key=["C"])(_poly_sa_out_kernel)
 _out_bwd_tuned = triton_autotune(_OUT_BWD_CONFIGS, key=["N", "C"])(_poly_sa_out_bwd_kernel)
-_pool_bwd_tuned = triton_autotune(_CONFIGS, key=["C", "HAS_MASK"])(_poly_sa_pool_bwd_kernel)
+_pool_bwd_tuned = triton_autotune(_TWO_ACC_CONFIGS, key=["C", "HAS_MASK"])(_poly_sa_pool_bwd_kernel)
 
 
 # ---------------------------------------------------------------- launchers
