@@ -124,14 +124,6 @@ def _poly_gate_bwd_kernel(a_ptr, b_ptr, gy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, 
     m_c1 = o_c < C
     c3 = o_c[None, None, :]
     m_c = m_c1[None, None, :]
-    w1 = tl.load(w1_ptr + c3, mask=m_c, other=0.0).to(ACC)
-    b1 = tl.load(b1_ptr + c3, mask=m_c, other=0.0).to(ACC)
-    w2 = tl.load(w2_ptr + c3, mask=m_c, other=0.0).to(ACC)
-    b2 = tl.load(b2_ptr + c3, mask=m_c, other=0.0).to(ACC)
-    if HAS_ALPHA:
-        alpha = tl.load(alpha_ptr + c3 * alpha_stride, mask=m_c, other=0.0).to(ACC)
-    else:
-        alpha = tl.full((1, 1, BC), 1.0, ACC)
     grp = _group(c3, G1, G2, G3)
     acc_dw1 = tl.zeros((BC,), ACC)
     acc_db1 = tl.zeros((BC,), ACC)
@@ -154,46 +146,64 @@ def _poly_gate_bwd_kernel(a_ptr, b_ptr, gy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, 
             valid = r < M
             src = r
         mask = valid & m_c
-        x1 = tl.load(a_ptr + src * stride_a + c3, mask=mask, other=0.0).to(ACC)
+        # The parameters are re-read per tile (cache hits) rather than held: registers go to the five sums.
+        w1 = tl.load(w1_ptr + c3, mask=m_c, other=0.0).to(ACC)
+        b1 = tl.load(b1_ptr + c3, mask=m_c, other=0.0).to(ACC)
+        w2 = tl.load(w2_ptr + c3, mask=m_c, other=0.0).to(ACC)
+        b2 = tl.load(b2_ptr + c3, mask=m_c, other=0.0).to(ACC)
+        if HAS_ALPHA:
+            alpha = tl.load(alpha_ptr + c3 * alpha_stride, mask=m_c, other=0.0).to(ACC)
+        else:
+            alpha = tl.full((1, 1, BC), 1.0, ACC)
+        # Ordered to keep few [TW, TH, BC] tensors alive at once: LN2's branch is finished (db stored) before
+        # LN1's input gradient is formed.
         x2 = tl.load(b_ptr + r * stride_b + c3, mask=mask, other=0.0).to(ACC)
-        g = tl.load(gy_ptr + r * stride_g + c3, mask=mask, other=0.0).to(ACC)
-        xhat1, rstd1 = _normalise(x1, m_c, C, eps)
         xhat2, rstd2 = _normalise(x2, m_c, C, eps)
+        x1 = tl.load(a_ptr + src * stride_a + c3, mask=mask, other=0.0).to(ACC)
+        xhat1, rstd1 = _normalise(x1, m_c, C, eps)
         n1 = xhat1 * w1 + b1
         n2 = xhat2 * w2 + b2
+        g = tl.load(gy_ptr + r * stride_g + c3, mask=mask, other=0.0).to(ACC)
         # y = n1 + alpha * n1 * n2; padding rows and channels contribute nothing, whatever the parameters hold.
-        dn1 = tl.where(mask, g * (1.0 + alpha * n2), 0.0)
+        acc_dalpha += tl.sum(tl.sum(tl.where(mask, g * n1 * n2, 0.0), axis=0), axis=0)
         dn2 = tl.where(mask, g * alpha * n1, 0.0)
-        acc_dw1 += tl.sum(tl.sum(dn1 * xhat1, axis=0), axis=0)
-        acc_db1 += tl.sum(tl.sum(dn1, axis=0), axis=0)
+        dn1 = tl.where(mask, g * (1.0 + alpha * n2), 0.0)
         acc_dw2 += tl.sum(tl.sum(dn2 * xhat2, axis=0), axis=0)
         acc_db2 += tl.sum(tl.sum(dn2, axis=0), axis=0)
-        acc_dalpha += tl.sum(tl.sum(tl.where(mask, g * n1 * n2, 0.0), axis=0), axis=0)
-        dx1 = _input_grad(dn1, xhat1, rstd1, w1, C)
         dx2 = _input_grad(dn2, xhat2, rstd2, w2, C)
         tl.store(db_ptr + r * stride_db + c3, dx2.to(db_ptr.dtype.element_ty), mask=mask)
+        acc_dw1 += tl.sum(tl.sum(dn1 * xhat1, axis=0), axis=0)
+        acc_db1 += tl.sum(tl.sum(dn1, axis=0), axis=0)
+        dx1 = _input_grad(dn1, xhat1, rstd1, w1, C)
         if SPATIAL:
-            # The shift's transpose as a row permutation; each border pixel's two reads summed in registers.
+            # The shift's transpose as a row permutation; the two reads of each border pixel summed in registers.
+            # Groups 0/1 (+W/-W) add the term of pixel w = 0 / W - 1 to the row that sends to it (w = 1 / W - 2,
+            # or the pixel itself when W = 1), groups 2/3 the same along H. One reduction per axis serves both
+            # groups of that axis (their channels are disjoint).
             dx1 = tl.where(mask, dx1, 0.0)
             first_w = (W > 1).to(tl.int32)  # min(1, W - 1)
             last_w = W - 1 - first_w  # max(W - 2, 0)
             first_h = (H > 1).to(tl.int32)
             last_h = H - 1 - first_h
-            from_w0 = tl.sum(tl.where(px_w == 0, dx1, 0.0), axis=0, keep_dims=True)
-            from_wl = tl.sum(tl.where(px_w == W - 1, dx1, 0.0), axis=0, keep_dims=True)
-            from_h0 = tl.sum(tl.where(px_h == 0, dx1, 0.0), axis=1, keep_dims=True)
-            from_hl = tl.sum(tl.where(px_h == H - 1, dx1, 0.0), axis=1, keep_dims=True)
-            v0 = tl.where(px_w >= 1, dx1, 0.0) + tl.where(px_w == first_w, from_w0, 0.0)
-            v1 = tl.where(px_w <= W - 2, dx1, 0.0) + tl.where(px_w == last_w, from_wl, 0.0)
-            v2 = tl.where(px_h >= 1, dx1, 0.0) + tl.where(px_h == first_h, from_h0, 0.0)
-            v3 = tl.where(px_h <= H - 2, dx1, 0.0) + tl.where(px_h == last_h, from_hl, 0.0)
+            border_w = ((grp == 0) & (px_w == 0)) | ((grp == 1) & (px_w == W - 1))
+            border_h = ((grp == 2) & (px_h == 0)) | ((grp == 3) & (px_h == H - 1))
+            from_w = tl.sum(tl.where(border_w, dx1, 0.0), axis=0, keep_dims=True)
+            from_h = tl.sum(tl.where(border_h, dx1, 0.0), axis=1, keep_dims=True)
+            own = tl.where(grp == 0, px_w >= 1, tl.where(grp == 1, px_w <= W - 2,
+                                                         tl.where(grp == 2, px_h >= 1, px_h <= H - 2)))
+            carrier_w = ((grp == 0) & (px_w == first_w)) | ((grp == 1) & (px_w == last_w))
+            carrier_h = ((grp == 2) & (px_h == first_h)) | ((grp == 3) & (px_h == last_h))
+            value = (tl.where(own, dx1, 0.0) + tl.where(carrier_w, from_w, 0.0)
+                     + tl.where(carrier_h, from_h, 0.0)).to(da_ptr.dtype.element_ty)
+            # Target rows per group ([TW, TH, 1]): one masked store per group keeps the row offsets per row.
             t0 = tl.where(px_w >= 1, r - H, r + (W - 1) * H)  # (w - 1) mod W
             t1 = tl.where(px_w <= W - 2, r + H, r - (W - 1) * H)  # (w + 1) mod W
             t2 = tl.where(px_h >= 1, r - 1, r + (H - 1))  # (h - 1) mod H
             t3 = tl.where(px_h <= H - 2, r + 1, r - (H - 1))  # (h + 1) mod H
-            value = tl.where(grp == 0, v0, tl.where(grp == 1, v1, tl.where(grp == 2, v2, v3)))
-            target = tl.where(grp == 0, t0, tl.where(grp == 1, t1, tl.where(grp == 2, t2, t3)))
-            tl.store(da_ptr + target * stride_da + c3, value.to(da_ptr.dtype.element_ty), mask=mask)
+            tl.store(da_ptr + t0 * stride_da + c3, value, mask=mask & (grp == 0))
+            tl.store(da_ptr + t1 * stride_da + c3, value, mask=mask & (grp == 1))
+            tl.store(da_ptr + t2 * stride_da + c3, value, mask=mask & (grp == 2))
+            tl.store(da_ptr + t3 * stride_da + c3, value, mask=mask & (grp == 3))
         else:
             tl.store(da_ptr + r * stride_da + c3, dx1.to(da_ptr.dtype.element_ty), mask=mask)
     p_part = part_ptr + pid.to(tl.int64) * C + o_c
@@ -244,7 +254,11 @@ def backward_config(C: int, spatial_dims: tuple[int, int] | None) -> dict:
                 TW *= 2
     else:
         TW, TH = 1, rows
-    return dict(TW=TW, TH=TH, BC=BC, num_warps=_num_warps(TW * TH * BC))
+    # Each thread also holds BC / threads entries of the five parameter-gradient sums across tiles. sm_90 builds
+    # (../shared/tools/sm90_report.py, bf16): 8 warps keep [2, 2, 1024] and [1, 2, 1024] tiles free of spills
+    # (255 and 173 registers), where 16 warps (128 registers each) spill; [2, 2, 2048] spills with either.
+    elements = TW * TH * BC
+    return dict(TW=TW, TH=TH, BC=BC, num_warps=16 if elements > 4096 else max(4, min(8, elements // 256)))
 
 
 def _acc(dtype):
