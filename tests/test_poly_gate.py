@@ -14,6 +14,7 @@ from torch import nn
 from utils import HAS_CUDA, assert_close, cpu_backends, cuda, forward_backward, gpu_backends, rel_err, requires_cuda
 
 import hadamard_kernels as hk
+from hadamard_kernels import _backend
 from hadamard_kernels.ops.poly_gate import common
 from hadamard_kernels.ops.poly_gate.op import poly_gate_op
 
@@ -620,6 +621,90 @@ def test_spatial_module_needs_images():
     model = hk.nn.PolyMlp(16, 32, use_spatial=True, backend="reference")
     with pytest.raises(ValueError, match="4 dims"):
         model(torch.randn(5, 16))
+
+
+# ---------------------------------------------------------------- the CUDA C++ index and element math, host build
+EXT, EXT_MISSING = _backend.cuda_extension()
+needs_ext = pytest.mark.skipif(EXT is None, reason=f"hadamard_kernels._C not built: {EXT_MISSING}")
+
+
+@needs_ext
+def test_cuda_limits_match_python():
+    from hadamard_kernels.ops.poly_gate import cuda as cuda_backend
+
+    assert EXT.POLY_GATE_MAX_C == cuda_backend.MAX_C
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(2, 5, 7, 13), (1, 1, 4, 6), (1, 3, 1, 3), (1, 2, 2, 1), (1, 4, 3, 9)])
+def test_cuda_shift_index_math(shape):
+    """The kernels' row maps, run on the host: the shift read through shift_source_row is hk.spatial_shift, and the
+    row permutation with its border sums is the shift's transpose."""
+    B, W, H, C = shape
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(B * W * H, C, generator=g, dtype=torch.float64)
+    dy = torch.randn(B * W * H, C, generator=g, dtype=torch.float64)
+    shifted, transposed = torch.empty_like(x), torch.full_like(dy, float("nan"))
+    for row in range(B * W * H):
+        for c in range(C):
+            source, target, own, partner = EXT.poly_gate_shift_host(row, c, W, H, C)
+            shifted[row, c] = x[source, c]
+            assert math.isnan(transposed[target, c]), f"row {target} channel {c} written twice"
+            transposed[target, c] = (dy[row, c] if own else 0.0) + (dy[partner, c] if partner >= 0 else 0.0)
+    assert torch.equal(shifted.view(shape), hk.spatial_shift(x.view(shape)))
+    assert_close("transpose", transposed.view(shape), common.spatial_shift_adjoint(dy.view(shape)), tol=1e-15)
+
+
+@needs_ext
+@pytest.mark.parametrize("n", range(1, 12))
+def test_cuda_tile_order_keeps_border_pairs_together(n):
+    """Tile positions cover the axis once, and pixels 0, 1 and n - 2, n - 1 share a tile (the backward sums them)."""
+    tile = EXT.poly_gate_tile_pixel_host(0, n)[0]
+    positions = range(-(-n // tile) * tile)
+    pixels = [EXT.poly_gate_tile_pixel_host(k, n)[1] for k in positions]
+    assert sorted(p for p in pixels if p >= 0) == list(range(n))
+    tile_of = {p: k // tile for k, p in zip(positions, pixels) if p >= 0}
+    if n >= 2:
+        assert tile_of[0] == tile_of[1] and tile_of[n - 2] == tile_of[n - 1]
+    from hadamard_kernels.ops.poly_gate import triton as triton_backend
+
+    assert tile == triton_backend.axis_tile(n), "the Triton and CUDA backwards tile alike"
+
+
+@needs_ext
+def test_cuda_element_math_matches_autograd():
+    g = torch.Generator().manual_seed(6)
+    for _ in range(20):
+        gy, n1, n2, alpha = (torch.randn((), generator=g, dtype=torch.float64) for _ in range(4))
+        leaves = [t.clone().requires_grad_() for t in (n1, n2)]
+        y = leaves[0] + alpha * leaves[0] * leaves[1]
+        y.backward(gy)
+        got = EXT.poly_gate_grads_host(gy.item(), n1.item(), n2.item(), alpha.item())
+        for name, value, expected in zip(("y", "dn1", "dn2"), got, (y.item(), *(t.grad.item() for t in leaves))):
+            assert value == pytest.approx(expected, rel=1e-5, abs=1e-6), name
+    # LayerNorm input gradient of one row, element by element, against autograd.
+    x = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
+    weight, dn = torch.randn(7, generator=g, dtype=torch.float64), torch.randn(7, generator=g, dtype=torch.float64)
+    xhat, rstd = (x - x.mean()) * torch.rsqrt(x.var(unbiased=False) + 1e-6), torch.rsqrt(x.var(unbiased=False) + 1e-6)
+    (xhat * weight).backward(dn)
+    dxhat = (dn * weight).detach()
+    mean_dxhat, mean_dxhat_xhat = dxhat.mean().item(), (dxhat * xhat.detach()).mean().item()
+    got = [EXT.poly_gate_layer_norm_input_grad_host(dxhat[i].item(), xhat[i].item(), rstd.item(), mean_dxhat,
+                                                    mean_dxhat_xhat) for i in range(7)]
+    assert_close("dx", torch.tensor(got, dtype=torch.float64), x.grad, tol=1e-6)
+
+
+@needs_ext
+def test_cuda_launcher_rejects_bad_params():
+    """Refused before any launch (safe on a GPU too) and raised as RuntimeError."""
+    params = EXT.PolyGateParams(a=256, b=256, ln1_weight=256, ln1_bias=256, ln2_weight=256, ln2_bias=256, y=256,
+                                M=4, C=EXT.POLY_GATE_MAX_C + 1, a_row_stride=4096, b_row_stride=4096,
+                                y_row_stride=4096, dtype=0)
+    with pytest.raises(RuntimeError, match="poly_gate_fwd failed"):
+        EXT.poly_gate_fwd(params, 0)
+    params.C, params.spatial, params.W, params.H = 8, True, 3, 1  # M = 4 rows is not a whole number of 3 x 1 images
+    with pytest.raises(RuntimeError, match="poly_gate_bwd failed"):
+        EXT.poly_gate_bwd(params, 0)
 
 
 # ---------------------------------------------------------------- GPU
