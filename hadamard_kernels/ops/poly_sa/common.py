@@ -13,6 +13,10 @@ import torch
 
 from ... import _checks
 
+# A split of one batch row's tokens (the token-reducing kernels of the fused backends) is a whole number of
+# SPLIT_ALIGN tokens.
+SPLIT_ALIGN = 128
+
 
 def check_scalar(name: str, t) -> None:
     _checks.check_tensor(name, t)
@@ -68,3 +72,71 @@ def inverse_counts(z, mask) -> torch.Tensor:
         return torch.full((B,), 1.0 / N if N else 0.0, dtype=acc, device=z.device)
     counts = mask.sum(1, dtype=acc)
     return torch.where(counts > 0, 1.0 / counts.clamp_min(1), 0.0)
+
+
+# ---------------------------------------------------------------- shared by the fused backends (triton, cuda)
+def rows(t):
+    """t [B, N, C] as a [B*N, C] view with unit channel stride (a copy only when no such view exists): row
+    b * N + t is token t of batch row b."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 or t2.shape[0] <= 1 else t2.contiguous()
+
+
+def token_split(B: int, N: int, C: int, device: torch.device) -> int:
+    """Tokens per split of a batch row in the token-reducing kernels: enough programs for the GPU (about four per
+    SM, counting 128-column blocks) and a whole number of SPLIT_ALIGN tokens. A function of the shape and the device
+    only, so the order of every sum (and so the bits of the result) does not depend on the tile config."""
+    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    splits = max(1, min(_cdiv(N, SPLIT_ALIGN), _cdiv(programs, B * _cdiv(C, 128))))
+    return _cdiv(_cdiv(N, splits), SPLIT_ALIGN) * SPLIT_ALIGN
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pool_mean(part, z, mask):
+    """m (B, C) from the kernels' per-split sums part (B, splits, C): a torch.sum over the splits in a fixed order
+    (the same bits run to run), times 1 / count."""
+    return part.sum(1) * inverse_counts(z, mask)[:, None]
+
+
+def pool_gradient_gemms(grad_p, z, w1, w2, needs, dz=None):
+    """(dz, dw1, dw2) from the pool's gradient grad_p = [dp1 | dp2] (B*N, 2C), dp = dL/d(z @ w): two GEMMs,
+    dz (+)= grad_p @ [w1 | w2]^T and [dw1 | dw2] = z^T grad_p. `dz` (B*N, C): a gradient to add to."""
+    C = z.shape[-1]
+    dz_out = dw1 = dw2 = None
+    if needs[0]:
+        w_cat = torch.cat([w1, w2], 1)  # [C, 2C]: dz = dp1 @ w1^T + dp2 @ w2^T
+        dz_out = (grad_p @ w_cat.T if dz is None else torch.addmm(dz, grad_p, w_cat.T)).view(z.shape)
+    if needs[1] or needs[2]:
+        dw = rows(z).T @ grad_p
+        # Own storage each (custom op outputs may not alias).
+        dw1 = dw[:, :C].clone(memory_format=torch.contiguous_format) if needs[1] else None
+        dw2 = dw[:, C:].clone(memory_format=torch.contiguous_format) if needs[2] else None
+    return dz_out, dw1, dw2
+
+
+def fused_pool_backward(kernels, grad_m, z, w1, w2, mask, needs):
+    """poly_sa_pool's backward on a fused backend's kernels (`kernels.pool_gradient`)."""
+    s = grad_m.to(accumulate_dtype(z.dtype)) * inverse_counts(z, mask)[:, None]
+    if not any(needs):
+        return None, None, None
+    return pool_gradient_gemms(kernels.pool_gradient(s, z, w1, w2, mask), z, w1, w2, needs)
+
+
+def fused_backward(kernels, grad_y, z, w1, w2, w3, alpha, beta, mask, needs):
+    """poly_sa's backward on a fused backend's kernels: `pool_sum` recomputes m, `out_backward` gives
+    dz_direct = alpha G + beta (G @ w3^T) * m, u = beta z * m, q = sum over tokens of (G @ w3^T) * z and
+    dalpha = sum G * z; then dw3 = u^T G, dm = beta q, dbeta = sum m * q, and the pool's backward from dm."""
+    m = kernels.pool_sum(z, w1, w2, mask)
+    dz, u, q, dalpha = kernels.out_backward(grad_y, z, m, w3, alpha, beta)
+    dbeta = (m * q).sum()
+    dw3 = u.T @ rows(grad_y) if needs[3] else None
+    dw1 = dw2 = None
+    if any(needs[:3]):
+        s = beta.to(m.dtype).reshape(()) * q * inverse_counts(z, mask)[:, None]
+        grad_p = kernels.pool_gradient(s, z, w1, w2, mask)
+        dz, dw1, dw2 = pool_gradient_gemms(grad_p, z, w1, w2, needs[:3], dz=dz)
+    return (dz, dw1, dw2, dw3, dalpha.reshape(alpha.shape).to(alpha.dtype) if needs[4] else None,
+            dbeta.reshape(beta.shape).to(beta.dtype) if needs[5] else None)

@@ -25,12 +25,21 @@ Backward (only the inputs are saved; m is recomputed by the pool kernel). With G
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import triton
 import triton.language as tl
 
 from .._library import triton_autotune
-from .common import accumulate_dtype, inverse_counts
+from .common import (
+    accumulate_dtype,
+    fused_backward,
+    fused_pool_backward,
+    pool_mean,
+    rows,
+    token_split,
+)
 
 # Tiles: BT tokens x BJ (or BI) columns, BK the contraction chunk; the first config of each list is the default.
 # Register use on sm_90 (bf16, ../shared/tools/sm90_report.py) picks the lists: two [BT, BJ] fp32 accumulators
@@ -54,9 +63,6 @@ _OUT_BWD_CONFIGS = [
         (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4), (64, 64, 64, 8, 4), (32, 32, 32, 4, 2),
     ]
 ]
-
-# A split of one batch row's tokens is a whole number of SPLIT_ALIGN tokens.
-SPLIT_ALIGN = 128
 
 
 @triton.jit
@@ -223,17 +229,11 @@ _pool_bwd_tuned = triton_autotune(_TWO_ACC_CONFIGS, key=["C", "HAS_MASK"])(_poly
 
 
 # ---------------------------------------------------------------- launchers
-def _rows(t):
-    """t [B, N, C] as an [B*N, C] view with unit channel stride (a copy only when no such view exists)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 or t2.shape[0] <= 1 else t2.contiguous()
-
-
-def _flags(z, mask):
+def _flags(dtype):
     return dict(
         # fp32 inputs honour torch's TF32 switch; fp64 (interpreter) accumulates in fp64.
-        IEEE=z.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
-        ACC=tl.float64 if z.dtype == torch.float64 else tl.float32,
+        IEEE=dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
+        ACC=tl.float64 if dtype == torch.float64 else tl.float32,
     )
 
 
@@ -244,15 +244,6 @@ def _mask_arg(mask, like):
     return mask.contiguous().view(torch.uint8), True
 
 
-def token_split(B: int, N: int, C: int, device: torch.device) -> int:
-    """Tokens per split of a batch row in the token-reducing kernels: enough programs for the GPU (about four per
-    SM, counting 128-column blocks) and a whole number of SPLIT_ALIGN tokens. A function of the shape and device
-    only, so the order of every sum (and so the bits) does not depend on the tile config."""
-    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    splits = max(1, min(triton.cdiv(N, SPLIT_ALIGN), triton.cdiv(programs, B * triton.cdiv(C, 128))))
-    return triton.cdiv(triton.cdiv(N, splits), SPLIT_ALIGN) * SPLIT_ALIGN
-
-
 def _config(config, tuned, raw):
     """(kernel, launch config): the autotuned entry point, or the raw kernel with an explicit config (tests)."""
     return (raw, config) if config else (tuned, {})
@@ -260,9 +251,9 @@ def _config(config, tuned, raw):
 
 def pool_sum(z, w1, w2, mask, *, tokens_per_split=None, **config):
     """m (B, C) in the accumulate dtype (fp32, fp64 for fp64). config: an explicit tile (BT, BJ, BK, num_warps) and
-    tokens_per_split for tests; by default autotuned and token_split."""
+    tokens_per_split for tests; by default autotuned and common.token_split."""
     B, N, C = z.shape
-    z2 = _rows(z)
+    z2 = rows(z)
     per = tokens_per_split or token_split(B, N, C, z.device)
     splits = triton.cdiv(N, per)
     part = torch.empty((B, splits, C), device=z.device, dtype=accumulate_dtype(z.dtype))
@@ -270,68 +261,42 @@ def pool_sum(z, w1, w2, mask, *, tokens_per_split=None, **config):
     kernel, config = _config(config, _pool_tuned, _poly_sa_pool_kernel)
     grid = lambda meta: (B * triton.cdiv(C, meta["BJ"]), splits)  # noqa: E731
     kernel[grid](z2, w1.contiguous(), w2.contiguous(), mask_ptr, part, N, C, per, splits, z2.stride(0),
-                 HAS_MASK=has_mask, **_flags(z, mask), **config)
-    return part.sum(1) * inverse_counts(z, mask)[:, None]
+                 HAS_MASK=has_mask, **_flags(z.dtype), **config)
+    return pool_mean(part, z, mask)
 
 
-def _pool_grads(s, z, w1, w2, mask, needs, dz=None, **config):
-    """(dz, dw1, dw2) from s = dL/dm / count (B, C): the grad_p kernel, then dz (+)= grad_p @ [w1 | w2]^T and
-    [dw1 | dw2] = z^T grad_p. `dz` (M, C): a gradient to add to."""
+def pool_gradient(s, z, w1, w2, mask, **config):
+    """grad_p (B*N, 2C) = [dp1 | dp2], dp = dL/d(z @ w), from s = dL/dm / count (B, C)."""
     B, N, C = z.shape
-    z2 = _rows(z)
+    z2 = rows(z)
     M = z2.shape[0]
-    w1, w2 = w1.contiguous(), w2.contiguous()
     grad_p = torch.empty((M, 2 * C), device=z.device, dtype=z.dtype)
     mask_ptr, has_mask = _mask_arg(mask, z2)
     kernel, config = _config(config, _pool_bwd_tuned, _poly_sa_pool_bwd_kernel)
     grid = lambda meta: (triton.cdiv(M, meta["BT"]) * triton.cdiv(C, meta["BJ"]),)  # noqa: E731
-    kernel[grid](z2, w1, w2, mask_ptr, s.contiguous(), grad_p, M, N, C, z2.stride(0), grad_p.stride(0),
-                 HAS_MASK=has_mask, **_flags(z, mask), **config)
-    dz_out = None
-    if needs[0]:
-        w_cat = torch.cat([w1, w2], 1)  # [C, 2C]: dz = dp1 @ w1^T + dp2 @ w2^T
-        dz_out = grad_p @ w_cat.T if dz is None else torch.addmm(dz, grad_p, w_cat.T)
-        dz_out = dz_out.view(z.shape)
-    dw1 = dw2 = None
-    if needs[1] or needs[2]:
-        dw = z2.T @ grad_p
-        # Own storage each (custom op outputs may not alias).
-        dw1 = dw[:, :C].clone(memory_format=torch.contiguous_format) if needs[1] else None
-        dw2 = dw[:, C:].clone(memory_format=torch.contiguous_format) if needs[2] else None
-    return dz_out, dw1, dw2
-
-
-def pool_forward(z, w1, w2, mask):
-    return pool_sum(z, w1, w2, mask).to(z.dtype)
-
-
-def pool_backward(grad_m, z, w1, w2, mask, needs):
-    s = grad_m.to(accumulate_dtype(z.dtype)) * inverse_counts(z, mask)[:, None]
-    return _pool_grads(s, z, w1, w2, mask, needs)
+    kernel[grid](z2, w1.contiguous(), w2.contiguous(), mask_ptr, s.contiguous(), grad_p, M, N, C, z2.stride(0),
+                 grad_p.stride(0), HAS_MASK=has_mask, **_flags(z.dtype), **config)
+    return grad_p
 
 
 def out_forward(z, m, w3, alpha, beta, **config):
     """Y (B, N, C) = alpha * z + beta * ((z * m) @ w3) with m (B, C) in the accumulate dtype."""
     B, N, C = z.shape
-    z2 = _rows(z)
+    z2 = rows(z)
     M = z2.shape[0]
     y = torch.empty((M, C), device=z.device, dtype=z.dtype)
     kernel, config = _config(config, _out_tuned, _poly_sa_out_kernel)
     grid = lambda meta: (triton.cdiv(M, meta["BT"]) * triton.cdiv(C, meta["BJ"]),)  # noqa: E731
     kernel[grid](z2, m.contiguous(), w3.contiguous(), alpha, beta, y, M, N, C, z2.stride(0), y.stride(0),
-                 **_flags(z, None), **config)
+                 **_flags(z.dtype), **config)
     return y.view(z.shape)
 
 
-def forward(z, w1, w2, w3, alpha, beta, mask):
-    return out_forward(z, pool_sum(z, w1, w2, mask), w3, alpha, beta)
-
-
 def out_backward(grad_y, z, m, w3, alpha, beta, *, tokens_per_split=None, **config):
-    """(dz_direct [M, C], u [M, C], q [B, C], dalpha 0-d): dz_direct = alpha G + beta (G @ w3^T) * m,
+    """(dz_direct [B*N, C], u [B*N, C], q [B, C], dalpha 0-d): dz_direct = alpha G + beta (G @ w3^T) * m,
     u = beta z * m, q = sum over tokens of (G @ w3^T) * z, dalpha = sum G * z (sums in the accumulate dtype)."""
     B, N, C = z.shape
-    z2, g2 = _rows(z), _rows(grad_y)
+    z2, g2 = rows(z), rows(grad_y)
     M = z2.shape[0]
     per = tokens_per_split or token_split(B, N, C, z.device)
     splits = triton.cdiv(N, per)
@@ -341,17 +306,24 @@ def out_backward(grad_y, z, m, w3, alpha, beta, *, tokens_per_split=None, **conf
     kernel, config = _config(config, _out_bwd_tuned, _poly_sa_out_bwd_kernel)
     grid = lambda meta: (B * triton.cdiv(C, meta["BI"]), splits)  # noqa: E731
     kernel[grid](z2, g2, m.contiguous(), w3.contiguous(), alpha, beta, dz, u, part, N, C, per, splits,
-                 B * splits * C, z2.stride(0), g2.stride(0), dz.stride(0), u.stride(0), **_flags(z, None), **config)
+                 B * splits * C, z2.stride(0), g2.stride(0), dz.stride(0), u.stride(0), **_flags(z.dtype), **config)
     return dz, u, part[0].sum(1), part[1].sum()
 
 
+_KERNELS = sys.modules[__name__]
+
+
+def pool_forward(z, w1, w2, mask):
+    return pool_sum(z, w1, w2, mask).to(z.dtype)
+
+
+def pool_backward(grad_m, z, w1, w2, mask, needs):
+    return fused_pool_backward(_KERNELS, grad_m, z, w1, w2, mask, needs)
+
+
+def forward(z, w1, w2, w3, alpha, beta, mask):
+    return out_forward(z, pool_sum(z, w1, w2, mask), w3, alpha, beta)
+
+
 def backward(grad_y, z, w1, w2, w3, alpha, beta, mask, needs):
-    m = pool_sum(z, w1, w2, mask)
-    dz, u, q, dalpha = out_backward(grad_y, z, m, w3, alpha, beta)
-    acc = m.dtype
-    dbeta = (m * q).sum()
-    dw3 = u.T @ _rows(grad_y) if needs[3] else None
-    s = beta.to(acc).reshape(()) * q * inverse_counts(z, mask)[:, None]
-    dz, dw1, dw2 = _pool_grads(s, z, w1, w2, mask, needs[:3], dz=dz)
-    return (dz, dw1, dw2, dw3, dalpha.reshape(alpha.shape).to(alpha.dtype) if needs[4] else None,
-            dbeta.reshape(beta.shape).to(beta.dtype) if needs[5] else None)
+    return fused_backward(_KERNELS, grad_y, z, w1, w2, w3, alpha, beta, mask, needs)
