@@ -18,6 +18,7 @@
 #include "hadamard_kernels/poly_chain.h"
 #include "hadamard_kernels/poly_gate.h"
 #include "hadamard_kernels/poly_ncp.h"
+#include "hadamard_kernels/poly_sa.h"
 
 namespace py = pybind11;
 namespace hk = hadamard_kernels;
@@ -264,6 +265,35 @@ void bind_poly_gate(py::module_& m) {
         py::arg("rstd"), py::arg("mean_dxhat"), py::arg("mean_dxhat_xhat"), "dL/dx of one LayerNorm element");
 }
 
+// ---- poly_sa (csrc/poly_sa.cu)
+void bind_poly_sa(py::module_& m) {
+  using P = hk::PolySaParams;
+  ParamsClass<P>(m, "PolySaParams")
+      .pointer("z", &P::z).pointer("w1", &P::w1).pointer("w2", &P::w2).pointer("w3", &P::w3)
+      .pointer("alpha", &P::alpha).pointer("beta", &P::beta).pointer("mask", &P::mask).pointer("m", &P::m)
+      .pointer("s", &P::s).pointer("grad_y", &P::grad_y).pointer("part", &P::part).pointer("y", &P::y)
+      .pointer("dz", &P::dz).pointer("u", &P::u).pointer("grad_p", &P::grad_p)
+      .value("B", &P::B).value("N", &P::N).value("C", &P::C).value("tokens_per_split", &P::tokens_per_split)
+      .value("z_row_stride", &P::z_row_stride).value("g_row_stride", &P::g_row_stride)
+      .value("out_row_stride", &P::out_row_stride).value("dtype", &P::dtype);
+  def_launcher(m, "poly_sa_pool_fwd", &hk::launch_poly_sa_pool_fwd);
+  def_launcher(m, "poly_sa_out_fwd", &hk::launch_poly_sa_out_fwd);
+  def_launcher(m, "poly_sa_out_bwd", &hk::launch_poly_sa_out_bwd);
+  def_launcher(m, "poly_sa_pool_bwd", &hk::launch_poly_sa_pool_bwd);
+  // Host builds of the kernels' element math, for CPU tests.
+  m.def(
+      "poly_sa_epilogue_host",
+      [](bool real, float p1, float p2, float s, float alpha, float beta, float z, float g, float gp, float m,
+         float acc) {
+        return py::make_tuple(hk::poly_sa_pool_term(real, p1, p2), hk::poly_sa_pool_grad(real, s, p2),
+                              hk::poly_sa_pool_grad(real, s, p1), hk::poly_sa_output(alpha, z, beta, acc),
+                              hk::poly_sa_direct_grad(alpha, beta, g, gp, m));
+      },
+      py::arg("real"), py::arg("p1"), py::arg("p2"), py::arg("s"), py::arg("alpha"), py::arg("beta"), py::arg("z"),
+      py::arg("g"), py::arg("gp"), py::arg("m"), py::arg("acc"),
+      "(pool term, dp1, dp2, y, dz_direct) of one element in float32");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -273,4 +303,5 @@ PYBIND11_MODULE(_C, m) {
   bind_poly_ncp(m);
   bind_linear_attention(m);
   bind_poly_gate(m);
+  bind_poly_sa(m);
 }
