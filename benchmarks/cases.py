@@ -4,7 +4,7 @@
   function), the one place they live;
 - the cases, one class per family with one interface (`id`, `providers`, `describe()`, `flops(mode)`,
   `min_bytes(mode)`): `Case` (poly_chain, poly_ncp and the CCP / NCP modules: M rows, d inputs, k outputs, degree
-  N) and `LinearAttentionCase` (causal_linear_attention: B, T, H, Dk, Dv);
+  N), `LinearAttentionCase` (causal_linear_attention: B, T, H, Dk, Dv) and `PolySACase` (poly_sa: B, N, C);
 - `make_workload`: a provider's forward on a case's inputs (same values for every provider), per family;
 - the accuracy check against the float64 reference, and the timed steps (fwd, bwd, fwd+bwd).
 
@@ -31,7 +31,7 @@ import hadamard_kernels as hk
 PROVIDERS = ("eager", "compiled", "fla", "triton", "cuda")
 BASELINES = ("eager", "compiled", "fla")  # not ours: every row gets a speedup against each of them
 MODES = ("fwd", "bwd", "fwd+bwd")
-OPS = ("poly_chain", "poly_ncp", "CCP", "NCP", "linear_attention")
+OPS = ("poly_chain", "poly_ncp", "CCP", "NCP", "linear_attention", "poly_sa")
 
 # Relative error against the float64 reference above which a provider's result counts as wrong: the accuracy
 # contract of DESIGN.md, except float32, which is allowed long fp32 reductions (M up to 16k rows in dweight) but
@@ -121,6 +121,13 @@ def linear_attention_chunked(q: Tensor, k: Tensor, v: Tensor, feature_map: str =
         den = scores.sum(-1).transpose(2, 3) + torch.einsum("bnchk,bnhk->bnch", Q, z)
         o = o / (den[..., None] + eps)
     return scale * o.flatten(1, 2)[:, :T]
+
+
+def poly_sa_eager(z: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
+    """Poly-SA as the survey's PolySA writes it (z @ W, the mean over the token dim), in the input dtype:
+    z [B, N, C], w [C, C], alpha, beta [1] -> [B, N, C]."""
+    m = torch.mean(torch.matmul(z, w1) * torch.matmul(z, w2), dim=1)
+    return alpha * z + beta * torch.matmul(z * m.unsqueeze(1), w3)
 
 
 class ProviderUnavailable(Exception):
@@ -352,7 +359,55 @@ class LinearAttentionCase:
         return _itemsize(self.dtype) * n
 
 
-AnyCase = Case | LinearAttentionCase
+@dataclasses.dataclass(frozen=True)
+class PolySACase:
+    """One poly_sa benchmark (the PolySA module's op, no mask): z [B, N, C], w1, w2, w3 [C, C], dtype."""
+
+    label: str
+    B: int
+    N: int
+    C: int
+    dtype: torch.dtype = torch.bfloat16
+
+    op: ClassVar[str] = "poly_sa"
+    providers: ClassVar[tuple[str, ...]] = ("eager", "compiled", "triton", "cuda")
+    COUNTING: ClassVar[str] = ("poly_sa: model FLOPs are the three B·N×C×C matmuls, forward 6·B·N·C², backward 2× "
+                               "forward (the fused backward recomputes the pool and the projections, not counted); "
+                               "bytes: z, the weights and Y forward; z, the weights, dY, dz and the weight gradients "
+                               "backward")
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}-{self.label}-{DTYPE_NAMES[self.dtype]}"
+
+    def __str__(self) -> str:
+        return self.id
+
+    @property
+    def shape(self) -> str:
+        return f"B={self.B} N={self.N} C={self.C}"
+
+    @property
+    def options(self) -> str:
+        return "no mask"
+
+    def describe(self) -> dict:
+        return dict(id=self.id, op=self.op, label=self.label, shape=self.shape, options=self.options, B=self.B,
+                    N=self.N, C=self.C, dtype=DTYPE_NAMES[self.dtype], counting=self.COUNTING, **_counts(self))
+
+    def flops(self, mode: str) -> int:
+        fwd = 6 * self.B * self.N * self.C * self.C
+        return {"fwd": fwd, "bwd": 2 * fwd, "fwd+bwd": 3 * fwd}[mode]
+
+    def min_bytes(self, mode: str) -> int:
+        """fwd: read z and the weights, write Y; bwd: read z, the weights and dY, write dz and the weight gradients;
+        fwd+bwd: both."""
+        z, w = self.B * self.N * self.C, 3 * self.C * self.C + 2
+        fwd, bwd = 2 * z + w, 3 * z + 2 * w
+        return _itemsize(self.dtype) * {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+AnyCase = Case | LinearAttentionCase | PolySACase
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -420,10 +475,24 @@ def linear_attention_cases(quick: bool = False) -> list[LinearAttentionCase]:
                                         normalize=True) for B, T, H, D in shapes]
 
 
+def poly_sa_cases(quick: bool = False) -> list[PolySACase]:
+    """ViT-like token mixers (the issue's shapes): ViT-S/16 at 224 px (197 tokens, C = 384), a stage-1 pyramid
+    transformer at 224 px (56 x 56 = 3136 tokens, C = 96) and a long sequence (16k tokens, C = 512), bf16; the quick
+    set is the first."""
+    quick_cases = [PolySACase("vit-s16", B=64, N=197, C=384)]
+    if quick:
+        return quick_cases
+    return quick_cases + [
+        PolySACase("stage1-3136", B=32, N=3136, C=96),
+        PolySACase("long-16k", B=8, N=16384, C=512),
+        PolySACase("vit-s16", B=64, N=197, C=384, dtype=torch.float32),
+    ]
+
+
 def all_cases(quick: bool = False) -> list[AnyCase]:
     """Every case: the quick ones first, then the rest, each part taking the families in turn, so a run cut short by
     a time budget has covered every family."""
-    families = [poly_chain_cases, linear_attention_cases, poly_ncp_cases, module_cases]
+    families = [poly_chain_cases, linear_attention_cases, poly_ncp_cases, module_cases, poly_sa_cases]
     first = _interleave([f(quick=True) for f in families])
     if quick:
         return first
@@ -460,7 +529,23 @@ def make_workload(case: AnyCase, provider: str, device="cuda", dtype: torch.dtyp
     dtype = dtype or case.dtype
     if isinstance(case, LinearAttentionCase):
         return _linear_attention_workload(case, provider, device, dtype)
+    if isinstance(case, PolySACase):
+        return _poly_sa_workload(case, provider, device, dtype)
     return _poly_workload(case, provider, device, dtype)
+
+
+def _poly_sa_workload(case: PolySACase, provider: str, device, dtype: torch.dtype) -> Workload:
+    g = torch.Generator(device=device).manual_seed(0)
+    # The survey's initialisation: weights randn / sqrt(C), alpha and beta randn.
+    shapes_stds = [((case.B, case.N, case.C), 1.0), *[((case.C, case.C), case.C ** -0.5)] * 3, ((1,), 1.0),
+                   ((1,), 1.0)]
+    inputs = [_randn(g, shape, std, device, case.dtype).to(dtype).requires_grad_() for shape, std in shapes_stds]
+    grad_out = _randn(g, (case.B, case.N, case.C), 1.0, device, case.dtype).to(dtype)
+    if provider in BASELINES:
+        fn = _baseline(poly_sa_eager, provider)
+    else:
+        fn = functools.partial(hk.poly_sa, backend=provider)
+    return Workload(functools.partial(fn, *inputs), inputs, grad_out)
 
 
 def _linear_attention_workload(case: LinearAttentionCase, provider: str, device, dtype: torch.dtype) -> Workload:
