@@ -37,6 +37,7 @@ TINY = [
     cases.LinearAttentionCase("tiny", B=2, T=13, H=3, Dk=5, Dv=4, dtype=torch.float32, scale=0.5),
     cases.LinearAttentionCase("tiny-chunked", B=1, T=150, H=2, Dk=8, Dv=6, dtype=torch.float32, feature_map="elu1",
                               normalize=True, eager="chunked"),
+    cases.PolySACase("tiny", B=3, N=5, C=4, dtype=torch.float32),
 ]
 
 
@@ -86,6 +87,21 @@ def test_linear_attention_eager_formula_is_the_op(feature_map, normalize, form):
         results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
     for name, got, ref in zip(("o", "dq", "dk", "dv"), *results):
         assert_close(name, got, ref)
+
+
+def test_poly_sa_eager_formula_and_counts():
+    """The survey's formula (the eager baseline) is the op; 6·B·N·C² model FLOPs forward, bytes as documented."""
+    g = torch.Generator().manual_seed(0)
+    z, w1, w2, w3 = torch.randn(2, 5, 4, generator=g), *(torch.randn(4, 4, generator=g) for _ in range(3))
+    alpha, beta = torch.randn(1, generator=g), torch.randn(1, generator=g)
+    assert_close("eager", cases.poly_sa_eager(z, w1, w2, w3, alpha, beta),
+                 hk.poly_sa(z.double(), w1.double(), w2.double(), w3.double(), alpha.double(), beta.double(),
+                            backend="reference"))
+    case = cases.PolySACase("x", B=2, N=5, C=4)
+    assert case.flops("fwd") == 6 * 2 * 5 * 16 and case.flops("fwd+bwd") == 3 * case.flops("fwd")
+    assert case.min_bytes("fwd") == 2 * (2 * 40 + 3 * 16 + 2)
+    assert case.describe()["shape"] == "B=2 N=5 C=4"
+    assert {(c.B, c.N, c.C) for c in cases.poly_sa_cases()} == {(64, 197, 384), (32, 3136, 96), (8, 16384, 512)}
 
 
 def test_case_counts():
