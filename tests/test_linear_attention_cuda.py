@@ -26,6 +26,7 @@ import types
 from pathlib import Path
 
 import pytest
+import test_linear_attention as family_tests
 import torch
 from utils import HAS_CUDA, assert_close, cuda, requires_cuda
 
@@ -403,40 +404,14 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def make_inputs(B=2, T=100, H=2, K=20, V=12, *, dtype=torch.float32, feature_map="identity", normalize=False,
-                states=True, n=None, seed=0):
-    """q, k, v [B, T, H, *] on the GPU in `dtype`, and the float32 initial state and key sum (or None). With
-    normalize the features are kept mostly positive so the normalizer stays away from 0."""
-    g = torch.Generator().manual_seed(seed)
-    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
-    q, k, v = randn(B, T, H, K), randn(B, T, H, K), randn(B, T, H, V)
-    if normalize and feature_map == "identity":
-        q, k = q.abs(), k.abs()
-    elif normalize and feature_map == "relu":
-        q, k = q + 1, k + 1
-    n = B if n is None else n
-    S0 = randn(n, H, K, V) if states else None
-    z0 = 1 + torch.rand(n, H, K, generator=g, dtype=torch.float64) if (states and normalize) else None
-    cast = lambda t, dt: None if t is None else t.to(device="cuda", dtype=dt)  # noqa: E731
-    return [cast(q, dtype), cast(k, dtype), cast(v, dtype), cast(S0, torch.float32), cast(z0, torch.float32)]
+def make_inputs(B=2, T=100, H=2, K=20, V=12, **options):
+    """The family's test inputs (tests/test_linear_attention.py) on the GPU: q, k, v in `dtype`, float32 states."""
+    return family_tests.make_inputs(B, T, H, K, V, device="cuda", **options)
 
 
-def run(inputs, grads_out=None, *, backend, normalize=False, cu_seqlens=None, **options):
-    """(o, S[, z]) with output_final_state on leaf copies of inputs, backpropagated from grads_out (random when
-    None; one per output, so the final state's gradient is exercised too). Returns (outputs, input grads,
-    grads_out)."""
-    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
-    q, k, v, S0, z0 = leaves
-    initial = None if S0 is None else ((S0, z0) if normalize else S0)
-    o, state = hk.causal_linear_attention(q, k, v, normalize=normalize, initial_state=initial,
-                                          output_final_state=True, cu_seqlens=cu_seqlens, backend=backend,
-                                          **options)
-    outs = (o, *state) if normalize else (o, state)
-    if grads_out is None:
-        g = torch.Generator().manual_seed(1)
-        grads_out = tuple(torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device) for t in outs)
-    torch.autograd.backward(outs, [go.to(t.dtype) for t, go in zip(outs, grads_out)])
-    return tuple(t.detach() for t in outs), [None if t is None else t.grad for t in leaves], grads_out
+# The family's run: forward + backward through utils.forward_backward, which asserts that backend="cuda" called the
+# _C launchers in both phases.
+run = family_tests.run
 
 
 OUT_NAMES = ("o", "final_state", "final_key_sum")
