@@ -14,7 +14,11 @@ from torch import nn
 from utils import HAS_CUDA, assert_close, cpu_backends, cuda, forward_backward, gpu_backends, rel_err, requires_cuda
 
 import hadamard_kernels as hk
+from hadamard_kernels import _backend
 from hadamard_kernels.ops.poly_sa.op import poly_sa_op, poly_sa_pool_op
+
+EXT, EXT_MISSING = _backend.cuda_extension()
+needs_ext = pytest.mark.skipif(EXT is None, reason=f"hadamard_kernels._C not built: {EXT_MISSING}")
 
 GRAD_NAMES = ("dz", "dw1", "dw2", "dw3", "dalpha", "dbeta")
 OPS = ("poly_sa", "poly_sa_pool")
@@ -138,6 +142,7 @@ def test_all_true_mask_is_no_mask(backend, op):
         assert torch.equal(g, gm), name
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf * 0
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_no_real_token_gives_zero_pool(backend):
     """A row with no real token: m = 0 exactly (not NaN), so Y = alpha * z, and the pool's weights get no gradient;
@@ -218,6 +223,9 @@ def test_strided_inputs(backend):
     assert not mask_wide[:, ::2].is_contiguous()
     y = hk.poly_sa(wide[..., 4:13], *ws, *inputs[4:], mask=mask_wide[:, ::2], backend=backend)
     assert_close("y", y, hk.poly_sa(*inputs, mask=mask_wide[:, ::2].contiguous(), backend="reference"))
+    one = torch.randn(1, 1, 18, dtype=z.dtype)[..., ::2]  # a single token, channel stride 2
+    assert_close("y of one strided token", hk.poly_sa(one, *ws, *inputs[4:], backend=backend),
+                 hk.poly_sa(one.contiguous(), *inputs[1:], backend="reference"))
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -305,6 +313,50 @@ def test_bad_input_raises_value_error(change, argument):
 def test_unavailable_backend_raises_runtime_error(op):
     with pytest.raises(RuntimeError, match="backend 'cuda'.*not available"):
         call(op, None, "cuda")(*op_inputs(op, make_inputs(B=1, N=2, C=3)))
+
+
+# ---------------------------------------------------------------- the CUDA kernels' host-side parts
+@needs_ext
+@pytest.mark.parametrize("real", [True, False])
+def test_cuda_epilogue_math_host(real):
+    """The kernels' element math (host build): a padded token's product and pool gradients are exactly 0 even when
+    its projections are inf or s is NaN; the output and the direct gradient in float32."""
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    for p1, p2, s in [(1.5, -2.0, 0.25), (float("inf"), 3.0, float("nan")), (0.0, float("inf"), 2.0)]:
+        term, dp1, dp2, _, _ = EXT.poly_sa_epilogue_host(real, p1, p2, s, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        if real:
+            for got, want in ((term, f32(p1) * f32(p2)), (dp1, f32(s) * f32(p2)), (dp2, f32(s) * f32(p1))):
+                assert torch.equal(f32(got).isnan(), want.isnan()) and (want.isnan() or f32(got) == want)
+        else:
+            assert (term, dp1, dp2) == (0.0, 0.0, 0.0)
+    alpha, beta, z, g, gp, m, acc = 0.75, -1.5, 2.0, 0.5, 3.0, -0.25, 4.0
+    *_, y, dz = EXT.poly_sa_epilogue_host(real, 0.0, 0.0, 0.0, alpha, beta, z, g, gp, m, acc)
+    assert y == alpha * z + beta * acc and dz == alpha * g + beta * gp * m  # exact in float32 for these values
+
+
+@needs_ext
+def test_cuda_launchers_refuse_bad_params():
+    """Invalid sizes, strides or missing pointers are refused before any launch (safe on a GPU too) and surface as
+    RuntimeError naming the launcher."""
+    good = dict(z=256, w1=256, w2=256, w3=256, alpha=256, beta=256, m=256, s=256, grad_y=256, part=256, y=256,
+                dz=256, u=256, grad_p=256, B=2, N=3, C=4, tokens_per_split=128, z_row_stride=4, g_row_stride=4,
+                out_row_stride=4, dtype=0)
+    for launcher, change in [("poly_sa_pool_fwd", dict(B=0)), ("poly_sa_pool_fwd", dict(tokens_per_split=0)),
+                             ("poly_sa_pool_fwd", dict(part=0)), ("poly_sa_out_fwd", dict(out_row_stride=3)),
+                             ("poly_sa_out_fwd", dict(m=0)), ("poly_sa_out_bwd", dict(grad_y=0)),
+                             ("poly_sa_out_bwd", dict(z_row_stride=2)), ("poly_sa_pool_bwd", dict(s=0)),
+                             ("poly_sa_pool_bwd", dict(C=0)), ("poly_sa_pool_bwd", dict(dtype=7))]:
+        with pytest.raises(RuntimeError, match=f"{launcher} failed"):
+            getattr(EXT, launcher)(EXT.PolySaParams(**{**good, **change}), 0)
+
+
+@needs_ext
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error path of a machine without a GPU")
+def test_cuda_launch_without_gpu_raises():
+    params = EXT.PolySaParams(z=256, w1=256, w2=256, part=256, B=1, N=1, C=1, tokens_per_split=128, z_row_stride=1,
+                              dtype=0)
+    with pytest.raises(RuntimeError, match="poly_sa_pool_fwd failed"):
+        EXT.poly_sa_pool_fwd(params, 0)
 
 
 # ---------------------------------------------------------------- hk.nn.PolySA against the survey's module

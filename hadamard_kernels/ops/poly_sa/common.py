@@ -79,7 +79,13 @@ def rows(t):
     """t [B, N, C] as a [B*N, C] view with unit channel stride (a copy only when no such view exists): row
     b * N + t is token t of batch row b."""
     t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 or t2.shape[0] <= 1 else t2.contiguous()
+    # Unit channel stride even for a single row, and rows that do not overlap (an expanded tensor's do).
+    return t2 if t2.stride(-1) == 1 and (t2.shape[0] <= 1 or t2.stride(0) >= t2.shape[-1]) else t2.contiguous()
+
+
+def row_stride(t2) -> int:
+    """The row stride of rows(t) for the kernels: a single row's stride is never used (and may be anything)."""
+    return t2.stride(0) if t2.shape[0] > 1 else t2.shape[-1]
 
 
 def token_split(B: int, N: int, C: int, device: torch.device) -> int:
@@ -133,6 +139,7 @@ def fused_backward(kernels, grad_y, z, w1, w2, w3, alpha, beta, mask, needs):
     dz, u, q, dalpha = kernels.out_backward(grad_y, z, m, w3, alpha, beta)
     dbeta = (m * q).sum()
     dw3 = u.T @ rows(grad_y) if needs[3] else None
+    del u  # freed before grad_p is allocated: the backward's transient peak is dz + grad_p
     dw1 = dw2 = None
     if any(needs[:3]):
         s = beta.to(m.dtype).reshape(()) * q * inverse_counts(z, mask)[:, None]

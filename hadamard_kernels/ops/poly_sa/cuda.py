@@ -15,7 +15,7 @@ import sys
 import torch
 
 from ..._backend import require_cuda_extension
-from .common import fused_backward, fused_pool_backward, pool_mean, rows, token_split
+from .common import fused_backward, fused_pool_backward, pool_mean, row_stride, rows, token_split
 
 
 def _params(ext, z, **fields):
@@ -24,7 +24,7 @@ def _params(ext, z, **fields):
     z2 = rows(z)
     pointers = {name: (0 if t is None else t.data_ptr()) for name, t in fields.items() if not isinstance(t, int)}
     sizes = {name: v for name, v in fields.items() if isinstance(v, int)}
-    return ext.PolySaParams(z=z2.data_ptr(), B=B, N=N, C=C, z_row_stride=z2.stride(0),
+    return ext.PolySaParams(z=z2.data_ptr(), B=B, N=N, C=C, z_row_stride=row_stride(z2),
                             dtype=ext.DTYPES.index(str(z.dtype).removeprefix("torch.")), **pointers, **sizes)
 
 
@@ -81,7 +81,7 @@ def out_backward(grad_y, z, m, w3, alpha, beta):
     u = torch.empty_like(dz)
     part = torch.empty((2, B, -(-N // per), C), device=z.device, dtype=torch.float32)
     params = _params(ext, z, w3=w3.contiguous(), alpha=alpha.contiguous(), beta=beta.contiguous(), m=m.contiguous(),
-                     grad_y=g2, g_row_stride=g2.stride(0), part=part, dz=dz, u=u, out_row_stride=C,
+                     grad_y=g2, g_row_stride=row_stride(g2), part=part, dz=dz, u=u, out_row_stride=C,
                      tokens_per_split=per)
     _run(ext.poly_sa_out_bwd, params, z.device)
     return dz, u, part[0].sum(1), part[1].sum()
