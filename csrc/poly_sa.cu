@@ -18,6 +18,10 @@
 //
 // Precision: float16/bfloat16 multiply on tensor cores (nvcuda::wmma m16n16k16, fp32 accumulate); float32 runs
 // exact fp32 FMAs (no TF32) in a SIMT micro-kernel with the same shared-memory layout.
+//
+// HK_CPU_EMULATION (defined by tests/emulation/cuda_emulation.h) compiles this file with a host compiler: blocks
+// run as fibers and tests/emulation/poly_sa_module.cpp supplies nvcuda::wmma, so the tests run this source on the
+// CPU (tests/test_poly_sa_cuda.py).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -45,6 +49,12 @@ constexpr int kChunk = 32;  // contraction slice per shared-memory stage
 constexpr int kGroups = kThreads / kCols;  // row groups of the per-column token sums
 
 constexpr size_t round_up_128(size_t bytes) { return (bytes + 127) / 128 * 128; }
+
+#if defined(HK_CPU_EMULATION)
+#define HK_POLY_SA_SHARED_MEMORY(name) unsigned char* const name = hk_emulation::dynamic_shared_memory()
+#else
+#define HK_POLY_SA_SHARED_MEMORY(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
 
 // Shared-memory layout. Row pads: 8 elements keep 16-bit rows a multiple of 16 bytes (wmma's ldm rule) with every
 // 16 x 16 fragment 32-byte aligned; 1 float staggers the fp32 rows of the SIMT path.
@@ -213,6 +223,16 @@ __device__ __forceinline__ void block_gemm(const Smem<T>& sm, const LoadA& load_
   __syncthreads();
 }
 
+// The token splits of a batch row: the grid's y extent (the emulation has no gridDim).
+__device__ __forceinline__ int64_t num_splits(const PolySaParams& p) {
+#if defined(HK_CPU_EMULATION)
+  return (p.N + p.tokens_per_split - 1) / p.tokens_per_split;
+#else
+  (void)p;
+  return gridDim.y;
+#endif
+}
+
 __device__ __forceinline__ bool is_real(const PolySaParams& p, int64_t row) {
   return p.mask == nullptr || p.mask[row] != 0;
 }
@@ -233,11 +253,11 @@ __device__ __forceinline__ float sum_groups(float value, float* scratch) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) poly_sa_pool_fwd_kernel(const PolySaParams p) {
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  HK_POLY_SA_SHARED_MEMORY(smem_raw);
   const Smem<T> sm(smem_raw);
   const int64_t n_col = (p.C + kCols - 1) / kCols;
   const int64_t b = blockIdx.x / n_col, col0 = blockIdx.x % n_col * kCols;
-  const int64_t split = blockIdx.y, splits = gridDim.y;
+  const int64_t split = blockIdx.y, splits = num_splits(p);
   const int64_t t_begin = split * p.tokens_per_split;
   const int64_t t_end = t_begin + p.tokens_per_split < p.N ? t_begin + p.tokens_per_split : p.N;
   const T* z = static_cast<const T*>(p.z);
@@ -267,7 +287,7 @@ __device__ __forceinline__ void fill_row_batch(const PolySaParams& p, int64_t ro
 template <typename T>
 __global__ void __launch_bounds__(kThreads) poly_sa_out_fwd_kernel(const PolySaParams p) {
   using L = Layout<T>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  HK_POLY_SA_SHARED_MEMORY(smem_raw);
   const Smem<T> sm(smem_raw);
   const int64_t M = p.B * p.N;
   const int64_t n_col = (p.C + kCols - 1) / kCols;
@@ -295,11 +315,11 @@ __global__ void __launch_bounds__(kThreads) poly_sa_out_fwd_kernel(const PolySaP
 template <typename T>
 __global__ void __launch_bounds__(kThreads) poly_sa_out_bwd_kernel(const PolySaParams p) {
   using L = Layout<T>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  HK_POLY_SA_SHARED_MEMORY(smem_raw);
   const Smem<T> sm(smem_raw);
   const int64_t n_col = (p.C + kCols - 1) / kCols;
   const int64_t b = blockIdx.x / n_col, col0 = blockIdx.x % n_col * kCols;
-  const int64_t split = blockIdx.y, splits = gridDim.y;
+  const int64_t split = blockIdx.y, splits = num_splits(p);
   const int64_t t_begin = split * p.tokens_per_split;
   const int64_t t_end = t_begin + p.tokens_per_split < p.N ? t_begin + p.tokens_per_split : p.N;
   const T* z = static_cast<const T*>(p.z);
@@ -342,7 +362,7 @@ __global__ void __launch_bounds__(kThreads) poly_sa_out_bwd_kernel(const PolySaP
 template <typename T>
 __global__ void __launch_bounds__(kThreads) poly_sa_pool_bwd_kernel(const PolySaParams p) {
   using L = Layout<T>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  HK_POLY_SA_SHARED_MEMORY(smem_raw);
   const Smem<T> sm(smem_raw);
   const int64_t M = p.B * p.N;
   const int64_t n_col = (p.C + kCols - 1) / kCols;
@@ -389,11 +409,16 @@ dim3 flat_grid(const PolySaParams& p) {
 
 template <typename T>
 cudaError_t launch(void (*kernel)(const PolySaParams), const PolySaParams& p, dim3 grid, cudaStream_t stream) {
+#if defined(HK_CPU_EMULATION)
+  (void)stream;
+  return hk_emulation::launch(kernel, grid, kThreads, Layout<T>::kBytes, p);
+#else
   // Above 48 KiB of dynamic shared memory a kernel has to opt in.
   HK_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(Layout<T>::kBytes)));
   kernel<<<grid, kThreads, Layout<T>::kBytes, stream>>>(p);
   return cudaGetLastError();
+#endif
 }
 
 }  // namespace

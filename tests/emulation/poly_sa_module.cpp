@@ -1,0 +1,136 @@
+// The poly_sa kernels and launchers (csrc/poly_sa.cu, unchanged) built for the CPU under cuda_emulation.h, as a
+// pybind11 module with the poly_sa part of hadamard_kernels._C's interface, so hadamard_kernels/ops/poly_sa/cuda.py
+// drives them on CPU tensors (tests/test_poly_sa_cuda.py builds it with the host compiler).
+//
+// cuda_emulation.h has no wmma, so the part of nvcuda::wmma the kernels use is emulated here: every lane of a
+// warp holds the whole 16 x 16 tile (the kernels load and store fragments from shared memory only, after a
+// barrier, so each lane can read the full tile itself), mma_sync multiplies in fp32 with fma (fp16/bf16 products
+// are exact in fp32; only the summation order differs from the hardware), and every lane stores the same values.
+
+#include "cuda_emulation.h"
+
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "the kernels use m16n16k16 only");
+  float x[16 * 16];  // x[r * 16 + c]: element (r, c) of the tile
+};
+
+template <class Use, class T, class Layout>
+void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, float v) {
+  for (float& e : f.x) e = v;
+}
+
+template <class Use, class T, class Layout>
+void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  for (int r = 0; r < 16; ++r) {
+    for (int c = 0; c < 16; ++c) {
+      const T v = std::is_same_v<Layout, col_major> ? p[c * ldm + r] : p[r * ldm + c];
+      if constexpr (std::is_same_v<T, __half>) f.x[r * 16 + c] = __half2float(v);
+      else f.x[r * 16 + c] = __bfloat162float(v);
+    }
+  }
+}
+
+template <class TA, class LA, class TB, class LB>
+void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, TA, LA>& a,
+              const fragment<matrix_b, 16, 16, 16, TB, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+  float out[16 * 16];
+  for (int r = 0; r < 16; ++r) {
+    for (int n = 0; n < 16; ++n) {
+      float sum = c.x[r * 16 + n];
+      for (int k = 0; k < 16; ++k) sum = std::fma(a.x[r * 16 + k], b.x[k * 16 + n], sum);
+      out[r * 16 + n] = sum;
+    }
+  }
+  std::memcpy(d.x, out, sizeof out);
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
+                              layout_t layout) {
+  for (int r = 0; r < 16; ++r) {
+    for (int c = 0; c < 16; ++c) {
+      (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * 16 + c];
+    }
+  }
+}
+
+}  // namespace wmma
+}  // namespace nvcuda
+
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "poly_sa.cu"
+
+namespace py = pybind11;
+namespace hk = hadamard_kernels;
+using P = hk::PolySaParams;
+
+namespace {
+
+// As the real module's, without the CUDA runtime (nothing here links it): the error code in numbers.
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string(what) + " failed: CUDA error " + std::to_string(static_cast<int>(err)));
+  }
+}
+
+template <class T>
+void pointer(py::class_<P>& cls, const char* name, T* P::*member) {
+  cls.def_property(
+      name, [member](const P& p) { return reinterpret_cast<std::uintptr_t>(p.*member); },
+      [member](P& p, std::uintptr_t address) { p.*member = reinterpret_cast<T*>(address); });
+}
+
+void launcher(py::module_& m, const char* name, cudaError_t (*launch)(const P&, cudaStream_t)) {
+  m.def(name, [name, launch](const P& p, std::uintptr_t) { check(launch(p, nullptr), name); });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(hk_poly_sa_emulated, m) {
+  m.attr("DTYPES") = py::make_tuple("float32", "float16", "bfloat16");
+  py::class_<P> cls(m, "PolySaParams", py::module_local());  // _C registers the same C++ type
+  cls.def(py::init([](const py::kwargs& fields) {
+    P params;
+    py::object view = py::cast(&params, py::return_value_policy::reference);
+    for (auto field : fields) py::setattr(view, field.first, field.second);
+    return params;
+  }));
+  pointer(cls, "z", &P::z);
+  pointer(cls, "w1", &P::w1);
+  pointer(cls, "w2", &P::w2);
+  pointer(cls, "w3", &P::w3);
+  pointer(cls, "alpha", &P::alpha);
+  pointer(cls, "beta", &P::beta);
+  pointer(cls, "mask", &P::mask);
+  pointer(cls, "m", &P::m);
+  pointer(cls, "s", &P::s);
+  pointer(cls, "grad_y", &P::grad_y);
+  pointer(cls, "part", &P::part);
+  pointer(cls, "y", &P::y);
+  pointer(cls, "dz", &P::dz);
+  pointer(cls, "u", &P::u);
+  pointer(cls, "grad_p", &P::grad_p);
+  cls.def_readwrite("B", &P::B).def_readwrite("N", &P::N).def_readwrite("C", &P::C);
+  cls.def_readwrite("tokens_per_split", &P::tokens_per_split).def_readwrite("z_row_stride", &P::z_row_stride);
+  cls.def_readwrite("g_row_stride", &P::g_row_stride).def_readwrite("out_row_stride", &P::out_row_stride);
+  cls.def_property(
+      "dtype", [](const P& p) { return static_cast<int>(p.dtype); },
+      [](P& p, int code) { p.dtype = static_cast<hk::DType>(code); });
+  launcher(m, "poly_sa_pool_fwd", &hk::launch_poly_sa_pool_fwd);
+  launcher(m, "poly_sa_out_fwd", &hk::launch_poly_sa_out_fwd);
+  launcher(m, "poly_sa_out_bwd", &hk::launch_poly_sa_out_bwd);
+  launcher(m, "poly_sa_pool_bwd", &hk::launch_poly_sa_pool_bwd);
+}
