@@ -26,6 +26,8 @@ AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
     "poly_ncp": ("triton",),
     "poly_sa_pool": ("triton",),
     "poly_sa": ("triton",),
+    "poly_gate": ("triton",),
+    "causal_linear_attention": ("triton",),
 }
 DEFAULT_PREFERENCE = ("triton",)
 
