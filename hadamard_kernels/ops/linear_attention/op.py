@@ -35,8 +35,9 @@ def causal_linear_attention_op(q: Tensor, k: Tensor, v: Tensor, initial_state: O
     check_args(q, k, v, initial_state, initial_key_sum, feature_map, normalize, cu_seqlens)
     args = (q, k, v, initial_state, initial_key_sum, feature_map, normalize, scale, eps, output_final_state,
             cu_seqlens)
-    o, final_state, final_key_sum = _select(backend, q, args).forward(*args)
-    return o, *grads_to_tensors([final_state, final_key_sum], q.new_empty(0, dtype=state_dtype(q.dtype)))
+    o, *states = _select(backend, q, args).forward(*args)
+    # A state not asked for travels as an empty tensor (custom ops cannot return None).
+    return o, *[q.new_empty(0, dtype=state_dtype(q.dtype)) if s is None else s for s in states]
 
 
 @causal_linear_attention_op.register_fake
