@@ -13,18 +13,9 @@ K and V that are not multiples of 16, up to 256), plus the float16 range guards.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import importlib.util
 import math
-import os
-import shutil
-import subprocess
-import sysconfig
-import tempfile
-import types
-from pathlib import Path
 
+import emulated_kernels
 import pytest
 import test_linear_attention as family_tests
 import torch
@@ -149,57 +140,18 @@ def test_normalizer_host_matches_autograd():
 
 
 # ---------------------------------------------------------------- the kernels' source, emulated on the CPU
-EMULATION = Path(__file__).parent / "emulation"
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
-
-
-def _cuda_include() -> Path | None:
-    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    if nvcc := shutil.which("nvcc"):
-        roots.append(str(Path(nvcc).resolve().parents[1]))
-    return next((Path(r) / "include" for r in filter(None, roots) if (Path(r) / "include" / "cuda_fp16.h").is_file()),
-                None)
-
-
 @pytest.fixture(scope="session")
 def emulated_extension():
     """csrc/linear_attention*.cu built by the host compiler under tests/emulation/cuda_emulation.h, as a module with
-    the linear_attention part of _C's interface. Cached in the temp dir by a hash of the sources and the command."""
-    pybind11 = pytest.importorskip("pybind11")
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    include = _cuda_include()
-    if cxx is None or include is None:
-        pytest.skip("the CPU emulation of the kernels needs a C++ compiler and the CUDA headers")
-    command = [cxx, "-O1", "-std=c++20", "-shared", "-fPIC", "-Wall", "-Wextra", "-Wno-unknown-pragmas",
-               f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", f"-I{include}",
-               f"-I{CSRC / 'include'}", f"-I{CSRC}", str(EMULATION / "linear_attention_module.cpp")]
-    sources = [*EMULATION.iterdir(), *CSRC.glob("linear_attention*"),
-               *(CSRC / "include" / "hadamard_kernels").iterdir()]
-    digest = hashlib.sha256("\0".join(command).encode())
-    for path in sorted(p for p in sources if p.is_file()):
-        digest.update(path.read_bytes())
-    name = "hk_linear_attention_emulated"
-    out = (Path(tempfile.gettempdir()) / f"{name}_{digest.hexdigest()[:16]}" /
-           f"{name}{sysconfig.get_config_var('EXT_SUFFIX')}")
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.with_name(f"{out.name}.{os.getpid()}.partial")
-        result = subprocess.run([*command, "-o", str(partial)], capture_output=True, text=True)
-        if result.returncode != 0:
-            pytest.fail(f"the kernels no longer build for the CPU emulation:\n{result.stderr[-6000:]}")
-        os.replace(partial, out)
-    spec = importlib.util.spec_from_file_location(name, out)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    the linear_attention part of _C's interface."""
+    return emulated_kernels.build("hk_linear_attention_emulated", "linear_attention_module.cpp",
+                                 sorted(emulated_kernels.CSRC.glob("linear_attention*")))
 
 
 @pytest.fixture
 def emulated(emulated_extension, monkeypatch):
     """cuda.py's forward / backward run the emulated kernels on CPU tensors."""
-    monkeypatch.setattr(la_cuda, "require_cuda_extension", lambda: emulated_extension)
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    emulated_kernels.run_on_cpu(la_cuda, emulated_extension, monkeypatch)
     return emulated_extension
 
 

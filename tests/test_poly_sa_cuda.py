@@ -6,18 +6,9 @@ its outputs). On a GPU, tests/test_poly_sa.py runs the built extension itself.""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import importlib.util
 import math
-import os
-import shutil
-import subprocess
-import sysconfig
-import tempfile
-import types
-from pathlib import Path
 
+import emulated_kernels
 import pytest
 import torch
 from guard import assert_guard_untouched, check_guards, guard_buffer, guarded_copy
@@ -27,58 +18,21 @@ from hadamard_kernels.ops.poly_sa import common as sa_common
 from hadamard_kernels.ops.poly_sa import cuda as sa_cuda
 from hadamard_kernels.ops.poly_sa import reference as sa_reference
 
-EMULATION = Path(__file__).parent / "emulation"
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GRAD_NAMES = ("dz", "dw1", "dw2", "dw3", "dalpha", "dbeta")
 
 
-def _cuda_include() -> Path | None:
-    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    if nvcc := shutil.which("nvcc"):
-        roots.append(str(Path(nvcc).resolve().parents[1]))
-    return next((Path(r) / "include" for r in filter(None, roots) if (Path(r) / "include" / "cuda_fp16.h").is_file()),
-                None)
-
-
 @pytest.fixture(scope="session")
 def emulated_extension():
-    """The emulated module, cached in the temp dir under a hash of the sources and the command."""
-    pybind11 = pytest.importorskip("pybind11")
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    include = _cuda_include()
-    if cxx is None or include is None:
-        pytest.skip("the CPU emulation of the kernels needs a C++ compiler and the CUDA headers")
-    command = [cxx, "-O1", "-std=c++20", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
-               f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", f"-I{include}",
-               f"-I{CSRC / 'include'}", f"-I{CSRC}", str(EMULATION / "poly_sa_module.cpp")]
-    sources = [EMULATION / "cuda_emulation.h", EMULATION / "poly_sa_module.cpp", CSRC / "poly_sa.cu",
-               *(CSRC / "include" / "hadamard_kernels").iterdir()]
-    digest = hashlib.sha256("\0".join(command).encode())
-    for path in sorted(p for p in sources if p.is_file()):
-        digest.update(path.read_bytes())
-    name = "hk_poly_sa_emulated"
-    out = (Path(tempfile.gettempdir()) / f"{name}_{digest.hexdigest()[:16]}" /
-           f"{name}{sysconfig.get_config_var('EXT_SUFFIX')}")
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.with_name(f"{out.name}.{os.getpid()}.partial")
-        result = subprocess.run([*command, "-o", str(partial)], capture_output=True, text=True)
-        if result.returncode != 0:
-            pytest.fail(f"csrc/poly_sa.cu no longer builds for the CPU emulation:\n{result.stderr[-6000:]}")
-        os.replace(partial, out)
-    spec = importlib.util.spec_from_file_location(name, out)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """csrc/poly_sa.cu built by the host compiler under tests/emulation/cuda_emulation.h."""
+    return emulated_kernels.build("hk_poly_sa_emulated", "poly_sa_module.cpp", [emulated_kernels.CSRC / "poly_sa.cu"],
+                                 flags=("-Werror",))
 
 
 @pytest.fixture
 def emulated(emulated_extension, monkeypatch):
     """cuda.py's functions run the emulated kernels on CPU tensors."""
-    monkeypatch.setattr(sa_cuda, "require_cuda_extension", lambda: emulated_extension)
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    emulated_kernels.run_on_cpu(sa_cuda, emulated_extension, monkeypatch)
     return emulated_extension
 
 
