@@ -1,0 +1,1 @@
+"""LRNN sum-of-products activations (DESIGN.md §4)."""
