@@ -6,11 +6,22 @@ import math
 
 import pytest
 import torch
-from utils import HAS_CUDA, assert_close, cpu_backends, cuda, forward_backward, gpu_backends, rel_err, requires_cuda
+from utils import (
+    HAS_CUDA,
+    assert_close,
+    cpu_backends,
+    cuda,
+    forward_backward,
+    gpu_backends,
+    recorded_launches,
+    rel_err,
+    requires_cuda,
+)
 
 import hadamard_kernels as hk
 from hadamard_kernels import _backend
 from hadamard_kernels.ops.poly_ncp import common
+from hadamard_kernels.ops.poly_ncp import triton as ncp_triton
 from hadamard_kernels.ops.poly_ncp.op import poly_ncp_op
 
 NAMES = ("x", "a_weight", "a_bias", "s_weight", "s_bias")
@@ -240,11 +251,61 @@ def test_unavailable_backend_raises_runtime_error():
         hk.poly_ncp(*make_inputs(lead=(3,), d=4, k=2, N=2), backend="cuda")
 
 
-@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "reference"])
-def test_k_beyond_max_raises_not_implemented(backend):
-    module = __import__(f"hadamard_kernels.ops.poly_ncp.{backend}", fromlist=["MAX_K"])
-    with pytest.raises(NotImplementedError, match=f"k <= {module.MAX_K}"):
-        hk.poly_ncp(*make_inputs(lead=(2,), d=3, k=module.MAX_K + 1, N=1), backend=backend)
+# ---------------------------------------------------------------- the Triton wide path (k > MAX_K)
+def check_triton_kernels(inputs):
+    """check_against_reference on the triton backend; returns the names of the Triton kernels it launched."""
+    with recorded_launches() as log:
+        check_against_reference(inputs, "triton")
+    return set(log.triton)
+
+
+@pytest.fixture
+def wide_path(monkeypatch):
+    """Every k takes the Triton wide path (one launch per degree), so it is checked at small, cheap sizes too."""
+    monkeypatch.setattr(ncp_triton, "MAX_K", 0)
+
+
+@pytest.mark.skipif("triton" not in cpu_backends(), reason="needs the Triton interpreter")
+@pytest.mark.parametrize("k, N, d, dtype, bias", [
+    (129, 3, 33, torch.float64, True),   # just past the fast path's MAX_K = 128
+    (200, 2, 17, torch.float32, False),
+    (129, 1, 5, torch.float16, True),    # N = 1: y = A_1 x + a_1 only
+])
+def test_triton_k_past_fast_path(k, N, d, dtype, bias):
+    assert k > ncp_triton.MAX_K
+    launched = check_triton_kernels(make_inputs(lead=(5,), d=d, k=k, N=N, dtype=dtype, bias=bias))
+    assert launched == {"_poly_ncp_wide_fwd_kernel", "_poly_ncp_wide_bwd_kernel"}, launched
+
+
+@pytest.mark.skipif("triton" not in cpu_backends(), reason="needs the Triton interpreter")
+@pytest.mark.parametrize("shape", [
+    dict(lead=(1,), d=1, k=1, N=1),
+    dict(lead=(39,), d=45, k=23, N=2),      # three row tiles (the last ragged), a ragged column tile
+    dict(lead=(2, 5), d=20, k=40, N=5),     # two column tiles, odd N: y and the buffer alternate
+    dict(lead=(3,), d=70, k=9, N=4),        # d past two contraction chunks
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_triton_wide_path_shapes(wide_path, shape, bias):
+    assert "_poly_ncp_wide_fwd_kernel" in check_triton_kernels(make_inputs(**shape, bias=bias))
+
+
+@pytest.mark.skipif("triton" not in cpu_backends(), reason="needs the Triton interpreter")
+def test_triton_wide_path_zero_factors_and_row_chunks(wide_path, monkeypatch):
+    """Exact gradients through a zero factor, and the backward split into row chunks, on the wide path."""
+    test_zero_factors_exact_gradients("triton")
+    test_backward_in_row_chunks("triton", monkeypatch)
+
+
+@pytest.mark.skipif("triton" not in cpu_backends(), reason="needs the Triton interpreter")
+def test_triton_wide_path_gradcheck(wide_path):
+    inputs = [t.requires_grad_() for t in make_inputs(lead=(2,), d=3, k=2, N=2)]
+    assert torch.autograd.gradcheck(lambda *t: hk.poly_ncp(*t, backend="triton"), inputs)
+
+
+@pytest.mark.skipif("triton" not in cpu_backends(), reason="needs the Triton interpreter")
+def test_triton_wide_path_nan_and_strides(wide_path):
+    test_nan_propagates("triton")
+    test_strided_inputs("triton")
 
 
 @pytest.mark.skipif(_backend.cuda_extension()[0] is None, reason="hadamard_kernels._C is not built")
@@ -301,17 +362,24 @@ def test_gpu_auto_backend_and_compile():
 
 @cuda
 @requires_cuda
+@pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [dict(lead=(300,), d=70, k=256, N=3), dict(lead=(2, 45), d=33, k=200, N=4)])
-def test_gpu_cuda_wide_k(dtype, shape):
-    """k past the Triton kernel's MAX_K, up to the CUDA kernel's."""
-    check_against_reference(make_inputs(**shape, dtype=dtype, device="cuda"), "cuda")
+def test_gpu_wide_k(backend, dtype, shape):
+    """k past the Triton fast path's MAX_K, up to the CUDA fast path's."""
+    check_against_reference(make_inputs(**shape, dtype=dtype, device="cuda"), backend)
 
 
 @cuda
 @requires_cuda
 @pytest.mark.parametrize("backend", gpu_backends())
-def test_gpu_k_beyond_max_raises_not_implemented(backend):
-    module = __import__(f"hadamard_kernels.ops.poly_ncp.{backend}", fromlist=["MAX_K"])
-    with pytest.raises(NotImplementedError, match=f"k <= {module.MAX_K}"):
-        hk.poly_ncp(*make_inputs(lead=(2,), d=3, k=module.MAX_K + 1, N=1, device="cuda"), backend=backend)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [dict(lead=(257,), d=96, k=512, N=3), dict(lead=(2, 70), d=129, k=1024, N=2)])
+def test_gpu_k_past_every_fast_path(backend, dtype, shape):
+    """k past both fast paths (one launch per degree); auto picks a fused backend there too."""
+    inputs = make_inputs(**shape, dtype=dtype, device="cuda")
+    check_against_reference(inputs, backend)
+    if backend == "triton":
+        with recorded_launches() as log:
+            hk.poly_ncp(*inputs)
+        assert log.triton or log.cuda, "auto ran the reference on a GPU"

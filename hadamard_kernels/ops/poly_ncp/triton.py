@@ -16,6 +16,15 @@ recomputing a_n and s_n from x and ys (the last degree's are still in registers)
 grad_a [M, N, k], grad_s [N-1, M, k] and ys into the weight and input gradients
 (common.backward_in_row_chunks). Those three are the transient memory, (3N-2)·k elements per row; rows are
 processed in chunks so it stays below common.WORKSPACE_BYTES (1 GiB), whatever M.
+
+k > MAX_K (the wide path, any k): one launch per degree. A program owns a [BM, BN] tile of y_n and computes both
+GEMMs of its columns with K-loops, a_n over d and s_n over k, reading y_{n-1} from an [M, k] buffer (input dtype:
+the same rounding the fast path applies before the k x k dot); so the chain lives in device memory. The forward
+alternates between the output and one [M, k] buffer (its only transient memory). The backward first reruns the
+chain into ys, then walks n = N..1 with one launch per degree: g = dL/dy_n is grad_y, or grad_s_{n+1} S_{n+1}
+(a third GEMM per tile, reading the grad_s slab the previous launch wrote), and the tile writes grad_a_n = g * s_n,
+grad_s_n = g * a_n. It writes exactly the fast path's grad_a, grad_s and ys, so the transient memory and the GEMMs
+in torch are the same.
 """
 
 from __future__ import annotations
@@ -28,9 +37,10 @@ from .._library import triton_autotune
 from .._triton_lib import stacked_projection
 from .common import backward_in_row_chunks
 
-# Largest k: the [KP, KP] tile of S_n is one dot operand, staged whole in shared memory next to the pipelined
-# x / A_n chunks. On an H100 (227 KiB per block) KP = 256 needed 288 KiB (fp32: the tile alone is 256 KiB) and
-# 400 KiB (bf16, d % 16 == 0, BM=32 BD=64 3 stages); KP = 128 was verified there in fp32, fp16 and bf16.
+# Largest k of the fast path (larger k takes the wide path): the [KP, KP] tile of S_n is one dot operand, staged
+# whole in shared memory next to the pipelined x / A_n chunks. On an H100 (227 KiB per block) KP = 256 needed
+# 288 KiB (fp32: the tile alone is 256 KiB) and 400 KiB (bf16, d % 16 == 0, BM=32 BD=64 3 stages); KP = 128 was
+# verified there in fp32, fp16 and bf16.
 MAX_K = 128
 
 _CONFIGS = [
@@ -38,6 +48,19 @@ _CONFIGS = [
     for bm, bd, w, s in [(32, 64, 4, 2), (16, 64, 4, 3), (64, 32, 4, 2), (64, 64, 8, 2)]
 ]
 _KEY = ["D", "KP", "N", "HAS_A_BIAS", "HAS_S_BIAS", "IEEE"]
+
+# The wide path: [BM, BN] tiles of one degree, contraction chunks of BK. The backward keeps two fp32 accumulators
+# live (g and s, then g and a), hence its smaller tiles.
+_WIDE_FWD_CONFIGS = [
+    triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4),
+                             (32, 32, 32, 4, 2)]
+]
+_WIDE_BWD_CONFIGS = [
+    triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [(64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 4, 3), (32, 32, 32, 4, 2)]
+]
+_WIDE_KEY = ["D", "K", "HAS_A_BIAS", "HAS_S_BIAS", "IEEE"]
 
 
 @triton.jit
@@ -141,11 +164,77 @@ def _poly_ncp_bwd_kernel(x_ptr, aw_ptr, ab_ptr, sw_ptr, sb_ptr, gy_ptr, ga_ptr, 
     tl.store(ga_ptr + o_mnk, g.to(ga_ptr.dtype.element_ty), mask=mask)
 
 
-def unsupported(x, a_weight, a_bias, s_weight, s_bias):
-    K = a_weight.shape[1]
-    if K > MAX_K:
-        return f"the triton kernels keep a row tile's k columns on chip and support k <= {MAX_K}, got k={K}"
-    return None
+@triton.jit
+def _times_matrix(a_ptr, stride_am, w_ptr, o_m, o_j, M, K, IEEE: tl.constexpr, ACC: tl.constexpr,
+                  BM: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
+    """[BM, BJ] tile (rows o_m, columns o_j) of A W for A [M, K] (rows stride_am apart) and W [K, K] row-major."""
+    acc = tl.zeros((BM, BJ), dtype=ACC)
+    m_m = o_m < M
+    m_j = o_j < K
+    for l0 in range(0, K, BK):
+        o_l = l0 + tl.arange(0, BK)
+        m_l = o_l < K
+        b_a = tl.load(a_ptr + o_m[:, None] * stride_am + o_l[None, :], mask=m_m[:, None] & m_l[None, :], other=0.0)
+        b_w = tl.load(w_ptr + o_l[:, None].to(tl.int64) * K + o_j[None, :], mask=m_l[:, None] & m_j[None, :],
+                      other=0.0)
+        acc += _dot(b_a, b_w, IEEE, ACC)
+    return acc
+
+
+@triton.jit
+def _wide_tile(M, K, BM: tl.constexpr, BN: tl.constexpr):
+    """Rows and columns of this program's tile: the column tiles of a row block are neighbours in the grid, so
+    they share its x and y_{n-1} rows in L2."""
+    col_tiles = tl.cdiv(K, BN)
+    pid = tl.program_id(0)
+    o_m = (pid // col_tiles).to(tl.int64) * BM + tl.arange(0, BM)
+    o_j = (pid % col_tiles) * BN + tl.arange(0, BN)
+    return o_m, o_j, (o_m < M)[:, None] & (o_j < K)[None, :]
+
+
+@triton_autotune(_WIDE_FWD_CONFIGS, key=_WIDE_KEY)
+@triton.jit
+def _poly_ncp_wide_fwd_kernel(x_ptr, aw_ptr, ab_ptr, sw_ptr, sb_ptr, prev_ptr, y_ptr, M, D, K, stride_xm,
+                              stride_pm, stride_ym, HAS_PREV: tl.constexpr, HAS_A_BIAS: tl.constexpr,
+                              HAS_S_BIAS: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr,
+                              BN: tl.constexpr, BK: tl.constexpr):
+    """One degree: y [M, K] = (x A^T + a) * (prev S^T + s) with prev = y_{n-1} [M, K] (HAS_PREV), else x A^T + a.
+    A [K, D], a [K], S [K, K], s [K] are this degree's weights (contiguous)."""
+    o_m, o_j, mask = _wide_tile(M, K, BM, BN)
+    m_j = o_j < K
+    y = stacked_projection(x_ptr, aw_ptr, ab_ptr, 0, o_m, o_j, M, D, K, stride_xm, HAS_A_BIAS, IEEE, ACC, BM, BN, BK,
+                           m_j)
+    if HAS_PREV:
+        y *= stacked_projection(prev_ptr, sw_ptr, sb_ptr, 0, o_m, o_j, M, K, K, stride_pm, HAS_S_BIAS, IEEE, ACC,
+                                BM, BN, BK, m_j)
+    tl.store(y_ptr + o_m[:, None] * stride_ym + o_j[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton_autotune(_WIDE_BWD_CONFIGS, key=_WIDE_KEY)
+@triton.jit
+def _poly_ncp_wide_bwd_kernel(x_ptr, aw_ptr, ab_ptr, sw_ptr, sb_ptr, prev_ptr, g_ptr, gw_ptr, ga_ptr, gs_ptr,
+                              M, D, K, stride_xm, stride_pm, stride_gm, stride_gam, stride_gsm,
+                              G_FROM_Y: tl.constexpr, HAS_PREV: tl.constexpr, HAS_A_BIAS: tl.constexpr,
+                              HAS_S_BIAS: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr,
+                              BN: tl.constexpr, BK: tl.constexpr):
+    """One degree of the backward walk. g = dL/dy_n is g_ptr [M, K] itself (G_FROM_Y: grad_y) or g_ptr @ gw
+    (grad_s_{n+1} S_{n+1}, gw [K, K]). With HAS_PREV (n > 1), s = prev S^T + s and a = x A^T + a as in the
+    forward, and the tile writes ga = g * s and gs = g * a; else (n = 1) ga = g."""
+    o_m, o_j, mask = _wide_tile(M, K, BM, BN)
+    m_j = o_j < K
+    if G_FROM_Y:
+        g = tl.load(g_ptr + o_m[:, None] * stride_gm + o_j[None, :], mask=mask, other=0.0).to(ACC)
+    else:
+        g = _times_matrix(g_ptr, stride_gm, gw_ptr, o_m, o_j, M, K, IEEE, ACC, BM, BN, BK)
+    if HAS_PREV:
+        s = stacked_projection(prev_ptr, sw_ptr, sb_ptr, 0, o_m, o_j, M, K, K, stride_pm, HAS_S_BIAS, IEEE, ACC,
+                               BM, BN, BK, m_j)
+        tl.store(ga_ptr + o_m[:, None] * stride_gam + o_j[None, :], (g * s).to(ga_ptr.dtype.element_ty), mask=mask)
+        a = stacked_projection(x_ptr, aw_ptr, ab_ptr, 0, o_m, o_j, M, D, K, stride_xm, HAS_A_BIAS, IEEE, ACC, BM, BN,
+                               BK, m_j)
+        tl.store(gs_ptr + o_m[:, None] * stride_gsm + o_j[None, :], (g * a).to(gs_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ga_ptr + o_m[:, None] * stride_gam + o_j[None, :], g.to(ga_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_args(x, a_weight, a_bias, s_weight, s_bias):
@@ -170,12 +259,58 @@ def _grid(M):
     return lambda meta: (triton.cdiv(M, meta["BM"]),)
 
 
+def _wide_grid(M, K):
+    return lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(K, meta["BN"]),)
+
+
+def _degree(operands, flags, n):
+    """Degree n's (0-based) weight operands as contiguous views (S_n and s_n are those of n >= 1) and its flags;
+    the wide kernels index one degree's weights from 0."""
+    aw, ab, sw, sb = operands
+    has_ab, has_sb = flags["HAS_A_BIAS"], flags["HAS_S_BIAS"] and n > 0
+    weights = (aw[n], ab[n] if has_ab else aw, sw[n - 1] if n > 0 else aw, sb[n - 1] if has_sb else aw)
+    return weights, dict(HAS_A_BIAS=has_ab, HAS_S_BIAS=has_sb, IEEE=flags["IEEE"], ACC=flags["ACC"])
+
+
+def _wide_chain(x2d, operands, D, K, flags, outputs):
+    """The forward chain on the wide path: y_n (0-based n) into outputs[n], an [M, K] tensor with unit column
+    stride; the last output holds y_N when len(outputs) = N."""
+    M = x2d.shape[0]
+    for n, y in enumerate(outputs):
+        prev = outputs[n - 1] if n > 0 else y  # not read for n = 0
+        weights, degree_flags = _degree(operands, flags, n)
+        _poly_ncp_wide_fwd_kernel[_wide_grid(M, K)](x2d, *weights, prev, y, M, D, K, x2d.stride(0), prev.stride(0),
+                                                    y.stride(0), HAS_PREV=n > 0, **degree_flags)
+
+
+def _wide_chain_grads(x2d, gy, operands, D, K, N, flags, grad_a, grad_s, ys):
+    """The wide path's backward: ys from _wide_chain, then one launch per degree n = N..1 (see the docstring)."""
+    M = x2d.shape[0]
+    _wide_chain(x2d, operands, D, K, flags, list(ys))
+    sw = operands[2]
+    for n in range(N - 1, -1, -1):
+        # g: grad_y for the last degree, else grad_s of degree n + 1 (slab n) times its S (s_weight[n]).
+        g, gw = (gy, gy) if n == N - 1 else (grad_s[n], sw[n])
+        prev = ys[n - 1] if n > 0 else g
+        gs = grad_s[n - 1] if n > 0 else g  # not written for n = 0
+        ga = grad_a[:, n]
+        weights, degree_flags = _degree(operands, flags, n)
+        _poly_ncp_wide_bwd_kernel[_wide_grid(M, K)](
+            x2d, *weights, prev, g, gw, ga, gs, M, D, K, x2d.stride(0), prev.stride(0), g.stride(0), ga.stride(0),
+            gs.stride(0), G_FROM_Y=n == N - 1, HAS_PREV=n > 0, **degree_flags)
+
+
 def forward(x, a_weight, a_bias, s_weight, s_bias):
     operands, (D, K, N), flags = _launch_args(x, a_weight, a_bias, s_weight, s_bias)
     x2d = x.reshape(-1, D).contiguous()
     M = x2d.shape[0]
     y = torch.empty((M, K), device=x.device, dtype=x.dtype)
-    _poly_ncp_fwd_kernel[_grid(M)](x2d, *operands, y, M, D, K, N, x2d.stride(0), y.stride(0), **flags)
+    if K <= MAX_K:
+        _poly_ncp_fwd_kernel[_grid(M)](x2d, *operands, y, M, D, K, N, x2d.stride(0), y.stride(0), **flags)
+    else:
+        # y and one buffer alternate so that y_N lands in y.
+        other = torch.empty_like(y) if N > 1 else y
+        _wide_chain(x2d, operands, D, K, flags, [y if (N - 1 - n) % 2 == 0 else other for n in range(N)])
     return y.view(*x.shape[:-1], K)
 
 
@@ -186,8 +321,11 @@ def backward(grad_y, x, a_weight, a_bias, s_weight, s_bias, needs):
         M = x2d.shape[0]
         grad_a = x2d.new_empty((M, N, K))
         grad_s, ys = x2d.new_empty((N - 1, M, K)), x2d.new_empty((N - 1, M, K))
-        _poly_ncp_bwd_kernel[_grid(M)](x2d, *operands, gy, grad_a, grad_s, ys, M, D, K, N, x2d.stride(0),
-                                       gy.stride(0), **flags)
+        if K <= MAX_K:
+            _poly_ncp_bwd_kernel[_grid(M)](x2d, *operands, gy, grad_a, grad_s, ys, M, D, K, N, x2d.stride(0),
+                                           gy.stride(0), **flags)
+        else:
+            _wide_chain_grads(x2d, gy, operands, D, K, N, flags, grad_a, grad_s, ys)
         return grad_a, grad_s, ys
 
     return backward_in_row_chunks(chain_grads, grad_y, x, a_weight, a_bias, s_weight, s_bias, needs)
