@@ -18,6 +18,7 @@ from typing import NamedTuple
 import pytest
 import torch
 import triton
+import triton.language as tl
 from guard import Guard, assert_guard_untouched, check_guards, guard_buffer, guarded_copy, planted, raw_kernel
 from utils import assert_close, cpu_backends
 
@@ -179,6 +180,74 @@ def launch_ncp_bwd(BM, BD, N, K=K, bias=True, dtype=torch.float64, kernel=None):
                 assert_close(f"poly_ncp bwd -> {name}", out, expected, dtype)
 
     return Launch(outputs, guarded, check_values)
+
+
+def _ncp_wide_degree(dtype, seed=0):
+    """One degree's operands for the wide kernels: x [M, D], A [K, D], a [K], S [K, K], s [K] and an [M, K] input
+    (y_{n-1}), each in a NaN guard (x and the [M, K] input row-padded)."""
+    t = dict(x=randn(M, D, dtype=dtype, seed=seed), aw=randn(K, D, dtype=dtype, seed=seed + 1, scale=1 / math.sqrt(D)),
+             ab=randn(K, dtype=dtype, seed=seed + 2, scale=0.5), sw=randn(K, K, dtype=dtype, seed=seed + 3,
+                                                                            scale=1 / math.sqrt(K)),
+             sb=randn(K, dtype=dtype, seed=seed + 4, scale=0.5), prev=randn(M, K, dtype=dtype, seed=seed + 5))
+    guards = {name: guarded_copy(v, name=name, row_pad=ROW_PAD if name in ("x", "prev") else 0)
+              for name, v in t.items()}
+    return t, guards
+
+
+def _ncp_wide_flags(dtype, bias, prev):
+    return dict(HAS_A_BIAS=bias, HAS_S_BIAS=bias and prev, IEEE=dtype == torch.float32,
+                ACC=tl.float64 if dtype == torch.float64 else tl.float32)
+
+
+def _ncp_wide_a_s(t, bias):
+    """a = x A^T (+ a) and s = prev S^T (+ s) in float64."""
+    d = {k: v.double() for k, v in t.items()}
+    return d["x"] @ d["aw"].T + (d["ab"] if bias else 0), d["prev"] @ d["sw"].T + (d["sb"] if bias else 0)
+
+
+def launch_ncp_wide_fwd(BM, BN, BK, prev=True, bias=True, dtype=torch.float64, kernel=None):
+    """poly_ncp.triton's wide forward kernel (one degree) with an explicit tile, into a row-padded y."""
+    kernel = kernel or raw_kernel(ncp_triton._poly_ncp_wide_fwd_kernel)
+    t, g = _ncp_wide_degree(dtype)
+    y = guard_buffer((M, K), dtype, name=f"poly_ncp wide fwd y BM={BM} BN={BN} BK={BK}", row_pad=ROW_PAD)
+    kernel[(triton.cdiv(M, BM) * triton.cdiv(K, BN),)](
+        g["x"].view, g["aw"].view, g["ab"].view, g["sw"].view, g["sb"].view, g["prev"].view, y.view, M, D, K,
+        g["x"].view.stride(0), g["prev"].view.stride(0), y.view.stride(0), HAS_PREV=prev,
+        **_ncp_wide_flags(dtype, bias, prev), BM=BM, BN=BN, BK=BK)
+
+    def check_values():
+        a, s_ = _ncp_wide_a_s(t, bias)
+        assert_close(y.name, y.view, a * s_ if prev else a, dtype)
+
+    return Launch([y], list(g.values()), check_values)
+
+
+def launch_ncp_wide_bwd(BM, BN, BK, from_y=False, prev=True, bias=True, dtype=torch.float64, kernel=None):
+    """poly_ncp.triton's wide backward kernel (one degree) with an explicit tile: g [M, K] (grad_y, or grad_s of the
+    next degree times gw [K, K]) row-padded; ga, gs row-padded guards."""
+    kernel = kernel or raw_kernel(ncp_triton._poly_ncp_wide_bwd_kernel)
+    t, g = _ncp_wide_degree(dtype)
+    g_in = randn(M, K, dtype=dtype, seed=7)
+    gw = randn(K, K, dtype=dtype, seed=8, scale=1 / math.sqrt(K))
+    g["g"], g["gw"] = guarded_copy(g_in, name="g", row_pad=ROW_PAD), guarded_copy(gw, name="gw")
+    tag = f"BM={BM} BN={BN} BK={BK} from_y={from_y} prev={prev}"
+    ga = guard_buffer((M, K), dtype, name=f"poly_ncp wide bwd ga {tag}", row_pad=ROW_PAD)
+    gs = guard_buffer((M, K), dtype, name=f"poly_ncp wide bwd gs {tag}", row_pad=ROW_PAD)
+    kernel[(triton.cdiv(M, BM) * triton.cdiv(K, BN),)](
+        g["x"].view, g["aw"].view, g["ab"].view, g["sw"].view, g["sb"].view, g["prev"].view, g["g"].view,
+        g["gw"].view, ga.view, gs.view, M, D, K, g["x"].view.stride(0), g["prev"].view.stride(0),
+        g["g"].view.stride(0), ga.view.stride(0), gs.view.stride(0), G_FROM_Y=from_y, HAS_PREV=prev,
+        **_ncp_wide_flags(dtype, bias, prev), BM=BM, BN=BN, BK=BK)
+
+    def check_values():
+        grad = g_in.double() if from_y else g_in.double() @ gw.double()
+        a, s_ = _ncp_wide_a_s(t, bias)
+        assert_close(ga.name, ga.view, grad * s_ if prev else grad, dtype)
+        if prev:
+            assert_close(gs.name, gs.view, grad * a, dtype)
+
+    # Without prev (degree 1) gs is not written.
+    return Launch([ga, gs] if prev else [ga], list(g.values()), check_values)
 
 
 # ---------------------------------------------------------------- poly_gate
@@ -423,6 +492,15 @@ CASES = [
     pytest.param(launch_ncp_bwd, dict(BM=16, BD=16, N=3), id="ncp_bwd-N3"),
     pytest.param(launch_ncp_bwd, dict(BM=32, BD=32, N=2, K=5, bias=False, dtype=torch.float32),
                  id="ncp_bwd-N2-K5-fp32"),
+    # poly_ncp's wide path (k > 128): one degree, [16, 16] tiles of K = 39 columns (ragged), d = 45 in 16-chunks.
+    pytest.param(launch_ncp_wide_fwd, dict(BM=16, BN=16, BK=16), id="ncp_wide_fwd"),
+    pytest.param(launch_ncp_wide_fwd, dict(BM=32, BN=16, BK=32, prev=False, dtype=torch.float32),
+                 id="ncp_wide_fwd-first-fp32"),
+    pytest.param(launch_ncp_wide_bwd, dict(BM=16, BN=16, BK=16), id="ncp_wide_bwd"),
+    pytest.param(launch_ncp_wide_bwd, dict(BM=16, BN=32, BK=16, from_y=True, bias=False, dtype=torch.float16),
+                 id="ncp_wide_bwd-last-fp16"),
+    pytest.param(launch_ncp_wide_bwd, dict(BM=32, BN=16, BK=16, prev=False, dtype=torch.float32),
+                 id="ncp_wide_bwd-first-fp32"),
     # poly_gate: C = 45 in a 64-wide block; ragged row tiles; pixel tiles (2 x 2, 4 x 2) over a 5 x 7 and a 3 x 2
     # image (W = 3: 4-pixel tiles along W, the last half empty), persistent programs with several tiles each.
     pytest.param(launch_gate_fwd, dict(BM=8, shape=(37, 45), spatial=False), id="gate_fwd-flat"),
@@ -483,6 +561,13 @@ PLANTS = [
     pytest.param(launch_ncp_bwd, dict(BM=16, BD=16, N=3), ncp_triton._poly_ncp_bwd_kernel,
                  _COLUMN_MASK, _COLUMN_MASK.replace("o_k < K", "o_k <= K"), "past the end",
                  id="ncp_bwd-column+1"),
+    pytest.param(launch_ncp_wide_fwd, dict(BM=16, BN=16, BK=16), ncp_triton._poly_ncp_wide_fwd_kernel,
+                 "y.to(y_ptr.dtype.element_ty), mask=mask)", "y.to(y_ptr.dtype.element_ty), mask=(o_j < K)[None, :])",
+                 "past the end", id="ncp_wide_fwd-no-row-mask"),
+    pytest.param(launch_ncp_wide_bwd, dict(BM=16, BN=16, BK=16), ncp_triton._poly_ncp_wide_bwd_kernel,
+                 "(g * a).to(gs_ptr.dtype.element_ty), mask=mask)",
+                 "(g * a).to(gs_ptr.dtype.element_ty), mask=(o_m < M)[:, None])", "past the end of row",
+                 id="ncp_wide_bwd-no-column-mask"),
     pytest.param(launch_gate_fwd, dict(BM=8, shape=(37, 45), spatial=False), gate_triton._poly_gate_fwd_kernel,
                  "mask = (o_m < M)[:, None] & m_c", "mask = m_c", "past the end", id="gate_fwd-no-row-mask"),
     pytest.param(launch_gate_bwd, dict(TW=2, TH=2, programs=3, shape=(2, 5, 7, 45), spatial=True),
