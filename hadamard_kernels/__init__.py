@@ -3,11 +3,13 @@
 from . import nn
 from ._backend import BACKENDS, available_backends
 from .ops.linear_attention import causal_linear_attention, causal_linear_attention_step
+from .ops.lrnn import lrnn_product
 from .ops.poly_chain import poly_chain
 from .ops.poly_gate import poly_gate, spatial_shift
 from .ops.poly_ncp import poly_ncp
 from .ops.poly_sa import poly_sa, poly_sa_pool
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "available_backends", "causal_linear_attention", "causal_linear_attention_step", "nn",
-           "poly_chain", "poly_gate", "poly_ncp", "poly_sa", "poly_sa_pool", "spatial_shift", "__version__"]
+__all__ = ["BACKENDS", "available_backends", "causal_linear_attention", "causal_linear_attention_step",
+           "lrnn_product", "nn", "poly_chain", "poly_gate", "poly_ncp", "poly_sa", "poly_sa_pool", "spatial_shift",
+           "__version__"]

@@ -28,6 +28,7 @@ AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
     "poly_sa": ("triton",),
     "poly_gate": ("triton",),
     "causal_linear_attention": ("triton",),
+    "lrnn_product": ("triton",),
 }
 DEFAULT_PREFERENCE = ("triton",)
 

@@ -5,12 +5,18 @@ import triton.language as tl
 
 
 @triton.jit
+def tanh(z):
+    """tanh from the sigmoid (no tanh instruction in tl, and the interpreter has no libdevice)."""
+    return 2.0 * tl.sigmoid(2.0 * z) - 1.0
+
+
+@triton.jit
 def activation(z, ACT: tl.constexpr):
     """ACT codes: 0 identity, 1 relu, 2 tanh, 3 sigmoid, 4 gelu (erf); the order of poly_chain.common.ACTIVATIONS."""
     if ACT == 1:
         z = tl.where(z < 0.0, 0.0, z)  # relu keeping NaN, as torch.relu (tl.maximum would drop it)
     elif ACT == 2:
-        z = 2.0 * tl.sigmoid(2.0 * z) - 1.0  # tanh
+        z = tanh(z)
     elif ACT == 3:
         z = tl.sigmoid(z)
     elif ACT == 4:
@@ -25,7 +31,7 @@ def activation_grad(z, ACT: tl.constexpr):
     elif ACT == 1:
         g = tl.where(z <= 0.0, 0.0, 1.0).to(z.dtype)  # 0 at z = 0 and 1 at NaN, as torch.relu's backward
     elif ACT == 2:
-        t = 2.0 * tl.sigmoid(2.0 * z) - 1.0
+        t = tanh(z)
         g = 1.0 - t * t
     elif ACT == 3:
         s = tl.sigmoid(z)
