@@ -91,6 +91,18 @@ def _poly_sa_case(gen):
     return _poly_sa_inputs(gen), call
 
 
+def _lrnn_product_case(gen):
+    from . import lrnn_product
+    rank, dbar, d, h = 6, 3, 5, 4  # odd sizes; the mlp activation, so g_params has a gradient too
+    inputs = [torch.randn(37, d, generator=gen), torch.randn(rank * dbar, d, generator=gen) / math.sqrt(d),
+              torch.randn(rank * dbar, generator=gen) * 0.5, torch.randn(3, rank, dbar, h, generator=gen) * 0.5]
+
+    def call(x, w, b, g_params, backend):
+        return lrnn_product(x, w, b, rank=rank, dbar=dbar, activation="mlp", g_params=g_params, backend=backend)
+
+    return inputs, call
+
+
 # (op name, builder(generator) -> (CPU example inputs, call(*inputs, backend)))
 CASES: list[tuple[str, Callable]] = [
     ("poly_chain", _poly_chain_case),
@@ -99,6 +111,7 @@ CASES: list[tuple[str, Callable]] = [
     ("poly_gate", _poly_gate_case),
     ("poly_sa_pool", _poly_sa_pool_case),
     ("poly_sa", _poly_sa_case),
+    ("lrnn_product", _lrnn_product_case),
 ]
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
