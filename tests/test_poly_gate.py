@@ -11,7 +11,17 @@ from functools import partial
 import pytest
 import torch
 from torch import nn
-from utils import HAS_CUDA, assert_close, cpu_backends, cuda, forward_backward, gpu_backends, rel_err, requires_cuda
+from utils import (
+    HAS_CUDA,
+    assert_close,
+    cpu_backends,
+    cuda,
+    forward_backward,
+    gpu_backends,
+    recorded_launches,
+    rel_err,
+    requires_cuda,
+)
 
 import hadamard_kernels as hk
 from hadamard_kernels import _backend
@@ -333,12 +343,27 @@ def test_spatial_shift_bad_input(x):
 
 
 @pytest.mark.skipif("triton" not in cpu_backends(), reason="needs the Triton interpreter")
-def test_triton_row_limit():
+def test_triton_rows_past_max_c():
+    """Rows wider than MAX_C take the chunked (wide) kernels: the output and every gradient, with the shift."""
     from hadamard_kernels.ops.poly_gate import triton as triton_backend
 
-    inputs = make_inputs((1, triton_backend.MAX_C + 1), "none")
-    with pytest.raises(NotImplementedError, match="C <= 8192"):
-        hk.poly_gate(*inputs, backend="triton")
+    with recorded_launches() as log:
+        check_against_reference(make_inputs((1, 2, 2, triton_backend.MAX_C + 1), "channel"), "triton",
+                                spatial_shift=True)
+    assert set(log.triton) == {"_poly_gate_wide_fwd_kernel", "_poly_gate_wide_bwd_kernel"}, log
+
+
+@pytest.mark.skipif("triton" not in cpu_backends(), reason="needs the Triton interpreter")
+@pytest.mark.parametrize("spatial, shape, fwd, bwd, programs", [
+    (False, (35, 45), dict(BM=4, BC=16, num_warps=4), dict(BM=4, BC=16, num_warps=4), 3),
+    (True, (1, 5, 6, 37), dict(BM=8, BC=32, num_warps=4), dict(BM=2, BC=16, num_warps=4), 2),
+])
+def test_triton_wide_tilings(monkeypatch, spatial, shape, fwd, bwd, programs):
+    """The wide kernels at small C: ragged row tiles and channel chunks, several tiles per program."""
+    from hadamard_kernels.ops.poly_gate import triton as triton_backend
+
+    monkeypatch.setattr(triton_backend, "MAX_C", 8)
+    test_triton_tilings(spatial, shape, fwd, bwd, programs)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the error on a machine without a GPU")

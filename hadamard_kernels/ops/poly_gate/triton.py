@@ -13,6 +13,14 @@ are added together: for the +W group, row w sends its gradient to row (w - 1) mo
 0's, and row 0 sends 0 (to row W - 1, which no output read). The tiles of the spatial case are 2 x 2 pixels (4 x 4
 for an axis of length 3) or larger, in an order that puts pixels 0 and 1, and W - 2 and W - 1, of each axis in one
 tile, so those sums stay in registers: no atomics, and every element of da is written exactly once.
+
+Rows wider than MAX_C channels (the wide path, any C): the kernels walk a row in chunks of BC channels instead of
+holding it, reading it once per pass: the forward three times (mean, centred variance, output), the backward four
+(the same statistics, the two row sums of each LayerNorm's input gradient, then the gradients). The parameter
+gradients' per-program sums are added into the [5, programs, C] buffer chunk by chunk. With the shift, the wide
+backward writes the gradient of the shifted input (float32) and torch applies the shift's transpose
+(common.spatial_shift_adjoint): an [M, C] float32 buffer and its transpose as transient memory, for the rare rows
+that wide.
 """
 
 from __future__ import annotations
@@ -21,17 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import PARAM_GRADS, reduce_param_grads, shift_groups
+from .common import PARAM_GRADS, reduce_param_grads, shift_groups, spatial_shift_adjoint
 
-# A program keeps whole rows in registers: C beyond this would spill (auto then picks another backend).
+# Up to MAX_C channels a program keeps whole rows in registers; wider rows would spill and take the wide path.
 MAX_C = 8192
-
-
-def unsupported(a, b, ln1_weight, ln1_bias, ln2_weight, ln2_bias, alpha, eps, spatial_shift):
-    C = a.shape[-1]
-    if C > MAX_C:
-        return f"the triton kernels keep whole rows of C channels in registers and support C <= {MAX_C}, got C={C}"
-    return None
 
 
 @triton.jit
@@ -215,6 +216,155 @@ def _poly_gate_bwd_kernel(a_ptr, b_ptr, gy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, 
     tl.store(p_part + 4 * stride_k, acc_dalpha, mask=m_c1)
 
 
+# ---------------------------------------------------------------- the wide path (C > MAX_C)
+@triton.jit
+def _wide_inputs(a_ptr, b_ptr, rows, o_c, mask, W, H, G1, G2, G3, stride_a, stride_b, SPATIAL: tl.constexpr,
+                 ACC: tl.constexpr):
+    """LN1's input (a, shifted with SPATIAL) and LN2's (b) at rows x channels o_c, in ACC."""
+    if SPATIAL:
+        src = _shift_source(rows, _group(o_c, G1, G2, G3)[None, :], W, H)
+    else:
+        src = rows
+    x1 = tl.load(a_ptr + src * stride_a + o_c[None, :], mask=mask, other=0.0).to(ACC)
+    x2 = tl.load(b_ptr + rows * stride_b + o_c[None, :], mask=mask, other=0.0).to(ACC)
+    return x1, x2
+
+
+@triton.jit
+def _wide_statistics(a_ptr, b_ptr, rows, m_m, C, W, H, G1, G2, G3, stride_a, stride_b, eps, SPATIAL: tl.constexpr,
+                     ACC: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+    """(mean1, rstd1, mean2, rstd2) of the rows, each [BM, 1], in two passes over chunks of BC channels (the mean,
+    then the centred variance, as _normalise)."""
+    s1 = tl.zeros((BM, 1), ACC)
+    s2 = tl.zeros((BM, 1), ACC)
+    for c0 in range(0, C, BC):
+        o_c = c0 + tl.arange(0, BC)
+        x1, x2 = _wide_inputs(a_ptr, b_ptr, rows, o_c, m_m & (o_c < C)[None, :], W, H, G1, G2, G3, stride_a,
+                              stride_b, SPATIAL, ACC)
+        s1 += tl.sum(x1, axis=1, keep_dims=True)
+        s2 += tl.sum(x2, axis=1, keep_dims=True)
+    mean1 = s1 / C
+    mean2 = s2 / C
+    v1 = tl.zeros((BM, 1), ACC)
+    v2 = tl.zeros((BM, 1), ACC)
+    for c0 in range(0, C, BC):
+        o_c = c0 + tl.arange(0, BC)
+        mask = m_m & (o_c < C)[None, :]
+        x1, x2 = _wide_inputs(a_ptr, b_ptr, rows, o_c, mask, W, H, G1, G2, G3, stride_a, stride_b, SPATIAL, ACC)
+        d1 = tl.where(mask, x1 - mean1, 0.0)
+        d2 = tl.where(mask, x2 - mean2, 0.0)
+        v1 += tl.sum(d1 * d1, axis=1, keep_dims=True)
+        v2 += tl.sum(d2 * d2, axis=1, keep_dims=True)
+    return mean1, 1.0 / tl.sqrt(v1 / C + eps), mean2, 1.0 / tl.sqrt(v2 / C + eps)
+
+
+@triton.jit
+def _poly_gate_wide_fwd_kernel(a_ptr, b_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, alpha_ptr, y_ptr, M, C, W, H, G1, G2,
+                               G3, stride_a, stride_b, stride_y, alpha_stride, eps, SPATIAL: tl.constexpr,
+                               HAS_ALPHA: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+    """_poly_gate_fwd_kernel for rows of any width: BM rows, BC channels at a time."""
+    o_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    rows = o_m[:, None]
+    m_m = (o_m < M)[:, None]
+    mean1, rstd1, mean2, rstd2 = _wide_statistics(a_ptr, b_ptr, rows, m_m, C, W, H, G1, G2, G3, stride_a, stride_b,
+                                                  eps, SPATIAL, ACC, BM, BC)
+    for c0 in range(0, C, BC):
+        o_c = c0 + tl.arange(0, BC)
+        m_c = o_c < C
+        mask = m_m & m_c[None, :]
+        x1, x2 = _wide_inputs(a_ptr, b_ptr, rows, o_c, mask, W, H, G1, G2, G3, stride_a, stride_b, SPATIAL, ACC)
+        n1 = ((x1 - mean1) * rstd1 * tl.load(w1_ptr + o_c, mask=m_c, other=0.0).to(ACC)[None, :]
+              + tl.load(b1_ptr + o_c, mask=m_c, other=0.0).to(ACC)[None, :])
+        n2 = ((x2 - mean2) * rstd2 * tl.load(w2_ptr + o_c, mask=m_c, other=0.0).to(ACC)[None, :]
+              + tl.load(b2_ptr + o_c, mask=m_c, other=0.0).to(ACC)[None, :])
+        if HAS_ALPHA:
+            y = n1 + tl.load(alpha_ptr + o_c * alpha_stride, mask=m_c, other=0.0).to(ACC)[None, :] * n1 * n2
+        else:
+            y = n1 + n1 * n2
+        tl.store(y_ptr + rows * stride_y + o_c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _wide_chunk_grads(a_ptr, b_ptr, gy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, alpha_ptr, rows, o_c, m_c, mask, mean1,
+                      rstd1, mean2, rstd2, W, H, G1, G2, G3, stride_a, stride_b, stride_g, alpha_stride,
+                      SPATIAL: tl.constexpr, HAS_ALPHA: tl.constexpr, ACC: tl.constexpr):
+    """A chunk's xhat1, xhat2, LN weights w1, w2 ([1, BC]), dL/dn1, dL/dn2 and dL/dalpha's terms g n1 n2 (the last
+    three 0 outside `mask`)."""
+    x1, x2 = _wide_inputs(a_ptr, b_ptr, rows, o_c, mask, W, H, G1, G2, G3, stride_a, stride_b, SPATIAL, ACC)
+    xhat1 = (x1 - mean1) * rstd1
+    xhat2 = (x2 - mean2) * rstd2
+    w1 = tl.load(w1_ptr + o_c, mask=m_c, other=0.0).to(ACC)[None, :]
+    w2 = tl.load(w2_ptr + o_c, mask=m_c, other=0.0).to(ACC)[None, :]
+    n1 = xhat1 * w1 + tl.load(b1_ptr + o_c, mask=m_c, other=0.0).to(ACC)[None, :]
+    n2 = xhat2 * w2 + tl.load(b2_ptr + o_c, mask=m_c, other=0.0).to(ACC)[None, :]
+    g = tl.load(gy_ptr + rows * stride_g + o_c[None, :], mask=mask, other=0.0).to(ACC)
+    if HAS_ALPHA:
+        alpha = tl.load(alpha_ptr + o_c * alpha_stride, mask=m_c, other=0.0).to(ACC)[None, :]
+        dn1 = tl.where(mask, g * (1.0 + alpha * n2), 0.0)
+        dn2 = tl.where(mask, g * alpha * n1, 0.0)
+    else:
+        dn1 = tl.where(mask, g * (1.0 + n2), 0.0)
+        dn2 = tl.where(mask, g * n1, 0.0)
+    return xhat1, xhat2, w1, w2, dn1, dn2, tl.where(mask, g * n1 * n2, 0.0)
+
+
+@triton.jit
+def _poly_gate_wide_bwd_kernel(a_ptr, b_ptr, gy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, alpha_ptr, da_ptr, db_ptr,
+                               part_ptr, M, C, W, H, G1, G2, G3, n_tiles, stride_a, stride_b, stride_g, stride_da,
+                               stride_db, alpha_stride, eps, SPATIAL: tl.constexpr, HAS_ALPHA: tl.constexpr,
+                               ACC: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+    """_poly_gate_bwd_kernel for rows of any width, persistent over tiles of BM rows, BC channels at a time: db, and
+    da or (SPATIAL) the gradient of LN1's shifted input, which the launcher maps through the shift's transpose;
+    part[k, program, C] (zeroed by the launcher) += the program's parameter-gradient sums."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    p_part = part_ptr + pid.to(tl.int64) * C
+    stride_k = programs.to(tl.int64) * C
+    for t in range(pid, n_tiles, programs):
+        o_m = tl.arange(0, BM).to(tl.int64) + t * BM
+        rows = o_m[:, None]
+        m_m = (o_m < M)[:, None]
+        mean1, rstd1, mean2, rstd2 = _wide_statistics(a_ptr, b_ptr, rows, m_m, C, W, H, G1, G2, G3, stride_a,
+                                                      stride_b, eps, SPATIAL, ACC, BM, BC)
+        # Row sums of each LayerNorm's input gradient: sum(dxhat) and sum(dxhat * xhat), dxhat = dn * weight.
+        r1 = tl.zeros((BM, 1), ACC)
+        q1 = tl.zeros((BM, 1), ACC)
+        r2 = tl.zeros((BM, 1), ACC)
+        q2 = tl.zeros((BM, 1), ACC)
+        for c0 in range(0, C, BC):
+            o_c = c0 + tl.arange(0, BC)
+            m_c = o_c < C
+            xhat1, xhat2, w1, w2, dn1, dn2, _ = _wide_chunk_grads(
+                a_ptr, b_ptr, gy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, alpha_ptr, rows, o_c, m_c, m_m & m_c[None, :],
+                mean1, rstd1, mean2, rstd2, W, H, G1, G2, G3, stride_a, stride_b, stride_g, alpha_stride, SPATIAL,
+                HAS_ALPHA, ACC)
+            r1 += tl.sum(dn1 * w1, axis=1, keep_dims=True)
+            q1 += tl.sum(dn1 * w1 * xhat1, axis=1, keep_dims=True)
+            r2 += tl.sum(dn2 * w2, axis=1, keep_dims=True)
+            q2 += tl.sum(dn2 * w2 * xhat2, axis=1, keep_dims=True)
+        for c0 in range(0, C, BC):
+            o_c = c0 + tl.arange(0, BC)
+            m_c = o_c < C
+            mask = m_m & m_c[None, :]
+            xhat1, xhat2, w1, w2, dn1, dn2, d_alpha = _wide_chunk_grads(
+                a_ptr, b_ptr, gy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, alpha_ptr, rows, o_c, m_c, mask, mean1, rstd1,
+                mean2, rstd2, W, H, G1, G2, G3, stride_a, stride_b, stride_g, alpha_stride, SPATIAL, HAS_ALPHA, ACC)
+            dx1 = rstd1 * (dn1 * w1 - r1 / C - xhat1 * (q1 / C))
+            dx2 = rstd2 * (dn2 * w2 - r2 / C - xhat2 * (q2 / C))
+            tl.store(da_ptr + rows * stride_da + o_c[None, :], dx1.to(da_ptr.dtype.element_ty), mask=mask)
+            tl.store(db_ptr + rows * stride_db + o_c[None, :], dx2.to(db_ptr.dtype.element_ty), mask=mask)
+            p = p_part + o_c
+            tl.store(p, tl.load(p, mask=m_c, other=0.0) + tl.sum(dn1 * xhat1, axis=0), mask=m_c)
+            p += stride_k
+            tl.store(p, tl.load(p, mask=m_c, other=0.0) + tl.sum(dn1, axis=0), mask=m_c)
+            p += stride_k
+            tl.store(p, tl.load(p, mask=m_c, other=0.0) + tl.sum(dn2 * xhat2, axis=0), mask=m_c)
+            p += stride_k
+            tl.store(p, tl.load(p, mask=m_c, other=0.0) + tl.sum(dn2, axis=0), mask=m_c)
+            p += stride_k
+            tl.store(p, tl.load(p, mask=m_c, other=0.0) + tl.sum(d_alpha, axis=0), mask=m_c)
+
+
 # ---------------------------------------------------------------- launchers
 def _rows(t, C):
     """t [..., C] as an [M, C] view with unit channel stride (a copy only when no such view exists)."""
@@ -276,17 +426,26 @@ def _spatial_dims(a, spatial_shift):
     return (a.shape[1], a.shape[2]) if spatial_shift else (1, 1)
 
 
+def wide_config(C: int, backward: bool) -> dict:
+    """The wide path's BM rows x BC-channel chunks (fewer in the backward, which holds more tensors per chunk)."""
+    BC = min(512 if backward else 1024, triton.next_power_of_2(C))
+    return dict(BM=4, BC=BC, num_warps=4)
+
+
 def forward(a, b, ln1_weight, ln1_bias, ln2_weight, ln2_bias, alpha, eps, spatial_shift, **config):
-    """config: an explicit launch (BM, BC, num_warps) for tests; by default forward_config(C)."""
+    """config: an explicit launch (BM, BC, num_warps) for tests; by default forward_config(C), or wide_config(C)
+    for C > MAX_C (where BC is a chunk of the row)."""
     C = a.shape[-1]
     a2, b2 = _rows(a, C), _rows(b, C)
     M = a2.shape[0]
     W, H = _spatial_dims(a, spatial_shift)
-    config = config or forward_config(C)
+    wide = C > MAX_C
+    config = config or (wide_config(C, backward=False) if wide else forward_config(C))
     y = torch.empty((M, C), device=a.device, dtype=a.dtype)
     alpha_ptr, alpha_stride, has_alpha = _alpha_args(alpha, a2)
     params = [t.contiguous() for t in (ln1_weight, ln1_bias, ln2_weight, ln2_bias)]
-    _poly_gate_fwd_kernel[(triton.cdiv(M, config["BM"]),)](
+    kernel = _poly_gate_wide_fwd_kernel if wide else _poly_gate_fwd_kernel
+    kernel[(triton.cdiv(M, config["BM"]),)](
         a2, b2, *params, alpha_ptr, y, M, C, W, H, *shift_groups(C), a2.stride(0), b2.stride(0), y.stride(0),
         alpha_stride, eps, SPATIAL=spatial_shift, HAS_ALPHA=has_alpha, ACC=_acc(a.dtype), **config)
     return y.view(a.shape)
@@ -310,11 +469,15 @@ def tile_counts(M, C, spatial_dims, config):
 
 def backward(grad_y, a, b, ln1_weight, ln1_bias, ln2_weight, ln2_bias, alpha, eps, spatial_shift, needs,
              programs=None, **config):
-    """config: an explicit tiling (TW, TH, BC, num_warps) and `programs` for tests; by default backward_config."""
+    """config: an explicit tiling (TW, TH, BC, num_warps) and `programs` for tests; by default backward_config
+    (C > MAX_C: wide_config, or an explicit BM, BC, num_warps)."""
     C = a.shape[-1]
     a2, b2, g2 = _rows(a, C), _rows(b, C), _rows(grad_y, C)
     M = a2.shape[0]
     W, H = _spatial_dims(a, spatial_shift)
+    if C > MAX_C:
+        return _wide_backward(a, b, a2, b2, g2, ln1_weight, ln1_bias, ln2_weight, ln2_bias, alpha, eps,
+                              spatial_shift, needs, programs, config or wide_config(C, backward=True))
     spatial_dims = (W, H) if spatial_shift else None
     config = config or backward_config(C, spatial_dims)
     n_tiles, tiles_w, tiles_h = tile_counts(M, C, spatial_dims, config)
@@ -329,6 +492,30 @@ def backward(grad_y, a, b, ln1_weight, ln1_bias, ln2_weight, ln2_bias, alpha, ep
         a2, b2, g2, *params, alpha_ptr, da, db, part, M, C, W, H, *shift_groups(C), n_tiles, tiles_w, tiles_h,
         a2.stride(0), b2.stride(0), g2.stride(0), da.stride(0), db.stride(0), alpha_stride, eps,
         SPATIAL=spatial_shift, HAS_ALPHA=has_alpha, ACC=_acc(a.dtype), **config)
+    dtypes = [t.dtype for t in (ln1_weight, ln1_bias, ln2_weight, ln2_bias)] + [None if alpha is None else alpha.dtype]
+    param_grads = reduce_param_grads(part, alpha, needs[2:], dtypes)
+    return (da.view(a.shape) if needs[0] else None, db.view(b.shape) if needs[1] else None, *param_grads)
+
+
+def _wide_backward(a, b, a2, b2, g2, ln1_weight, ln1_bias, ln2_weight, ln2_bias, alpha, eps, spatial_shift, needs,
+                   programs, config):
+    M, C = a2.shape
+    W, H = _spatial_dims(a, spatial_shift)
+    n_tiles = triton.cdiv(M, config["BM"])
+    programs = programs or backward_programs(n_tiles, a.device)
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    # With the shift the kernel writes the gradient of the shifted input, in float32, mapped back below.
+    da = torch.empty((M, C), device=a.device, dtype=acc if spatial_shift else a.dtype)
+    db = torch.empty((M, C), device=a.device, dtype=b.dtype)
+    part = torch.zeros((PARAM_GRADS, programs, C), device=a.device, dtype=acc)
+    alpha_ptr, alpha_stride, has_alpha = _alpha_args(alpha, a2)
+    params = [t.contiguous() for t in (ln1_weight, ln1_bias, ln2_weight, ln2_bias)]
+    _poly_gate_wide_bwd_kernel[(programs,)](
+        a2, b2, g2, *params, alpha_ptr, da, db, part, M, C, W, H, *shift_groups(C), n_tiles, a2.stride(0),
+        b2.stride(0), g2.stride(0), da.stride(0), db.stride(0), alpha_stride, eps, SPATIAL=spatial_shift,
+        HAS_ALPHA=has_alpha, ACC=_acc(a.dtype), **config)
+    if spatial_shift:
+        da = spatial_shift_adjoint(da.view(a.shape)).to(a.dtype)
     dtypes = [t.dtype for t in (ln1_weight, ln1_bias, ln2_weight, ln2_bias)] + [None if alpha is None else alpha.dtype]
     param_grads = reduce_param_grads(part, alpha, needs[2:], dtypes)
     return (da.view(a.shape) if needs[0] else None, db.view(b.shape) if needs[1] else None, *param_grads)
