@@ -325,6 +325,58 @@ def launch_gate_bwd(TW, TH, programs, shape, spatial, dtype=torch.float64, kerne
     return Launch([da, db, part], [a, b, g, *params], check_values)
 
 
+def launch_gate_wide_fwd(BM, BC, shape, spatial, dtype=torch.float64, kernel=None):
+    """poly_gate.triton's wide forward (rows in chunks of BC channels), into a row-padded y."""
+    kernel = kernel or raw_kernel(gate_triton._poly_gate_wide_fwd_kernel)
+    inputs = gate_inputs(shape, dtype)
+    (a, b), params = _gate_operands(inputs)
+    M, C = a.view.shape
+    y = guard_buffer((M, C), dtype, name=f"poly_gate wide fwd y BM={BM} BC={BC} spatial={spatial}", row_pad=ROW_PAD)
+    kernel[(triton.cdiv(M, BM),)](
+        a.view, b.view, *(g.view for g in params), y.view, M, C, *_gate_dims(shape, spatial),
+        *gate_common.shift_groups(C), a.view.stride(0), b.view.stride(0), y.view.stride(0), 1, 1e-6,
+        SPATIAL=spatial, HAS_ALPHA=True, ACC=gate_triton._acc(dtype), BM=BM, BC=BC)
+
+    def check_values():
+        ref = gate_reference.forward(*(t.double() for t in inputs), 1e-6, spatial)
+        assert_close(y.name, y.view, ref.reshape(M, C), dtype)
+
+    return Launch([y], [a, b, *params], check_values)
+
+
+def launch_gate_wide_bwd(BM, BC, programs, shape, spatial, dtype=torch.float64, kernel=None):
+    """poly_gate.triton's wide backward kernel: da (the shifted input's gradient with the shift, in the accumulation
+    dtype, as the launcher allocates it) and db row-padded, the partial sums guarded (zeroed first)."""
+    kernel = kernel or raw_kernel(gate_triton._poly_gate_wide_bwd_kernel)
+    inputs = gate_inputs(shape, dtype)
+    gy = randn(*shape, dtype=dtype, seed=9)
+    (a, b), params = _gate_operands(inputs)
+    g = guarded_copy(gy.reshape(a.view.shape), name="grad_y", row_pad=ROW_PAD)
+    M, C = a.view.shape
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tag = f"BM={BM} BC={BC} programs={programs} spatial={spatial}"
+    da = guard_buffer((M, C), acc if spatial else dtype, name=f"poly_gate wide bwd da {tag}", row_pad=ROW_PAD)
+    db = guard_buffer((M, C), dtype, name=f"poly_gate wide bwd db {tag}", row_pad=ROW_PAD)
+    part = guard_buffer((5, programs, C), acc, name=f"poly_gate wide bwd partial sums {tag}")
+    part.view.zero_()
+    kernel[(programs,)](
+        a.view, b.view, g.view, *(t.view for t in params), da.view, db.view, part.view, M, C,
+        *_gate_dims(shape, spatial), *gate_common.shift_groups(C), triton.cdiv(M, BM), a.view.stride(0),
+        b.view.stride(0), g.view.stride(0), da.view.stride(0), db.view.stride(0), 1, 1e-6, SPATIAL=spatial,
+        HAS_ALPHA=True, ACC=gate_triton._acc(dtype), BM=BM, BC=BC)
+
+    def check_values():
+        ref = gate_reference.backward(gy.double(), *(t.double() for t in inputs), 1e-6, spatial, [True] * 7)
+        d_a = gate_common.spatial_shift_adjoint(da.view.reshape(shape)) if spatial else da.view.reshape(shape)
+        got = [d_a, db.view.reshape(shape),
+               *gate_common.reduce_param_grads(part.view, inputs[6], [True] * 5, [dtype] * 5)]
+        for name, out, expected in zip(("da", "db", "dln1_weight", "dln1_bias", "dln2_weight", "dln2_bias",
+                                        "dalpha"), got, ref):
+            assert_close(f"poly_gate wide bwd -> {name}", out, expected, dtype)
+
+    return Launch([da, db, part], [a, b, g, *params], check_values)
+
+
 # ---------------------------------------------------------------- poly_sa
 # B batch rows of SA_N tokens and SA_C channels: 16-token splits leave a ragged last split, 16-wide tiles 3 column
 # blocks (the last ragged) and 3 contraction chunks.
@@ -512,6 +564,14 @@ CASES = [
                  id="gate_bwd-spatial-2x2"),
     pytest.param(launch_gate_bwd, dict(TW=4, TH=2, programs=2, shape=(1, 3, 2, 21), spatial=True,
                                        dtype=torch.float32), id="gate_bwd-spatial-W3-fp32"),
+    # poly_gate's wide path (C > 8192), at C = 45: 16- and 32-channel chunks (the last ragged), ragged row tiles.
+    pytest.param(launch_gate_wide_fwd, dict(BM=8, BC=16, shape=(37, 45), spatial=False), id="gate_wide_fwd-flat"),
+    pytest.param(launch_gate_wide_fwd, dict(BM=4, BC=32, shape=(2, 5, 7, 45), spatial=True, dtype=torch.float16),
+                 id="gate_wide_fwd-spatial-fp16"),
+    pytest.param(launch_gate_wide_bwd, dict(BM=8, BC=16, programs=3, shape=(37, 45), spatial=False),
+                 id="gate_wide_bwd-flat"),
+    pytest.param(launch_gate_wide_bwd, dict(BM=4, BC=32, programs=2, shape=(2, 5, 7, 45), spatial=True,
+                                            dtype=torch.float32), id="gate_wide_bwd-spatial-fp32"),
     # poly_sa: 37 tokens per batch row, C = 45; 16-token splits (the last ragged), 16-wide tiles (3 column blocks and
     # 3 contraction chunks), one split of 128 tokens; the flat-row kernels' tiles straddle batch rows.
     pytest.param(launch_sa_pool, dict(BT=16, BJ=16, BK=16, tokens_per_split=16), id="sa_pool-split16"),
@@ -573,6 +633,12 @@ PLANTS = [
     pytest.param(launch_gate_bwd, dict(TW=2, TH=2, programs=3, shape=(2, 5, 7, 45), spatial=True),
                  gate_triton._poly_gate_bwd_kernel, "t1 = tl.where(px_w <= W - 2, r + H, r - (W - 1) * H)",
                  "t1 = r + H", "past the end", id="gate_bwd-shift-target-unwrapped"),
+    pytest.param(launch_gate_wide_fwd, dict(BM=8, BC=16, shape=(37, 45), spatial=False),
+                 gate_triton._poly_gate_wide_fwd_kernel, "y.to(y_ptr.dtype.element_ty), mask=mask)",
+                 "y.to(y_ptr.dtype.element_ty), mask=m_m)", "past the end of row", id="gate_wide_fwd-no-column-mask"),
+    pytest.param(launch_gate_wide_bwd, dict(BM=8, BC=16, programs=3, shape=(37, 45), spatial=False),
+                 gate_triton._poly_gate_wide_bwd_kernel, "tl.sum(d_alpha, axis=0), mask=m_c)",
+                 "tl.sum(d_alpha, axis=0))", "past the end", id="gate_wide_bwd-partial-sums-unmasked"),
     pytest.param(launch_sa_pool, dict(BT=16, BJ=16, BK=16, tokens_per_split=16), sa_triton._poly_sa_pool_kernel,
                  "+ o_j, acc, mask=m_j)", "+ o_j, acc)", "past the end", id="sa_pool-no-column-mask"),
     pytest.param(launch_sa_out, dict(BT=16, BJ=16, BK=16), sa_triton._poly_sa_out_kernel,
