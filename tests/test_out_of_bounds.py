@@ -23,6 +23,8 @@ from guard import Guard, assert_guard_untouched, check_guards, guard_buffer, gua
 from utils import assert_close, cpu_backends
 
 from hadamard_kernels.ops._projections import projection_grads
+from hadamard_kernels.ops.lrnn import reference as lrnn_reference
+from hadamard_kernels.ops.lrnn import triton as lrnn_triton
 from hadamard_kernels.ops.poly_chain import reference as chain_reference
 from hadamard_kernels.ops.poly_chain import triton as chain_triton
 from hadamard_kernels.ops.poly_gate import common as gate_common
@@ -511,6 +513,83 @@ def launch_sa_pool_bwd(BT, BJ, BK, masked=True, dtype=torch.float64, kernel=None
     return Launch([grad_p], [z, w1, w2, mask, s], check_values)
 
 
+# ---------------------------------------------------------------- lrnn
+# M rows, D inputs; LRNN_RANK neurons in blocks of BN // DBP (the last ragged), dbar 3 and 5 padded to 4 and 8.
+LRNN_RANK, LRNN_H = 7, 3
+
+
+def lrnn_inputs(dbar, activation, dtype, bias=True, seed=0):
+    columns = LRNN_RANK * dbar
+    x = randn(M, D, dtype=dtype, seed=seed)
+    weight = randn(columns, D, dtype=dtype, seed=seed + 1, scale=1 / math.sqrt(D))
+    b = randn(columns, dtype=dtype, seed=seed + 2, scale=0.5) if bias else None
+    g_params = randn(3, LRNN_RANK, dbar, LRNN_H, dtype=dtype, seed=seed + 3, scale=0.5) if activation == "mlp" else None
+    return x, weight, b, g_params
+
+
+def _lrnn_options(dbar, activation):
+    return LRNN_RANK, dbar, activation, 1.5 if activation == "sin" else 1.0, dbar ** -0.5
+
+
+def _double(*ts):
+    return [None if t is None else t.double() for t in ts]
+
+
+def launch_lrnn_fwd(BM, BN, BD, dbar, activation="spder", bias=True, dtype=torch.float64, kernel=None):
+    """lrnn.triton's forward kernel with an explicit tile, x and phi row-padded."""
+    kernel = kernel or raw_kernel(lrnn_triton._lrnn_fwd_kernel)
+    x, weight, bias, g_params = lrnn_inputs(dbar, activation, dtype, bias)
+    options = _lrnn_options(dbar, activation)
+    _, _, _, h, flags = lrnn_triton._launch_args(x, weight, bias, g_params, LRNN_RANK, dbar, activation)
+    gx, gw = guarded_copy(x, name="x", row_pad=ROW_PAD), guarded_copy(weight, name="weight")
+    gb = guarded_copy(bias, name="bias") if bias is not None else None
+    gp = guarded_copy(g_params, name="g_params") if g_params is not None else None
+    phi = guard_buffer((M, LRNN_RANK), dtype, name=f"lrnn fwd phi BM={BM} BN={BN} dbar={dbar}", row_pad=ROW_PAD)
+    grid = (triton.cdiv(M, BM), triton.cdiv(LRNN_RANK, lrnn_triton._neurons_per_tile(BN, flags["DBP"])))
+    kernel[grid](gx.view, gw.view, (gb or gx).view, (gp or gx).view, phi.view, M, D, LRNN_RANK, dbar, h, options[3],
+                 options[4], gx.view.stride(0), phi.view.stride(0), **flags, BM=BM, BN=BN, BD=BD)
+
+    def check_values():
+        assert_close(phi.name, phi.view, lrnn_reference.forward(*_double(x, weight, bias, g_params), *options), dtype)
+
+    return Launch([phi], [g for g in (gx, gw, gb, gp) if g], check_values)
+
+
+def launch_lrnn_grad_z(BM, BN, BD, rows, dbar, activation="spder", bias=True, dtype=torch.float64, kernel=None):
+    """lrnn.triton's grad_z kernel with an explicit tile and `rows` per program: x, grad_phi and grad_z row-padded,
+    the mlp's partial sums guarded; the values are checked through the gradients the launcher forms from them."""
+    kernel = kernel or raw_kernel(lrnn_triton._lrnn_grad_z_kernel)
+    x, weight, bias, g_params = lrnn_inputs(dbar, activation, dtype, bias)
+    options = _lrnn_options(dbar, activation)
+    _, _, _, h, flags = lrnn_triton._launch_args(x, weight, bias, g_params, LRNN_RANK, dbar, activation)
+    dphi = randn(M, LRNN_RANK, dtype=dtype, seed=5)
+    gx, gw = guarded_copy(x, name="x", row_pad=ROW_PAD), guarded_copy(weight, name="weight")
+    gb = guarded_copy(bias, name="bias") if bias is not None else None
+    gp = guarded_copy(g_params, name="g_params") if g_params is not None else None
+    gd = guarded_copy(dphi, name="grad_phi", row_pad=ROW_PAD)
+    tag = f"BM={BM} BN={BN} rows={rows} dbar={dbar}"
+    columns = LRNN_RANK * dbar
+    grad_z = guard_buffer((M, columns), dtype, name=f"lrnn grad_z {tag}", row_pad=ROW_PAD)
+    splits = triton.cdiv(M, rows)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    part = guard_buffer((splits, 3, columns, h) if gp else (1,), acc, name=f"lrnn g_params partial sums {tag}")
+    part.view.zero_()  # the launcher's torch.zeros: the kernel adds its rows' sums
+    grid = (splits, triton.cdiv(LRNN_RANK, lrnn_triton._neurons_per_tile(BN, flags["DBP"])))
+    kernel[grid](gx.view, gw.view, (gb or gx).view, (gp or gx).view, gd.view, grad_z.view, part.view, M, D,
+                 LRNN_RANK, dbar, h, rows, options[3], options[4], gx.view.stride(0), gd.view.stride(0),
+                 grad_z.view.stride(0), **flags, BM=BM, BN=BN, BD=BD)
+
+    def check_values():
+        gz = grad_z.view.double()
+        ref = lrnn_reference.backward(dphi.double(), *_double(x, weight, bias, g_params), *options, [True] * 4)
+        assert_close(f"{grad_z.name} -> dx", gz @ weight.double(), ref[0], dtype)
+        assert_close(f"{grad_z.name} -> dweight", gz.T @ x.double(), ref[1], dtype)
+        if gp is not None:
+            assert_close(part.name, part.view.double().sum(0).view(g_params.shape), ref[3], dtype)
+
+    return Launch([grad_z, part] if gp else [grad_z], [g for g in (gx, gw, gb, gp, gd) if g], check_values)
+
+
 # ---------------------------------------------------------------- the cases
 def loop(BM=16, BC=32, BD=16):
     return dict(BM=BM, BC=BC, BD=BD, GROUPED=False)
@@ -587,6 +666,22 @@ CASES = [
     pytest.param(launch_sa_pool_bwd, dict(BT=16, BJ=16, BK=16), id="sa_pool_bwd"),
     pytest.param(launch_sa_pool_bwd, dict(BT=32, BJ=32, BK=32, masked=False, dtype=torch.float16),
                  id="sa_pool_bwd-fp16"),
+    # lrnn: 7 neurons in blocks of 4 (dbar 3 -> 4 components, the last block ragged) or 2 (dbar 5 -> 8), one
+    # neuron per block when BN < DBP (dbar 33 -> 64); rows in 16-row splits (the last ragged) or one split.
+    pytest.param(launch_lrnn_fwd, dict(BM=16, BN=16, BD=16, dbar=3), id="lrnn_fwd-dbar3"),
+    pytest.param(launch_lrnn_fwd, dict(BM=16, BN=16, BD=16, dbar=5, activation="mlp", bias=False),
+                 id="lrnn_fwd-dbar5-mlp"),
+    pytest.param(launch_lrnn_fwd, dict(BM=32, BN=32, BD=32, dbar=33, activation="sin", dtype=torch.float32),
+                 id="lrnn_fwd-dbar33-fp32"),
+    pytest.param(launch_lrnn_fwd, dict(BM=16, BN=32, BD=16, dbar=1, activation="tanh", dtype=torch.float16),
+                 id="lrnn_fwd-dbar1-fp16"),
+    pytest.param(launch_lrnn_grad_z, dict(BM=16, BN=16, BD=16, rows=16, dbar=3), id="lrnn_grad_z-dbar3"),
+    pytest.param(launch_lrnn_grad_z, dict(BM=16, BN=16, BD=16, rows=16, dbar=5, activation="mlp"),
+                 id="lrnn_grad_z-dbar5-mlp"),
+    pytest.param(launch_lrnn_grad_z, dict(BM=16, BN=32, BD=32, rows=128, dbar=3, activation="mlp", bias=False,
+                                          dtype=torch.float32), id="lrnn_grad_z-one-split-mlp-fp32"),
+    pytest.param(launch_lrnn_grad_z, dict(BM=32, BN=32, BD=16, rows=32, dbar=33, activation="arctan",
+                                          dtype=torch.float32), id="lrnn_grad_z-dbar33-fp32"),
 ]
 
 
@@ -651,6 +746,16 @@ PLANTS = [
                  "tl.store(p_out + C, tl.where(keep, s * p1, 0.0).to(gp_ptr.dtype.element_ty), mask=m_tile)",
                  "tl.store(p_out + C, tl.where(keep, s * p1, 0.0).to(gp_ptr.dtype.element_ty), mask=m_rows[:, None])",
                  "past the end of row", id="sa_pool_bwd-column-overrun"),
+    pytest.param(launch_lrnn_fwd, dict(BM=16, BN=16, BD=16, dbar=3), lrnn_triton._lrnn_fwd_kernel,
+                 "mask = (o_m < M)[:, None] & (o_l < R)[None, :]", "mask = (o_m < M)[:, None]", "past the end of row",
+                 id="lrnn_fwd-no-neuron-mask"),
+    pytest.param(launch_lrnn_grad_z, dict(BM=16, BN=16, BD=16, rows=16, dbar=3), lrnn_triton._lrnn_grad_z_kernel,
+                 "mask = m_m[:, None] & m_c[None, :]", "mask = m_c[None, :]", "past the end",
+                 id="lrnn_grad_z-no-row-mask"),
+    pytest.param(launch_lrnn_grad_z, dict(BM=16, BN=16, BD=16, rows=16, dbar=5, activation="mlp"),
+                 lrnn_triton._lrnn_grad_z_kernel, "tl.load(p_dp + 2 * RDH + i, mask=m_c, other=0.0) + dc, mask=m_c)",
+                 "tl.load(p_dp + 2 * RDH + i, mask=m_c, other=0.0) + dc)", "past the end",
+                 id="lrnn_grad_z-partial-sums-unmasked"),
 ]
 
 
