@@ -8,7 +8,7 @@ from ... import _checks
 
 # Index = the code the kernels use.
 FEATURE_MAPS = ("identity", "elu1", "relu")
-MAX_HEAD_DIM = 256  # DESIGN.md: Dk and Dv up to 256
+MAX_HEAD_DIM = 256  # the op's contract (README: Dk and Dv up to 256), a ValueError beyond it
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -61,6 +61,9 @@ def check_args(q, k, v, initial_state, initial_key_sum, feature_map, normalize, 
     for name, size in (("q.shape[0]", batch), ("q.shape[2]", heads), ("q.shape[3]", head_dim),
                        ("v.shape[3]", value_dim)):
         _checks.check_positive(name, size)
+    if head_dim > MAX_HEAD_DIM or value_dim > MAX_HEAD_DIM:
+        raise ValueError(f"q.shape[3] (Dk) and v.shape[3] (Dv) must be <= {MAX_HEAD_DIM}, got Dk = {head_dim}, "
+                         f"Dv = {value_dim}")
     _checks.check_choice("feature_map", feature_map, FEATURE_MAPS)
     if not isinstance(normalize, bool):
         raise ValueError(f"normalize must be a bool, got {normalize!r}")
