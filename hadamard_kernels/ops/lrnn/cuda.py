@@ -1,0 +1,129 @@
+"""CUDA C++ backend of lrnn_product: launchers for the kernels in csrc/lrnn.cu (module hadamard_kernels._C).
+
+Forward: one kernel; a block owns 64 rows and floor(64 / dbar) whole neurons, computes their z with a block GEMM
+(mma.sync for float16/bfloat16, exact fp32 FMAs for float32) and takes g and the fp32 product over dbar in its
+epilogue: only phi (M, rank) is written.
+
+Backward, per chunk of rows (the Triton backend's chunk policy, so grad_z of a chunk stays within CHUNK_BYTES): one
+kernel recomputes z and writes grad_z for the chunk (leave-one-out products by exclusive prefix and suffix products,
+no division) and, for mlp, per-split fp32 sums of the g_params gradients; then dx = grad_z W, dW += grad_z^T x and
+db += colsum(grad_z) in torch, and the splits' sums are added in a fixed order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..._backend import require_cuda_extension
+from .common import ACTIVATIONS, accumulate_dtype
+from .triton import CHUNK_BYTES, _split_rows, chunk_rows
+
+MAX_DBAR = 64  # a block's 64 output columns hold whole neurons (_C.LRNN_MAX_DBAR)
+TILE_ROWS = 64  # rows of x per block
+_MAX_BLOCKS = 2**31 - 1  # one-dimensional grid
+
+
+def unsupported(x, weight, bias, g_params, rank, dbar, activation, omega, gamma):
+    if dbar > MAX_DBAR:
+        return f"the CUDA kernels keep a neuron's dbar components in one 64-column tile: dbar <= {MAX_DBAR}, got {dbar}"
+    return None
+
+
+def _column_tiles(rank: int, dbar: int) -> int:
+    per = MAX_DBAR // dbar  # neurons per block
+    return -(-rank // per)
+
+
+def _params(ext, x, weight, bias, g_params, rank, dbar, activation, omega, gamma, **fields):
+    """The kernels' LrnnParams for x (rows, d) with unit column stride; `fields`: the outputs and their strides."""
+    return ext.LrnnParams(
+        x=x.data_ptr(), weight=weight.data_ptr(), bias=0 if bias is None else bias.data_ptr(),
+        g_params=0 if g_params is None else g_params.data_ptr(), M=x.shape[0], d=x.shape[1], rank=rank, dbar=dbar,
+        h=0 if g_params is None else g_params.shape[-1], x_row_stride=x.stride(0),
+        dtype=ext.DTYPES.index(str(x.dtype).removeprefix("torch.")), activation=ACTIVATIONS.index(activation),
+        omega=float(omega), gamma=float(gamma), **fields)
+
+
+def _contiguous(weight, bias, g_params):
+    return (weight.contiguous(), None if bias is None else bias.contiguous(),
+            None if g_params is None else g_params.contiguous())
+
+
+def _run(launcher, params, device):
+    with torch.cuda.device(device):
+        launcher(params, torch.cuda.current_stream().cuda_stream)
+
+
+def forward(x, weight, bias, g_params, rank, dbar, activation, omega, gamma):
+    ext = require_cuda_extension()
+    x = x.contiguous()
+    weight, bias, g_params = _contiguous(weight, bias, g_params)
+    phi = torch.empty((x.shape[0], rank), device=x.device, dtype=x.dtype)
+    rows = _MAX_BLOCKS // _column_tiles(rank, dbar) * TILE_ROWS  # launches of at most _MAX_BLOCKS blocks
+    for r0 in range(0, x.shape[0], rows):
+        part = phi[r0:r0 + rows]
+        params = _params(ext, x[r0:r0 + rows], weight, bias, g_params, rank, dbar, activation, omega, gamma,
+                         phi=part.data_ptr(), phi_row_stride=part.stride(0))
+        _run(ext.lrnn_fwd, params, x.device)
+    return phi
+
+
+def grad_z(grad_phi, x, weight, bias, g_params, rank, dbar, activation, omega, gamma, out, rows_per_split,
+           param_sums):
+    """Launches the backward kernel on rows x (rows, d): writes out (rows, rank * dbar) = dL/dz and returns, with
+    param_sums (mlp only), the per-split sums of dL/dg_params (splits, 3, rank * dbar, h) in float32, else None. A
+    block walks rows_per_split rows (a multiple of 64). Operands contiguous but for the row strides of x, grad_phi
+    and out."""
+    ext = require_cuda_extension()
+    part = None
+    if param_sums:
+        splits = -(-x.shape[0] // rows_per_split)
+        part = torch.empty((splits, 3, rank * dbar, g_params.shape[-1]), device=x.device, dtype=torch.float32)
+    params = _params(ext, x, weight, bias, g_params, rank, dbar, activation, omega, gamma,
+                     grad_phi=grad_phi.data_ptr(), phi_row_stride=grad_phi.stride(0), grad_z=out.data_ptr(),
+                     grad_z_row_stride=out.stride(0), g_params_part=0 if part is None else part.data_ptr(),
+                     rows_per_split=rows_per_split)
+    _run(ext.lrnn_bwd, params, x.device)
+    return part
+
+
+def backward(grad_phi, x, weight, bias, g_params, rank, dbar, activation, omega, gamma, needs, *,
+             chunk_bytes=CHUNK_BYTES):
+    """-> (dx, dweight, dbias, dg_params). chunk_bytes bounds grad_z of one chunk of rows (tests make it small to
+    run several chunks)."""
+    need_x, need_w, need_b, need_g = needs
+    need_b = need_b and bias is not None
+    need_g = need_g and g_params is not None
+    x = x.contiguous()
+    grad_phi = grad_phi.contiguous()
+    weight, bias, g_params = _contiguous(weight, bias, g_params)
+    M, columns = x.shape[0], rank * dbar
+    acc = accumulate_dtype(x.dtype)
+    rows_per_chunk = chunk_rows(rank, dbar, x.element_size(), chunk_bytes)
+    single = M <= rows_per_chunk
+    dx = torch.empty_like(x) if need_x else None
+    # Sums over chunks in float32; a single chunk writes dweight in the input dtype directly.
+    dw = None if not need_w else (torch.empty_like(weight) if single else torch.zeros_like(weight, dtype=acc))
+    db = torch.zeros(columns, device=x.device, dtype=acc) if need_b else None
+    dgp = torch.zeros(g_params.shape, device=x.device, dtype=acc) if need_g else None
+    gz_buffer = torch.empty((min(M, rows_per_chunk), columns), device=x.device, dtype=x.dtype)
+    for r0 in range(0, M, rows_per_chunk):
+        r1 = min(M, r0 + rows_per_chunk)
+        gz = gz_buffer[:r1 - r0]
+        # mlp sums its parameter gradients over a split's rows: few splits of whole multiples of 128 rows
+        split = _split_rows(r1 - r0, columns, x.device) if need_g else TILE_ROWS
+        part = grad_z(grad_phi[r0:r1], x[r0:r1], weight, bias, g_params, rank, dbar, activation, omega, gamma, gz,
+                      split, need_g)
+        if need_x:
+            torch.mm(gz, weight, out=dx[r0:r1])
+        if need_w:
+            if single:
+                torch.mm(gz.T, x, out=dw)
+            else:
+                dw += (gz.T @ x[r0:r1]).to(acc)  # fp16/bf16: each chunk's GEMM accumulates in fp32 inside
+        if need_b:
+            db += gz.sum(0, dtype=acc)
+        if need_g:
+            dgp += part.sum(0).view(g_params.shape)  # the splits in a fixed order
+    return (dx, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None,
+            dgp.to(g_params.dtype) if need_g else None)
