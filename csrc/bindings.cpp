@@ -15,6 +15,7 @@
 #include "hadamard_kernels/activation.h"
 #include "hadamard_kernels/common.h"
 #include "hadamard_kernels/linear_attention.h"
+#include "hadamard_kernels/lrnn.h"
 #include "hadamard_kernels/poly_chain.h"
 #include "hadamard_kernels/poly_gate.h"
 #include "hadamard_kernels/poly_ncp.h"
@@ -294,6 +295,67 @@ void bind_poly_sa(py::module_& m) {
       "(pool term, dp1, dp2, y, dz_direct) of one element in float32");
 }
 
+// ---- lrnn (csrc/lrnn.cu)
+void bind_lrnn(py::module_& m) {
+  m.attr("LRNN_ACTIVATIONS") = names(hk::kLrnnActivationNames);
+  m.attr("LRNN_MAX_DBAR") = hk::kLrnnMaxDbar;
+  m.attr("LRNN_MAX_HIDDEN") = hk::kLrnnMaxHidden;
+  using P = hk::LrnnParams;
+  ParamsClass<P>(m, "LrnnParams")
+      .pointer("x", &P::x).pointer("weight", &P::weight).pointer("bias", &P::bias).pointer("g_params", &P::g_params)
+      .pointer("phi", &P::phi).pointer("grad_phi", &P::grad_phi).pointer("grad_z", &P::grad_z)
+      .pointer("g_params_part", &P::g_params_part)
+      .value("M", &P::M).value("d", &P::d).value("rank", &P::rank).value("dbar", &P::dbar).value("h", &P::h)
+      .value("x_row_stride", &P::x_row_stride).value("phi_row_stride", &P::phi_row_stride)
+      .value("grad_z_row_stride", &P::grad_z_row_stride).value("rows_per_split", &P::rows_per_split)
+      .value("dtype", &P::dtype).value("activation", &P::activation).value("omega", &P::omega)
+      .value("gamma", &P::gamma);
+  def_launcher(m, "lrnn_fwd", &hk::launch_lrnn_fwd);
+  def_launcher(m, "lrnn_bwd", &hk::launch_lrnn_bwd);
+  // Host builds of the kernels' element math, for CPU tests.
+  auto fixed_code = [](int code) {
+    if (code < 0 || code >= hk::kLrnnMlp) {
+      throw py::value_error("lrnn activation code must be in [0, " + std::to_string(hk::kLrnnMlp) +
+                            ") (mlp has lrnn_mlp_host), got " + std::to_string(code));
+    }
+    return code;
+  };
+  m.def(
+      "lrnn_g_host", [fixed_code](int code, float z, float omega) { return hk::lrnn_g(fixed_code(code), z, omega); },
+      py::arg("code"), py::arg("z"), py::arg("omega"), "g(z) in float32");
+  m.def(
+      "lrnn_g_grad_host",
+      [fixed_code](int code, float z, float omega) { return hk::lrnn_g_grad(fixed_code(code), z, omega); },
+      py::arg("code"), py::arg("z"), py::arg("omega"), "g'(z) in float32");
+  m.def(
+      "lrnn_mlp_host",
+      [](float z, const py::sequence& a, const py::sequence& w, const py::sequence& c, float u) {
+        const int h = static_cast<int>(py::len(a));
+        if (h < 1 || h > hk::kLrnnMaxHidden || py::len(w) != py::len(a) || py::len(c) != py::len(a)) {
+          throw py::value_error("lrnn_mlp_host: a, w, c must have the same length h in [1, " +
+                                std::to_string(hk::kLrnnMaxHidden) + "]");
+        }
+        float av[hk::kLrnnMaxHidden], wv[hk::kLrnnMaxHidden], cv[hk::kLrnnMaxHidden];
+        float da[hk::kLrnnMaxHidden] = {}, dw[hk::kLrnnMaxHidden] = {}, dc[hk::kLrnnMaxHidden] = {};
+        for (int i = 0; i < h; ++i) {
+          av[i] = a[i].cast<float>();
+          wv[i] = w[i].cast<float>();
+          cv[i] = c[i].cast<float>();
+        }
+        const float g = hk::lrnn_mlp_g(z, av, wv, cv, h);
+        const float grad = hk::lrnn_mlp_g_grad<true>(z, av, wv, cv, h, u, da, dw, dc);
+        py::list grads[3];
+        for (int i = 0; i < h; ++i) {
+          grads[0].append(da[i]);
+          grads[1].append(dw[i]);
+          grads[2].append(dc[i]);
+        }
+        return py::make_tuple(g, grad, grads[0], grads[1], grads[2]);
+      },
+      py::arg("z"), py::arg("a"), py::arg("w"), py::arg("c"), py::arg("u"),
+      "(g(z), g'(z), u dg/da, u dg/dw, u dg/dc) of one mlp component in float32");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -304,4 +366,5 @@ PYBIND11_MODULE(_C, m) {
   bind_linear_attention(m);
   bind_poly_gate(m);
   bind_poly_sa(m);
+  bind_lrnn(m);
 }
