@@ -39,6 +39,9 @@ def setup_device(name: str) -> torch.device:
         # The fused (Triton) backend runs on CPU tensors through the interpreter. hadamard_kernels imports its
         # Triton modules at the first call of an op, so setting this before any op runs is early enough.
         os.environ.setdefault("TRITON_INTERPRET", "1")
+        # The CPU sizes are tiny: a second intra-op thread costs more in hand-offs than it gives (several times
+        # more on a busy 2-core machine).
+        torch.set_num_threads(1)
     return device
 
 

@@ -139,8 +139,6 @@ def figure_2(args, device, width, steps, n_train, summary):
 def main():
     args = _common.parse_args(__doc__)
     device = args.device
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # models of a few thousand weights: a second thread costs more than it gives
     if args.smoke:
         width, steps = 32, 250
     elif args.quick:
