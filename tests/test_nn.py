@@ -293,6 +293,8 @@ MODULE_OPS = [
     (lambda b: hk.nn.PolyMlp(8, 16, use_spatial=True, backend=b), torch.randn(2, 3, 4, 8), "poly_gate"),
     (lambda b: hk.nn.PolyBlock(8, expansion_factor=2, backend=b), torch.randn(2, 3, 4, 8), "poly_gate"),
     (lambda b: hk.nn.PolySA(7, backend=b), torch.randn(2, 5, 7), "poly_sa"),
+    (lambda b: hk.nn.LRNNLayer(5, 4, 3, activation="mlp", backend=b), torch.randn(2, 3, 5), "lrnn_product"),
+    (lambda b: hk.nn.LRNN(2, [6, 5], 3, dbar=4, activation="spder", backend=b), torch.randn(7, 2), "lrnn_product"),
 ]
 
 
