@@ -18,6 +18,16 @@
 // n = N..2 with g = dL/dy_n (fp32 in shared memory), recomputing a_n, s_n from x and ys (the last degree's are
 // still in shared memory):  grad_a_n = g * s_n,  grad_s_n = g * a_n,  g <- grad_s_n @ S_n;  grad_a_1 = g.
 // The weight and input gradients are GEMMs on grad_a, grad_s and ys, done in Python (poly_ncp/common.py).
+//
+// Per-degree path (k > kPolyNcpMaxK, or per_degree): one launch per degree, a block owning a [64, 64] tile of
+// y_n whose two GEMMs loop over d and over k, with y_{n-1} read from device memory (input dtype, the rounding the
+// fast path applies too). The forward alternates between y and an [M, k] workspace; the backward reruns the chain
+// into ys, then walks n = N..1 with g = dL/dy_n read from grad_y or formed as grad_s_{n+1} S_{n+1} (a third GEMM
+// per tile, on the grad_s slab the launch before wrote) and writes the same grad_a, grad_s as the fast path.
+//
+// HK_CPU_EMULATION (defined by tests/emulation/cuda_emulation.h) compiles this file with a host compiler: blocks
+// run as fibers and tests/emulation/wmma_emulation.h supplies nvcuda::wmma, so the tests run this source on the CPU
+// (tests/test_poly_ncp_cuda.py).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -41,8 +51,16 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunk = 32;  // slice of the contraction (d, or k for the S products) per shared-memory stage
 
+constexpr int kWideCols = 64;  // columns of a per-degree tile (its rows: Layout<T, kWideCols>::kRows = 64)
+
 constexpr size_t round_up_128(size_t bytes) { return (bytes + 127) / 128 * 128; }
 constexpr int max_int(int a, int b) { return a > b ? a : b; }
+
+#if defined(HK_CPU_EMULATION)
+#define HK_POLY_NCP_SHARED_MEMORY(name) unsigned char* const name = hk_emulation::dynamic_shared_memory()
+#else
+#define HK_POLY_NCP_SHARED_MEMORY(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
 
 // Shared-memory layout of one block. Row pads: 8 elements keep 16-bit rows a multiple of 16 bytes (wmma's
 // ldm rule) with every 16 x 16 fragment 32-byte aligned; 1 float staggers the fp32 weight slice rows so the
@@ -182,39 +200,39 @@ template <typename T, int KP>
 using Acc = std::conditional_t<std::is_same_v<T, float>, SimtAcc<KP>, TensorCoreAcc<T, KP>>;
 
 // out [kRows, KP] (fp32, shared) = A B with a contraction of length L, where
-//   A = x[row0 .. row0 + kRows, :] staged from global (A_FROM_X), else the resident y tile sm.y;
-//   B(l, o) = w[o * ld_w + l] (W row-major [k, L], B = W^T) or, when TRANSPOSED, w[l * ld_w + o] (B = W).
-// Rows past M, columns past k and l past L read as 0. Every thread of the block must call it; it begins by
+//   A = rows row0 .. row0 + kRows of `a` (global, rows lda apart) staged through shared memory (A_GLOBAL), else
+//       the resident y tile sm.y;
+//   B(l, o) = w[o * ld_w + l] (W row-major [cols, L], B = W^T) or, when TRANSPOSED, w[l * ld_w + o] (B = W).
+// Rows past M, columns o >= cols and l past L read as 0. Every thread of the block must call it; it begins by
 // overwriting the staging buffers and ends with a barrier before the (unsynchronised) store to `out`.
-template <typename T, int KP, bool A_FROM_X, bool TRANSPOSED>
-__device__ __forceinline__ void block_gemm(const PolyNcpParams& p, const Smem<T, KP>& sm, int64_t row0, const T* w,
-                                           int64_t ld_w, int64_t L, float* out) {
+template <typename T, int KP, bool A_GLOBAL, bool TRANSPOSED>
+__device__ __forceinline__ void block_gemm(const Smem<T, KP>& sm, const T* a, int64_t lda, int64_t M, int64_t row0,
+                                           const T* w, int64_t ld_w, int64_t L, int64_t cols, float* out) {
   using Lay = Layout<T, KP>;
   const T zero = from_float<T>(0.f);
   Acc<T, KP> acc;
   acc.zero();
   for (int64_t l0 = 0; l0 < L; l0 += kChunk) {
-    if constexpr (A_FROM_X) {
-      const T* x = static_cast<const T*>(p.x);
+    if constexpr (A_GLOBAL) {
       for (int e = threadIdx.x; e < Lay::kRows * kChunk; e += kThreads) {
         const int r = e / kChunk, l = e % kChunk;
         const int64_t row = row0 + r, col = l0 + l;
-        sm.x[r * Lay::kLdX + l] = (row < p.M && col < L) ? x[row * p.x_row_stride + col] : zero;
+        sm.x[r * Lay::kLdX + l] = (row < M && col < L) ? a[row * lda + col] : zero;
       }
     }
     if constexpr (TRANSPOSED) {
       for (int e = threadIdx.x; e < kChunk * KP; e += kThreads) {
         const int l = e / KP, o = e % KP;
-        sm.w[l * Lay::kLdWT + o] = (l0 + l < L && o < p.k) ? w[(l0 + l) * ld_w + o] : zero;
+        sm.w[l * Lay::kLdWT + o] = (l0 + l < L && o < cols) ? w[(l0 + l) * ld_w + o] : zero;
       }
     } else {
       for (int e = threadIdx.x; e < KP * kChunk; e += kThreads) {
         const int o = e / kChunk, l = e % kChunk;
-        sm.w[o * Lay::kLdW + l] = (o < p.k && l0 + l < L) ? w[o * ld_w + l0 + l] : zero;
+        sm.w[o * Lay::kLdW + l] = (o < cols && l0 + l < L) ? w[o * ld_w + l0 + l] : zero;
       }
     }
     __syncthreads();
-    if constexpr (A_FROM_X) {
+    if constexpr (A_GLOBAL) {
       acc.template mma_chunk<TRANSPOSED>(sm.x, Lay::kLdX, sm.w);
     } else {
       acc.template mma_chunk<TRANSPOSED>(sm.y + l0, Lay::kLdY, sm.w);  // L <= KP: l0 + kChunk <= KP
@@ -225,34 +243,44 @@ __device__ __forceinline__ void block_gemm(const PolyNcpParams& p, const Smem<T,
 }
 
 template <typename T>
-__device__ __forceinline__ float bias_at(const void* bias, int64_t n, int64_t k, int c) {
+__device__ __forceinline__ float bias_at(const void* bias, int64_t n, int64_t k, int64_t c) {
   return bias != nullptr ? to_float(static_cast<const T*>(bias)[n * k + c]) : 0.f;
 }
 
-// The block's two GEMMs of degree n (0-based): sm.s = y_{n-1} S_n^T (n > 0) and sm.a = x A_n^T, then a barrier.
+// sm.a = x A_n^T for the tile's rows from row0 and its `cols` columns from col0 (no bias).
+template <typename T, int KP>
+__device__ __forceinline__ void a_product(const PolyNcpParams& p, const Smem<T, KP>& sm, int64_t row0, int64_t col0,
+                                          int64_t cols, int64_t n) {
+  block_gemm<T, KP, true, false>(sm, static_cast<const T*>(p.x), p.x_row_stride, p.M, row0,
+                                 static_cast<const T*>(p.a_weight) + (n * p.k + col0) * p.d, p.d, p.d, cols, sm.a);
+}
+
+// The block's two GEMMs of degree n (0-based) on the fast path: sm.s = y_{n-1} S_n^T (n > 0, y_{n-1} resident in
+// sm.y) and sm.a = x A_n^T, then a barrier.
 template <typename T, int KP>
 __device__ __forceinline__ void degree_products(const PolyNcpParams& p, const Smem<T, KP>& sm, int64_t row0,
                                                 int64_t n) {
   if (n > 0) {
-    block_gemm<T, KP, false, false>(p, sm, row0, static_cast<const T*>(p.s_weight) + (n - 1) * p.k * p.k, p.k,
-                                    p.k, sm.s);
+    block_gemm<T, KP, false, false>(sm, nullptr, 0, p.M, row0,
+                                    static_cast<const T*>(p.s_weight) + (n - 1) * p.k * p.k, p.k, p.k, p.k, sm.s);
   }
-  block_gemm<T, KP, true, false>(p, sm, row0, static_cast<const T*>(p.a_weight) + n * p.k * p.d, p.d, p.d, sm.a);
+  a_product<T, KP>(p, sm, row0, 0, p.k, n);
   __syncthreads();
 }
 
-// y_n at tile element (r, c < k) from the accumulators of degree n.
+// y_n at tile element (r, c), column col0 + c < k, from the accumulators of degree n.
 template <typename T, int KP>
-__device__ __forceinline__ float chain_value(const PolyNcpParams& p, const Smem<T, KP>& sm, int64_t n, int r, int c) {
+__device__ __forceinline__ float chain_value(const PolyNcpParams& p, const Smem<T, KP>& sm, int64_t n, int r, int c,
+                                             int64_t col0 = 0) {
   const int i = r * Layout<T, KP>::kLdF + c;
-  const float a = sm.a[i] + bias_at<T>(p.a_bias, n, p.k, c);
-  return n == 0 ? a : a * (sm.s[i] + bias_at<T>(p.s_bias, n - 1, p.k, c));
+  const float a = sm.a[i] + bias_at<T>(p.a_bias, n, p.k, col0 + c);
+  return n == 0 ? a : a * (sm.s[i] + bias_at<T>(p.s_bias, n - 1, p.k, col0 + c));
 }
 
 template <typename T, int KP>
 __global__ void __launch_bounds__(kThreads) poly_ncp_fwd_kernel(const PolyNcpParams p) {
   using Lay = Layout<T, KP>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  HK_POLY_NCP_SHARED_MEMORY(smem_raw);
   const Smem<T, KP> sm(smem_raw);
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * Lay::kRows;
   T* out = static_cast<T*>(p.y);
@@ -278,7 +306,7 @@ __global__ void __launch_bounds__(kThreads) poly_ncp_fwd_kernel(const PolyNcpPar
 template <typename T, int KP>
 __global__ void __launch_bounds__(kThreads) poly_ncp_bwd_kernel(const PolyNcpParams p) {
   using Lay = Layout<T, KP>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  HK_POLY_NCP_SHARED_MEMORY(smem_raw);
   const Smem<T, KP> sm(smem_raw);
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * Lay::kRows;
   const int64_t slab = p.M * p.k;  // one degree of grad_s and ys
@@ -337,14 +365,116 @@ __global__ void __launch_bounds__(kThreads) poly_ncp_bwd_kernel(const PolyNcpPar
       }
     }
     __syncthreads();
-    block_gemm<T, KP, false, true>(p, sm, row0, static_cast<const T*>(p.s_weight) + (n - 1) * p.k * p.k, p.k, p.k,
-                                   sm.g);
+    block_gemm<T, KP, false, true>(sm, nullptr, 0, p.M, row0, static_cast<const T*>(p.s_weight) + (n - 1) * p.k * p.k,
+                                   p.k, p.k, p.k, sm.g);
     __syncthreads();
   }
   for (int e = threadIdx.x; e < Lay::kRows * KP; e += kThreads) {
     const int r = e / KP, c = e % KP;
     const int64_t row = row0 + r;
     if (row < p.M && c < p.k) grad_a[row * p.N * p.k + c] = from_float<T>(sm.g[r * Lay::kLdF + c]);
+  }
+}
+
+// ---- the per-degree path
+// One launch of the per-degree path: degree n (0-based) of the chain.
+struct DegreeStep {
+  PolyNcpParams p;
+  int64_t n = 0;
+  const void* prev = nullptr;  // y_{n-1} [M, k], rows prev_row_stride apart (n > 0)
+  int64_t prev_row_stride = 0;
+  void* out = nullptr;  // forward: y_n [M, k], rows out_row_stride apart
+  int64_t out_row_stride = 0;
+};
+
+// The tile of block b: rows from row0, columns col0 .. col0 + cols (a 1D grid, the column tiles of a row block
+// adjacent so they share its rows in L2).
+struct WideTile {
+  int64_t row0, col0, cols;
+};
+
+template <typename T>
+__device__ __forceinline__ WideTile wide_tile(const PolyNcpParams& p) {
+  const int64_t col_tiles = (p.k + kWideCols - 1) / kWideCols;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.x) % col_tiles * kWideCols;
+  return {static_cast<int64_t>(blockIdx.x) / col_tiles * Layout<T, kWideCols>::kRows, col0,
+          p.k - col0 < kWideCols ? p.k - col0 : kWideCols};
+}
+
+// sm.s = y_{n-1} S_n^T for the tile (n > 0; y_{n-1} = s.prev), then sm.a = x A_n^T; then a barrier.
+template <typename T>
+__device__ __forceinline__ void wide_products(const DegreeStep& s, const Smem<T, kWideCols>& sm, const WideTile& t) {
+  const PolyNcpParams& p = s.p;
+  if (s.n > 0) {
+    block_gemm<T, kWideCols, true, false>(sm, static_cast<const T*>(s.prev), s.prev_row_stride, p.M, t.row0,
+                                          static_cast<const T*>(p.s_weight) + ((s.n - 1) * p.k + t.col0) * p.k, p.k,
+                                          p.k, t.cols, sm.s);
+  }
+  a_product<T, kWideCols>(p, sm, t.row0, t.col0, t.cols, s.n);
+  __syncthreads();
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) poly_ncp_degree_fwd_kernel(const DegreeStep s) {
+  using Lay = Layout<T, kWideCols>;
+  HK_POLY_NCP_SHARED_MEMORY(smem_raw);
+  const Smem<T, kWideCols> sm(smem_raw);
+  const PolyNcpParams& p = s.p;
+  const WideTile t = wide_tile<T>(p);
+  wide_products<T>(s, sm, t);
+  T* out = static_cast<T*>(s.out);
+  for (int e = threadIdx.x; e < Lay::kRows * kWideCols; e += kThreads) {
+    const int r = e / kWideCols, c = e % kWideCols;
+    const int64_t row = t.row0 + r;
+    if (row < p.M && c < t.cols) {
+      out[row * s.out_row_stride + t.col0 + c] = from_float<T>(chain_value<T, kWideCols>(p, sm, s.n, r, c, t.col0));
+    }
+  }
+}
+
+// Degree n of the backward walk: g = dL/dy_n is grad_y (n = N-1) or grad_s_{n+1} S_{n+1}; writes
+// grad_a_n = g * s_n and grad_s_n = g * a_n (n > 0), or grad_a_1 = g (n = 0).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) poly_ncp_degree_bwd_kernel(const DegreeStep s) {
+  using Lay = Layout<T, kWideCols>;
+  HK_POLY_NCP_SHARED_MEMORY(smem_raw);
+  const Smem<T, kWideCols> sm(smem_raw);
+  const PolyNcpParams& p = s.p;
+  const WideTile t = wide_tile<T>(p);
+  const int64_t slab = p.M * p.k;  // one degree of grad_s and ys
+  if (s.n == p.N - 1) {
+    const T* grad_y = static_cast<const T*>(p.grad_y);
+    for (int e = threadIdx.x; e < Lay::kRows * kWideCols; e += kThreads) {
+      const int r = e / kWideCols, c = e % kWideCols;
+      const int64_t row = t.row0 + r;
+      sm.g[r * Lay::kLdF + c] = (row < p.M && c < t.cols) ? to_float(grad_y[row * p.y_row_stride + t.col0 + c]) : 0.f;
+    }
+    // The stores above are ordered before their reads by the barriers inside wide_products (or the one below).
+  } else {
+    // B(l, o) = S_{n+1}[l, col0 + o]: S itself, not its transpose.
+    block_gemm<T, kWideCols, true, true>(sm, static_cast<const T*>(p.grad_s) + s.n * slab, p.k, p.M, t.row0,
+                                         static_cast<const T*>(p.s_weight) + s.n * p.k * p.k + t.col0, p.k, p.k,
+                                         t.cols, sm.g);
+  }
+  if (s.n > 0) {
+    wide_products<T>(s, sm, t);
+  } else {
+    __syncthreads();
+  }
+  T* grad_a = static_cast<T*>(p.grad_a);
+  T* grad_s = static_cast<T*>(p.grad_s);
+  for (int e = threadIdx.x; e < Lay::kRows * kWideCols; e += kThreads) {
+    const int r = e / kWideCols, c = e % kWideCols;
+    const int64_t row = t.row0 + r, col = t.col0 + c;
+    if (row >= p.M || c >= t.cols) continue;
+    const int i = r * Lay::kLdF + c;
+    const float g = sm.g[i];
+    if (s.n > 0) {
+      grad_a[(row * p.N + s.n) * p.k + col] = from_float<T>(g * (sm.s[i] + bias_at<T>(p.s_bias, s.n - 1, p.k, col)));
+      grad_s[(s.n - 1) * slab + row * p.k + col] = from_float<T>(g * (sm.a[i] + bias_at<T>(p.a_bias, s.n, p.k, col)));
+    } else {
+      grad_a[row * p.N * p.k + col] = from_float<T>(g);
+    }
   }
 }
 
@@ -360,26 +490,76 @@ cudaError_t padded_k_switch(int64_t k, F&& f) {
 
 // Host-side checks of what the kernels rely on; Python has already checked shapes and dtypes.
 bool valid(const PolyNcpParams& p) {
-  if (p.M < 1 || p.d < 1 || p.k < 1 || p.k > kPolyNcpMaxK || p.N < 1) return false;
+  if (p.M < 1 || p.d < 1 || p.k < 1 || p.N < 1) return false;
   if (p.x == nullptr || p.a_weight == nullptr || (p.N > 1 && p.s_weight == nullptr)) return false;
-  return (p.M + 15) / 16 <= INT_MAX;  // one block per kRows >= 16 rows in a 1D grid
+  // One block per kRows >= 16 rows (per-degree path: per 64 x 64 tile) in a 1D grid.
+  return (p.M + 15) / 16 <= INT_MAX && (p.M + 63) / 64 * ((p.k + kWideCols - 1) / kWideCols) <= INT_MAX;
+}
+
+bool per_degree(const PolyNcpParams& p) { return p.per_degree || p.k > kPolyNcpMaxK; }
+
+template <typename Params>
+cudaError_t launch_kernel(void (*kernel)(const Params), int64_t blocks, size_t smem, const Params& params,
+                          cudaStream_t stream) {
+#if defined(HK_CPU_EMULATION)
+  (void)stream;
+  return hk_emulation::launch(kernel, dim3(static_cast<unsigned>(blocks)), kThreads, smem, params);
+#else
+  // Above 48 KiB of dynamic shared memory a kernel has to opt in.
+  HK_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(params);
+  return cudaGetLastError();
+#endif
 }
 
 template <typename T, int KP, bool BACKWARD>
 cudaError_t launch(const PolyNcpParams& p, cudaStream_t stream) {
   using Lay = Layout<T, KP>;
   void (*kernel)(const PolyNcpParams) = BACKWARD ? &poly_ncp_bwd_kernel<T, KP> : &poly_ncp_fwd_kernel<T, KP>;
-  // Above 48 KiB of dynamic shared memory a kernel has to opt in.
-  HK_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Lay::kBytes)));
-  const int64_t blocks = (p.M + Lay::kRows - 1) / Lay::kRows;
-  kernel<<<static_cast<unsigned>(blocks), kThreads, Lay::kBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(kernel, (p.M + Lay::kRows - 1) / Lay::kRows, Lay::kBytes, p, stream);
+}
+
+// The per-degree path: the forward chain into `outputs` (degree n into outputs(n), an [M, k] buffer with rows
+// stride(n) apart), n = 0 .. degrees - 1.
+template <typename T, class Out, class Stride>
+cudaError_t degree_chain(const PolyNcpParams& p, int64_t degrees, Out outputs, Stride stride, cudaStream_t stream) {
+  using Lay = Layout<T, kWideCols>;
+  const int64_t blocks = (p.M + Lay::kRows - 1) / Lay::kRows * ((p.k + kWideCols - 1) / kWideCols);
+  for (int64_t n = 0; n < degrees; ++n) {
+    DegreeStep step{p, n, n > 0 ? outputs(n - 1) : nullptr, n > 0 ? stride(n - 1) : 0, outputs(n), stride(n)};
+    HK_RETURN_IF_ERROR(launch_kernel(&poly_ncp_degree_fwd_kernel<T>, blocks, Lay::kBytes, step, stream));
+  }
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t degree_fwd(const PolyNcpParams& p, cudaStream_t stream) {
+  // y and the workspace alternate so that y_N lands in y.
+  auto output = [&](int64_t n) { return (p.N - 1 - n) % 2 == 0 ? p.y : p.workspace; };
+  auto stride = [&](int64_t n) { return (p.N - 1 - n) % 2 == 0 ? p.y_row_stride : p.k; };
+  return degree_chain<T>(p, p.N, output, stride, stream);
+}
+
+template <typename T>
+cudaError_t degree_bwd(const PolyNcpParams& p, cudaStream_t stream) {
+  using Lay = Layout<T, kWideCols>;
+  T* ys = static_cast<T*>(p.ys);
+  const int64_t slab = p.M * p.k;
+  HK_RETURN_IF_ERROR(degree_chain<T>(
+      p, p.N - 1, [&](int64_t n) { return static_cast<void*>(ys + n * slab); }, [&](int64_t) { return p.k; },
+      stream));
+  const int64_t blocks = (p.M + Lay::kRows - 1) / Lay::kRows * ((p.k + kWideCols - 1) / kWideCols);
+  for (int64_t n = p.N - 1; n >= 0; --n) {
+    DegreeStep step{p, n, n > 0 ? ys + (n - 1) * slab : nullptr, p.k, nullptr, 0};
+    HK_RETURN_IF_ERROR(launch_kernel(&poly_ncp_degree_bwd_kernel<T>, blocks, Lay::kBytes, step, stream));
+  }
+  return cudaSuccess;
 }
 
 template <bool BACKWARD>
 cudaError_t dispatch(const PolyNcpParams& p, cudaStream_t stream) {
   return HK_DTYPE_SWITCH(p.dtype, T, [&] {
+    if (per_degree(p)) return BACKWARD ? degree_bwd<T>(p, stream) : degree_fwd<T>(p, stream);
     return padded_k_switch(p.k, [&](auto kp) { return launch<T, decltype(kp)::value, BACKWARD>(p, stream); });
   });
 }
@@ -388,6 +568,7 @@ cudaError_t dispatch(const PolyNcpParams& p, cudaStream_t stream) {
 
 cudaError_t launch_poly_ncp_fwd(const PolyNcpParams& p, cudaStream_t stream) {
   if (!valid(p) || p.y == nullptr) return cudaErrorInvalidValue;
+  if (per_degree(p) && p.N > 1 && p.workspace == nullptr) return cudaErrorInvalidValue;
   return dispatch<false>(p, stream);
 }
 

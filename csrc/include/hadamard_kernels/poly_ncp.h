@@ -10,7 +10,8 @@
 
 namespace hadamard_kernels {
 
-// Largest k: a block keeps its rows' whole [rows, k] chain in shared memory (csrc/poly_ncp.cu).
+// Largest k of the fast path, where a block keeps its rows' whole [rows, k] chain in shared memory. Larger k (or
+// per_degree) runs the per-degree path: one launch per degree, the chain in device memory (csrc/poly_ncp.cu).
 inline constexpr int64_t kPolyNcpMaxK = 256;
 
 // Pointers to device memory; all tensors share `dtype`. Sizes and strides count elements.
@@ -25,14 +26,17 @@ struct PolyNcpParams {
   void* grad_a = nullptr;          // backward output [M, N, k], contiguous: dL/d(A_n x + a_n)
   void* grad_s = nullptr;          // backward output [N-1, M, k], contiguous: dL/d(S_n y_{n-1} + s_n), n = 2..N
   void* ys = nullptr;              // backward output [N-1, M, k], contiguous: y_1..y_{N-1} (for dS_n)
+  void* workspace = nullptr;       // forward on the per-degree path with N > 1: [M, k] contiguous, the chain's
+                                   // second buffer (y_N lands in y)
   int64_t M = 0, d = 0, k = 0, N = 0;
   int64_t x_row_stride = 0;
   int64_t y_row_stride = 0;
   DType dtype = DType::kFloat32;
+  bool per_degree = false;  // the per-degree path also for k <= kPolyNcpMaxK (k above it always takes it)
 };
 
-// Enqueue the kernel on `stream`; return cudaErrorInvalidValue for bad params (k > kPolyNcpMaxK included),
-// else the first CUDA error of the launch.
+// Enqueue the kernels on `stream`; return cudaErrorInvalidValue for bad params, else the first CUDA error of the
+// launches.
 cudaError_t launch_poly_ncp_fwd(const PolyNcpParams& params, cudaStream_t stream);
 cudaError_t launch_poly_ncp_bwd(const PolyNcpParams& params, cudaStream_t stream);
 

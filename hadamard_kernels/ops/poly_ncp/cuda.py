@@ -4,6 +4,10 @@ Forward: one kernel; a block owns a few rows and all k columns and runs the chai
 MMAs for float16/bfloat16, exact fp32 FMAs for float32). Backward: one kernel per chunk of rows recomputes the
 chain and writes grad_a, grad_s and ys; GEMMs in torch turn them into the gradients
 (common.backward_in_row_chunks, which also bounds that transient memory).
+
+k > MAX_K: the per-degree path (one launch per degree and 64 x 64 tile of y_n, the chain in device memory; see
+csrc/poly_ncp.cu). Its forward needs one [M, k] workspace (the second buffer of the chain); its backward writes the
+same grad_a, grad_s and ys.
 """
 
 from __future__ import annotations
@@ -13,16 +17,9 @@ import torch
 from ..._backend import require_cuda_extension
 from .common import backward_in_row_chunks
 
-# kPolyNcpMaxK in csrc/include/hadamard_kernels/poly_ncp.h (exported as _C.POLY_NCP_MAX_K): a block keeps
-# [rows, k] fp32 tiles of a, s and dL/dy in shared memory.
+# kPolyNcpMaxK in csrc/include/hadamard_kernels/poly_ncp.h (exported as _C.POLY_NCP_MAX_K): up to this k a block
+# keeps [rows, k] fp32 tiles of a, s and dL/dy in shared memory; larger k takes the per-degree path.
 MAX_K = 256
-
-
-def unsupported(x, a_weight, a_bias, s_weight, s_bias):
-    K = a_weight.shape[1]
-    if K > MAX_K:
-        return f"the cuda kernels keep a block's k columns in shared memory and support k <= {MAX_K}, got k={K}"
-    return None
 
 
 def _prepare(a_weight, a_bias, s_weight, s_bias):
@@ -41,17 +38,19 @@ def _params(ext, x2d, a_weight, a_bias, s_weight, s_bias, **buffers):
     return ext.PolyNcpParams(
         x=x2d.data_ptr(), a_weight=a_weight.data_ptr(), a_bias=ptr(a_bias), s_weight=ptr(s_weight),
         s_bias=ptr(s_bias), M=x2d.shape[0], d=D, k=K, N=N, x_row_stride=x2d.stride(0),
-        dtype=ext.DTYPES.index(str(x2d.dtype).removeprefix("torch.")), **buffers)
+        dtype=ext.DTYPES.index(str(x2d.dtype).removeprefix("torch.")), per_degree=K > MAX_K, **buffers)
 
 
 def forward(x, a_weight, a_bias, s_weight, s_bias):
     ext = require_cuda_extension()
     weights = _prepare(a_weight, a_bias, s_weight, s_bias)
-    K = a_weight.shape[1]
+    N, K, _ = a_weight.shape
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.empty((x2d.shape[0], K), device=x.device, dtype=x.dtype)
+    workspace = torch.empty_like(y) if (K > MAX_K and N > 1) else None
     with torch.cuda.device(x.device):
-        params = _params(ext, x2d, *weights, y=y.data_ptr(), y_row_stride=y.stride(0))
+        params = _params(ext, x2d, *weights, y=y.data_ptr(), y_row_stride=y.stride(0),
+                         workspace=0 if workspace is None else workspace.data_ptr())
         ext.poly_ncp_fwd(params, torch.cuda.current_stream().cuda_stream)
     return y.view(*x.shape[:-1], K)
 
