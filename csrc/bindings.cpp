@@ -158,10 +158,10 @@ void bind_poly_ncp(py::module_& m) {
       .pointer("x", &P::x).pointer("a_weight", &P::a_weight).pointer("a_bias", &P::a_bias)
       .pointer("s_weight", &P::s_weight).pointer("s_bias", &P::s_bias).pointer("y", &P::y)
       .pointer("grad_y", &P::grad_y).pointer("grad_a", &P::grad_a).pointer("grad_s", &P::grad_s)
-      .pointer("ys", &P::ys)
+      .pointer("ys", &P::ys).pointer("workspace", &P::workspace)
       .value("M", &P::M).value("d", &P::d).value("k", &P::k).value("N", &P::N)
       .value("x_row_stride", &P::x_row_stride).value("y_row_stride", &P::y_row_stride)
-      .value("dtype", &P::dtype);
+      .value("dtype", &P::dtype).value("per_degree", &P::per_degree);
   def_launcher(m, "poly_ncp_fwd", &hk::launch_poly_ncp_fwd);
   def_launcher(m, "poly_ncp_bwd", &hk::launch_poly_ncp_bwd);
 }
