@@ -41,8 +41,8 @@ def build(name: str, module_cpp: str, kernel_sources: list[Path], flags: tuple[s
     command = [cxx, "-O1", "-std=c++20", "-shared", "-fPIC", "-Wall", "-Wextra", *flags, "-Wno-unknown-pragmas",
                f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", f"-I{include}",
                f"-I{CSRC / 'include'}", f"-I{CSRC}", str(EMULATION / module_cpp)]
-    sources = [EMULATION / "cuda_emulation.h", EMULATION / module_cpp, *kernel_sources,
-               *(CSRC / "include" / "hadamard_kernels").iterdir()]
+    # Every emulation file (shared headers such as wmma_emulation.h included) is part of the cache key.
+    sources = [*EMULATION.iterdir(), *kernel_sources, *(CSRC / "include" / "hadamard_kernels").iterdir()]
     digest = hashlib.sha256("\0".join(command).encode())
     for path in sorted(p for p in sources if p.is_file()):
         digest.update(path.read_bytes())
