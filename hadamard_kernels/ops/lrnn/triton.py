@@ -248,7 +248,7 @@ def forward(x, weight, bias, g_params, rank, dbar, activation, omega, gamma, *, 
     return phi
 
 
-def chunk_rows(rank: int, dbar: int, element_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+def chunk_rows(rank: int, dbar: int, element_size: int, chunk_bytes: int) -> int:
     """Rows of one backward chunk: grad_z (rows, rank * dbar) within chunk_bytes, a whole number of ROW_ALIGN rows
     (one ROW_ALIGN block even where a single block is larger, at most 2**18 columns: 32 MiB in fp16)."""
     return max(1, chunk_bytes // (rank * dbar * element_size * ROW_ALIGN)) * ROW_ALIGN
@@ -262,10 +262,11 @@ def _split_rows(rows: int, columns: int, device: torch.device) -> int:
     return triton.cdiv(triton.cdiv(rows, splits), ROW_ALIGN) * ROW_ALIGN
 
 
-def backward(grad_phi, x, weight, bias, g_params, rank, dbar, activation, omega, gamma, needs, *,
-             chunk_bytes=CHUNK_BYTES, kernel=None, **config):
-    """-> (dx, dweight, dbias, dg_params). chunk_bytes bounds grad_z of one chunk of rows (tests make it small to
-    run several chunks); kernel/config: a raw launch of _lrnn_grad_z_kernel with an explicit tile config."""
+def backward(grad_phi, x, weight, bias, g_params, rank, dbar, activation, omega, gamma, needs, *, kernel=None,
+             **config):
+    """-> (dx, dweight, dbias, dg_params). grad_z is formed CHUNK_BYTES at a time (read at each call, so tests can
+    make it small to run several chunks); kernel/config: a raw launch of _lrnn_grad_z_kernel with an explicit tile
+    config."""
     need_x, need_w, need_b, need_g = needs
     need_b = need_b and bias is not None
     need_g = need_g and g_params is not None
@@ -275,7 +276,7 @@ def backward(grad_phi, x, weight, bias, g_params, rank, dbar, activation, omega,
     M, D = x.shape
     columns = rank * dbar
     acc = accumulate_dtype(x.dtype)
-    rows_per_chunk = chunk_rows(rank, dbar, x.element_size(), chunk_bytes)
+    rows_per_chunk = chunk_rows(rank, dbar, x.element_size(), CHUNK_BYTES)
     single = M <= rows_per_chunk
     dx = torch.empty_like(x) if need_x else None
     # Sums over chunks in the accumulate dtype; one chunk writes dweight in the input dtype directly.
