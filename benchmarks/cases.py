@@ -1,20 +1,23 @@
-"""What the benchmarks measure, shared by the pytest-benchmark files and run.py.
+"""What the benchmarks measure, shared by the pytest-benchmark suite (bench_*.py, suite.py) and the report.
 
-- the plain-PyTorch formulas a user would write (the `eager` baseline; `compiled` is torch.compile of the same
-  function), the one place they live;
-- the cases, one class per family with one interface (`id`, `providers`, `describe()`, `flops(mode)`,
-  `min_bytes(mode)`): `Case` (poly_chain, poly_ncp and the CCP / NCP modules: M rows, d inputs, k outputs, degree
-  N), `LinearAttentionCase` (causal_linear_attention: B, T, H, Dk, Dv) and `PolySACase` (poly_sa: B, N, C);
+- the plain-PyTorch formulas a user would write (the `eager` baseline; `compiled` and `max-autotune` are
+  torch.compile of the same function), the one place they live;
+- the cases, one class per family with one interface (`id`, `providers`, `runs(device)`, `describe()`,
+  `flops(mode)`, `min_bytes(mode)`): `Case` (poly_chain, poly_ncp and the CCP / NCP modules: M rows, d inputs,
+  k outputs, degree N), `LinearAttentionCase` (causal_linear_attention: B, T, H, Dk, Dv), `PolySACase` (poly_sa: B,
+  N, C), `PolyGateCase` (poly_gate: B, W, H, C) and `LRNNCase` (lrnn_product and the deep LRNN module);
+- the case lists: the GPU cases (model shapes, then one size sweep per family), the quick subset, and the tiny CPU
+  cases (the pipeline check a CPU machine runs);
 - `make_workload`: a provider's forward on a case's inputs (same values for every provider), per family;
 - the accuracy check against the float64 reference, and the timed steps (fwd, bwd, fwd+bwd).
 
-Providers: eager, compiled, fla (flash-linear-attention's chunk_linear_attn, linear attention only; skipped when
-it is not installed), triton, cuda (the last two are hadamard_kernels backends).
+Providers: eager, compiled (torch.compile, default mode), max-autotune (torch.compile(mode="max-autotune"), on the
+cases marked for it), fla (flash-linear-attention's chunk_linear_attn, linear attention only; skipped when it is not
+installed), triton, cuda, and on a CPU reference (the last three are hadamard_kernels backends).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
@@ -28,13 +31,16 @@ from torch import Tensor
 
 import hadamard_kernels as hk
 
-PROVIDERS = ("eager", "compiled", "fla", "triton", "cuda")
-BASELINES = ("eager", "compiled", "fla")  # not ours: every row gets a speedup against each of them
-MODES = ("fwd", "bwd", "fwd+bwd")
-OPS = ("poly_chain", "poly_ncp", "CCP", "NCP", "linear_attention", "poly_sa")
+PROVIDERS = ("eager", "compiled", "max-autotune", "fla", "triton", "cuda", "reference")
+BASELINES = ("eager", "compiled", "max-autotune", "fla")  # not ours: every row gets a speedup against each of them
+CPU_PROVIDERS = ("eager", "reference", "triton")  # a CPU run: the reference, the Triton interpreter, eager
+# fwd: inference forward; bwd: the backward of one retained graph; fwd+bwd: both; fwd+bwd-graph: fwd+bwd replayed
+# from a CUDA graph (the difference to fwd+bwd is the per-call launch and dispatch cost).
+MODES = ("fwd", "bwd", "fwd+bwd", "fwd+bwd-graph")
+OPS = ("poly_chain", "poly_ncp", "CCP", "NCP", "linear_attention", "poly_sa", "poly_gate", "lrnn", "LRNN")
 
 # Relative error against the float64 reference above which a provider's result counts as wrong: the accuracy
-# contract of DESIGN.md, except float32, which is allowed long fp32 reductions (M up to 16k rows in dweight) but
+# contract of DESIGN.md, except float32, which is allowed long fp32 reductions (M up to 64k rows in dweight) but
 # still flags a TF32 dot (~1e-3).
 WRONG_ABOVE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 
@@ -130,6 +136,50 @@ def poly_sa_eager(z: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, alpha: Tensor, 
     return alpha * z + beta * torch.matmul(z * m.unsqueeze(1), w3)
 
 
+def spatial_shift_eager(x: Tensor) -> Tensor:
+    """MONet's spatial shift as a user writes it out of place (DESIGN.md §5): the channel groups [0, C//4),
+    [C//4, C//2), [C//2, 3C//4), [3C//4, C) of x [B, W, H, C] moved one pixel along +W, -W, +H, -H, the border row
+    kept, by concatenating slices."""
+    g1, g2, g3 = x.shape[-1] // 4, x.shape[-1] // 2, 3 * x.shape[-1] // 4
+    return torch.cat([torch.cat([x[:, :1, :, :g1], x[:, :-1, :, :g1]], 1),
+                      torch.cat([x[:, 1:, :, g1:g2], x[:, -1:, :, g1:g2]], 1),
+                      torch.cat([x[:, :, :1, g2:g3], x[:, :, :-1, g2:g3]], 2),
+                      torch.cat([x[:, :, 1:, g3:], x[:, :, -1:, g3:]], 2)], -1)
+
+
+def poly_gate_eager(a: Tensor, b: Tensor, ln1_weight: Tensor, ln1_bias: Tensor, ln2_weight: Tensor, ln2_bias: Tensor,
+                    alpha: Tensor | None, eps: float = 1e-6, spatial_shift: bool = False) -> Tensor:
+    """The part of MONet's PolyMlp between its linear layers, as the survey writes it (with the intended shift):
+    n1 = LN1(shift(a) or a), n2 = LN2(b), n1 + alpha * n1 * n2, in the input dtype. a, b [..., C]."""
+    if spatial_shift:
+        a = spatial_shift_eager(a)
+    C = a.shape[-1]
+    n1 = F.layer_norm(a, (C,), ln1_weight, ln1_bias, eps)
+    n2 = F.layer_norm(b, (C,), ln2_weight, ln2_bias, eps)
+    return n1 + (1.0 if alpha is None else alpha) * n1 * n2
+
+
+_LRNN_G = {"sin": None, "spder": lambda z: torch.sin(z) * torch.sqrt(torch.abs(z)), "arctan": torch.atan,
+           "tanh": torch.tanh}
+
+
+def lrnn_product_eager(x: Tensor, weight: Tensor, bias: Tensor | None, rank: int, dbar: int,
+                       activation: str = "sin", omega: float = 1.0, gamma: float | None = None,
+                       g_params: Tensor | None = None) -> Tensor:
+    """lrnn_product as DESIGN.md §4 writes it, in the input dtype: z = x W^T + b viewed [..., rank, dbar],
+    phi_l = prod_j (1 + gamma g(z_lj)), gamma = dbar^-1/2 by default; g(z) = sin(omega z), sin(z) sqrt|z|,
+    atan, tanh, or the per-component network sum_i a_lji tanh(w_lji z + c_lji) (g_params = stack([a, w, c]))."""
+    z = F.linear(x, weight, bias).unflatten(-1, (rank, dbar))
+    if activation == "mlp":
+        a, w, c = g_params
+        g = (a * torch.tanh(w * z.unsqueeze(-1) + c)).sum(-1)
+    elif activation == "sin":
+        g = torch.sin(omega * z)
+    else:
+        g = _LRNN_G[activation](z)
+    return torch.prod(1 + (dbar ** -0.5 if gamma is None else gamma) * g, dim=-1)
+
+
 class ProviderUnavailable(Exception):
     """A provider that cannot run a case here (e.g. flash-linear-attention not installed): the row is skipped with
     this message, not an error."""
@@ -183,8 +233,59 @@ def fla_forward(feature_map: str, normalize: bool, scale: float) -> Callable[[Te
 
 
 # ---------------------------------------------------------------- cases
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Timed:
+    """What every case class shares: how it is timed beyond fwd, bwd and fwd+bwd, and its id.
+
+    sweep: the axis of the size sweep the case is a point of ("M", "T", "N", "tokens"); a sweep point is timed
+      fwd+bwd only and drawn as time against that size. graph: also time fwd+bwd replayed from a CUDA graph (small
+      shapes, where the per-call launch and dispatch cost shows). max_autotune: also time
+      torch.compile(mode="max-autotune") (fwd+bwd only: its compile autotunes every GEMM, minutes per case).
+    The compiled provider is timed fwd and fwd+bwd: its bwd would need a compile of its own."""
+
+    sweep: str | None = None
+    graph: bool = False
+    max_autotune: bool = False
+
+    op: ClassVar[str]
+    providers: ClassVar[tuple[str, ...]] = ("eager", "compiled", "triton", "cuda")
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}-{self.label}-{DTYPE_NAMES[self.dtype]}"
+
+    def __str__(self) -> str:
+        return self.id
+
+    def runs(self, device: str) -> list[tuple[str, str]]:
+        """The (provider, mode) pairs timed on `device` ("cuda" or "cpu"), a provider's modes together."""
+        if device == "cpu":
+            return [(p, m) for p in CPU_PROVIDERS if p in (*self.providers, "reference") for m in MODES[:3]]
+        modes = ["fwd+bwd"] if self.sweep else list(MODES[:3])
+        if self.graph:
+            modes.append("fwd+bwd-graph")
+        # bwd of a compiled function would need a compile of its own (torch.compile donates the buffers its backward
+        # saved, and such a backward refuses the retain_graph=True the bwd step replays with): left out.
+        pairs = [(p, m) for p in self.providers for m in modes if not (p == "compiled" and m == "bwd")]
+        if self.max_autotune:
+            pairs.append(("max-autotune", "fwd+bwd"))
+        return pairs
+
+    @property
+    def sweep_x(self) -> int | None:
+        """The size this case has on its sweep's axis."""
+        return None if self.sweep is None else self._sweep_value()
+
+    def _common(self) -> dict:
+        return dict(id=self.id, op=self.op, label=self.label, shape=self.shape, options=self.options,
+                    dtype=DTYPE_NAMES[self.dtype], sweep=self.sweep, sweep_x=self.sweep_x, counting=self.COUNTING,
+                    flops_fwd=self.flops("fwd"), flops_fwd_bwd=self.flops("fwd+bwd"), flops_bwd=self.flops("bwd"),
+                    bytes_fwd=self.min_bytes("fwd"), bytes_fwd_bwd=self.min_bytes("fwd+bwd"),
+                    bytes_bwd=self.min_bytes("bwd"))
+
+
 @dataclasses.dataclass(frozen=True)
-class Case:
+class Case(_Timed):
     """One benchmark: op (poly_chain, poly_ncp, or the CCP / NCP module), a label, M rows (batch), d inputs,
     k outputs (hidden width), degree N, dtype and the chain's options."""
 
@@ -202,17 +303,9 @@ class Case:
     channels: int = 1  # modules: images of `channels` x sqrt(d / channels)^2
     n_classes: int = 10
 
-    providers: ClassVar[tuple[str, ...]] = ("eager", "compiled", "triton", "cuda")
     COUNTING: ClassVar[str] = ("poly_chain / poly_ncp / CCP / NCP: model FLOPs are the matmuls, forward 2·M·N·k·d "
                                "(+ 2·M·(N−1)·k² for NCP, + the classifier for the modules), backward 2× forward; "
                                "bytes are x, the weights and y once (backward: x, weights, dy, dx, dweight)")
-
-    @property
-    def id(self) -> str:
-        return f"{self.op}-{self.label}-{DTYPE_NAMES[self.dtype]}"
-
-    def __str__(self) -> str:
-        return self.id
 
     @property
     def shape(self) -> str:
@@ -227,14 +320,15 @@ class Case:
             options.append(f"scale {self.scale:.4g}")
         return ", ".join(options)
 
+    def _sweep_value(self) -> int:
+        return self.M
+
     def describe(self) -> dict:
         """JSON-ready description: shape, options, and the FLOP and byte counts the rates are computed from."""
         chain = self.op == "poly_chain"
-        return dict(id=self.id, op=self.op, label=self.label, shape=self.shape, options=self.options,
-                    M=self.M, d=self.d, k=self.k, N=self.N,
-                    dtype=DTYPE_NAMES[self.dtype], bias=self.bias, mode=self.mode if chain else None,
-                    activation=self.activation if chain else None, scale=self.scale if chain else None,
-                    counting=self.COUNTING, **_counts(self))
+        return dict(self._common(), M=self.M, d=self.d, k=self.k, N=self.N, bias=self.bias,
+                    mode=self.mode if chain else None, activation=self.activation if chain else None,
+                    scale=self.scale if chain else None)
 
     @property
     def image_size(self) -> int:
@@ -259,16 +353,14 @@ class Case:
             fwd += 2 * self.M * (self.N - 1) * self.k * self.k
         if self.op in ("CCP", "NCP"):
             fwd += 2 * self.M * self.k * self.n_classes
-        return {"fwd": fwd, "bwd": 2 * fwd, "fwd+bwd": 3 * fwd}[mode]
+        return _by_mode(mode, fwd, 2 * fwd)
 
     def min_bytes(self, mode: str) -> int:
         """Compulsory traffic: forward reads x and the weights and writes y; backward reads x, the weights and dy
         and writes dx and dweight."""
-        size = _itemsize(self.dtype)
         out = self.n_classes if self.op in ("CCP", "NCP") else self.k
         x, w, y = self.M * self.d, self._weight_numel(), self.M * out
-        fwd, bwd = x + w + y, 2 * x + 2 * w + y
-        return size * {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+        return _itemsize(self.dtype) * _by_mode(mode, x + w + y, 2 * x + 2 * w + y)
 
 
 # A T x T tensor of scores up to this size runs the masked form in the eager baseline; above it the chunked form.
@@ -278,7 +370,7 @@ MASKED_FORM_MAX_BYTES = 4 * 2**30
 
 
 @dataclasses.dataclass(frozen=True)
-class LinearAttentionCase:
+class LinearAttentionCase(_Timed):
     """One causal_linear_attention benchmark: q, k [B, T, H, Dk], v [B, T, H, Dv], dtype and options. `eager` picks
     the eager baseline's form: "masked", "chunked" or "auto" (masked when its T x T scores fit
     MASKED_FORM_MAX_BYTES)."""
@@ -297,20 +389,13 @@ class LinearAttentionCase:
     eager: str = "auto"
 
     op: ClassVar[str] = "linear_attention"
-    providers: ClassVar[tuple[str, ...]] = PROVIDERS
+    providers: ClassVar[tuple[str, ...]] = ("eager", "compiled", "fla", "triton", "cuda")
     COUNTING: ClassVar[str] = (
         f"linear_attention: model FLOPs are the matmuls of the chunked algorithm ({CHUNK}-token chunks C, full C×C "
         "score blocks, nothing recomputed), per token and head forward 2·C·(Dk+Dv') (intra-chunk scores and their "
         "product with V) + 4·Dk·Dv' (phi(Q)·S and the state update phi(K)ᵀV), Dv' = Dv + 1 with normalize "
         "(the key-sum column); backward 2× forward (dQ, dK, dV, dS). Bytes: q, k, v, o forward; q, k, v, o, do, dq, "
         "dk, dv forward+backward (each once: the byte floor)")
-
-    @property
-    def id(self) -> str:
-        return f"{self.op}-{self.label}-{DTYPE_NAMES[self.dtype]}"
-
-    def __str__(self) -> str:
-        return self.id
 
     @property
     def shape(self) -> str:
@@ -340,27 +425,29 @@ class LinearAttentionCase:
             options.append(f"scale {self.scale:.4g}")
         return ", ".join(options)
 
+    def _sweep_value(self) -> int:
+        return self.T
+
     def describe(self) -> dict:
-        return dict(id=self.id, op=self.op, label=self.label, shape=self.shape, options=self.options, B=self.B,
-                    T=self.T, H=self.H, Dk=self.Dk, Dv=self.Dv, dtype=DTYPE_NAMES[self.dtype],
+        return dict(self._common(), B=self.B, T=self.T, H=self.H, Dk=self.Dk, Dv=self.Dv,
                     feature_map=self.feature_map, normalize=self.normalize, scale=self.scale, eps=self.eps,
-                    eager=self.eager_description, counting=self.COUNTING, **_counts(self))
+                    eager=self.eager_description)
 
     def flops(self, mode: str) -> int:
         value_dim = self.Dv + self.normalize
         fwd = self.B * self.T * self.H * (2 * CHUNK * (self.Dk + value_dim) + 4 * self.Dk * value_dim)
-        return {"fwd": fwd, "bwd": 2 * fwd, "fwd+bwd": 3 * fwd}[mode]
+        return _by_mode(mode, fwd, 2 * fwd)
 
     def min_bytes(self, mode: str) -> int:
         """fwd: read q, k, v, write o; bwd: read q, k, v, do, write dq, dk, dv; fwd+bwd: q, k, v, o, do, dq, dk, dv
         once each (a fused forward + backward need not read q, k, v twice)."""
         qk, v = self.B * self.T * self.H * self.Dk, self.B * self.T * self.H * self.Dv
-        n = {"fwd": 2 * qk + 2 * v, "bwd": 4 * qk + 3 * v, "fwd+bwd": 4 * qk + 4 * v}[mode]
+        n = {"fwd": 2 * qk + 2 * v, "bwd": 4 * qk + 3 * v, "fwd+bwd": 4 * qk + 4 * v}[_base_mode(mode)]
         return _itemsize(self.dtype) * n
 
 
 @dataclasses.dataclass(frozen=True)
-class PolySACase:
+class PolySACase(_Timed):
     """One poly_sa benchmark (the PolySA module's op, no mask): z [B, N, C], w1, w2, w3 [C, C], dtype."""
 
     label: str
@@ -370,18 +457,10 @@ class PolySACase:
     dtype: torch.dtype = torch.bfloat16
 
     op: ClassVar[str] = "poly_sa"
-    providers: ClassVar[tuple[str, ...]] = ("eager", "compiled", "triton", "cuda")
     COUNTING: ClassVar[str] = ("poly_sa: model FLOPs are the three B·N×C×C matmuls, forward 6·B·N·C², backward 2× "
                                "forward (the fused backward recomputes the pool and the projections, not counted); "
                                "bytes: z, the weights and Y forward; z, the weights, dY, dz and the weight gradients "
                                "backward")
-
-    @property
-    def id(self) -> str:
-        return f"{self.op}-{self.label}-{DTYPE_NAMES[self.dtype]}"
-
-    def __str__(self) -> str:
-        return self.id
 
     @property
     def shape(self) -> str:
@@ -391,52 +470,174 @@ class PolySACase:
     def options(self) -> str:
         return "no mask"
 
+    def _sweep_value(self) -> int:
+        return self.N
+
     def describe(self) -> dict:
-        return dict(id=self.id, op=self.op, label=self.label, shape=self.shape, options=self.options, B=self.B,
-                    N=self.N, C=self.C, dtype=DTYPE_NAMES[self.dtype], counting=self.COUNTING, **_counts(self))
+        return dict(self._common(), B=self.B, N=self.N, C=self.C)
 
     def flops(self, mode: str) -> int:
         fwd = 6 * self.B * self.N * self.C * self.C
-        return {"fwd": fwd, "bwd": 2 * fwd, "fwd+bwd": 3 * fwd}[mode]
+        return _by_mode(mode, fwd, 2 * fwd)
 
     def min_bytes(self, mode: str) -> int:
         """fwd: read z and the weights, write Y; bwd: read z, the weights and dY, write dz and the weight gradients;
         fwd+bwd: both."""
         z, w = self.B * self.N * self.C, 3 * self.C * self.C + 2
-        fwd, bwd = 2 * z + w, 3 * z + 2 * w
-        return _itemsize(self.dtype) * {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+        return _itemsize(self.dtype) * _by_mode(mode, 2 * z + w, 3 * z + 2 * w)
 
 
-AnyCase = Case | LinearAttentionCase | PolySACase
+@dataclasses.dataclass(frozen=True)
+class PolyGateCase(_Timed):
+    """One poly_gate benchmark (MONet's PolyMlp gate between its linear layers): a, b [B, W, H, C] (the hidden
+    activations U1 x and U3(U2 x) of B images of W x H pixels), LayerNorm affines [C], a scalar alpha, with or without
+    the spatial shift of a."""
+
+    label: str
+    B: int
+    W: int
+    H: int
+    C: int
+    spatial: bool = True
+    dtype: torch.dtype = torch.bfloat16
+    eps: float = 1e-6
+
+    op: ClassVar[str] = "poly_gate"
+    COUNTING: ClassVar[str] = ("poly_gate: memory-bound, so no FLOPs are counted (judged by GB/s against the copy "
+                               "bandwidth); bytes: read a and b, write the output forward; read a, b and dout, write "
+                               "da and db backward (the [C] parameters are left out)")
+
+    @property
+    def shape(self) -> str:
+        return f"B={self.B} W={self.W} H={self.H} C={self.C}"
+
+    @property
+    def options(self) -> str:
+        return "spatial shift" if self.spatial else "no shift"
+
+    @property
+    def tokens(self) -> int:
+        return self.B * self.W * self.H
+
+    def _sweep_value(self) -> int:
+        return self.tokens
+
+    def describe(self) -> dict:
+        return dict(self._common(), B=self.B, W=self.W, H=self.H, C=self.C, spatial_shift=self.spatial)
+
+    def flops(self, mode: str) -> int:
+        return 0
+
+    def min_bytes(self, mode: str) -> int:
+        n = self.tokens * self.C
+        return _itemsize(self.dtype) * _by_mode(mode, 3 * n, 5 * n)
+
+
+def _base_mode(mode: str) -> str:
+    """fwd+bwd-graph computes what fwd+bwd does."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return "fwd+bwd" if mode == "fwd+bwd-graph" else mode
+
+
+def _by_mode(mode: str, fwd: int, bwd: int) -> int:
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[_base_mode(mode)]
 
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8
 
 
-def _counts(case: AnyCase) -> dict:
-    return dict(flops_fwd=case.flops("fwd"), flops_fwd_bwd=case.flops("fwd+bwd"), bytes_fwd=case.min_bytes("fwd"),
-                bytes_fwd_bwd=case.min_bytes("fwd+bwd"))
+@dataclasses.dataclass(frozen=True)
+class LRNNCase(_Timed):
+    """One LRNN benchmark. op "lrnn": `lrnn_product` on x [M, d] with weight [rank·dbar, d] (an INR layer on M
+    coordinates). op "LRNN": the deep module hk.nn.LRNN(d, [rank] * layers, out_features, dbar) (layers of
+    lrnn_product, LayerNorm between them, the output map S_out) against the same network written in PyTorch."""
+
+    op: str
+    label: str
+    M: int
+    d: int
+    rank: int
+    dbar: int
+    activation: str = "sin"
+    layers: int = 1
+    out_features: int = 3
+    dtype: torch.dtype = torch.bfloat16
+
+    COUNTING: ClassVar[str] = ("lrnn / LRNN: model FLOPs are the projections, forward 2·M·d·rank·dbar per layer "
+                               "(+ 2·M·rank·out for the module's S_out), backward 2× forward (the fused backward's "
+                               "recompute of z is not counted); bytes: x, the weights and the output forward; x, the "
+                               "weights, the output gradient, dx and the weight gradients backward (the module's "
+                               "activations between layers are not counted)")
+
+    @property
+    def shape(self) -> str:
+        if self.op == "lrnn":
+            return f"M={self.M} d={self.d} rank={self.rank} dbar={self.dbar}"
+        return f"M={self.M} d={self.d} ranks={self.layers}x{self.rank} dbar={self.dbar} out={self.out_features}"
+
+    @property
+    def options(self) -> str:
+        return self.activation + (", LayerNorm between layers" if self.op == "LRNN" else "")
+
+    def _sweep_value(self) -> int:
+        return self.M
+
+    def describe(self) -> dict:
+        return dict(self._common(), M=self.M, d=self.d, rank=self.rank, dbar=self.dbar, activation=self.activation,
+                    layers=self.layers, out_features=self.out_features if self.op == "LRNN" else None)
+
+    def _layer_dims(self) -> list[tuple[int, int]]:
+        """(in, out) of every projection: (d, rank·dbar), (rank, rank·dbar), ..., and S_out for the module."""
+        dims = [(self.d, self.rank * self.dbar)] + [(self.rank, self.rank * self.dbar)] * (self.layers - 1)
+        return dims + ([(self.rank, self.out_features)] if self.op == "LRNN" else [])
+
+    def flops(self, mode: str) -> int:
+        fwd = sum(2 * self.M * fan_in * fan_out for fan_in, fan_out in self._layer_dims())
+        return _by_mode(mode, fwd, 2 * fwd)
+
+    def min_bytes(self, mode: str) -> int:
+        out = self.out_features if self.op == "LRNN" else self.rank
+        x, y = self.M * self.d, self.M * out
+        w = sum((fan_in + 1) * fan_out for fan_in, fan_out in self._layer_dims())
+        if self.op == "LRNN":
+            w += 2 * self.rank * self.layers  # the LayerNorms
+        return _itemsize(self.dtype) * _by_mode(mode, x + w + y, 2 * x + 2 * w + y)
+
+
+AnyCase = Case | LinearAttentionCase | PolySACase | PolyGateCase | LRNNCase
+CASE_TYPES = (Case, LinearAttentionCase, PolySACase, PolyGateCase, LRNNCase)
+
+
+# ---------------------------------------------------------------- case lists
+# The shapes of issue 19 for poly_chain and poly_ncp: 64k rows, from memory-bound (d = k = 64) to GEMM-bound.
+POLY_SHAPES = [(64, 64, 4), (256, 256, 8), (1024, 1024, 4), (4096, 4096, 2)]  # (d, k, N)
 
 
 def poly_chain_cases(quick: bool = False) -> list[Case]:
-    """Π-net CCP layers on images (MNIST 784 / CIFAR 3072 inputs), a PNN (NTK) chain, and transformer-MLP-like
-    gates (16k tokens, d = k = 1024). The quick set comes first."""
+    """The issue-19 shapes (M = 65536, bf16; fp16 and fp32 for a subset) and the survey's MNIST CCP layer (batch 4096,
+    d 784, k 16, N 4), then Π-net layers on images, a PNN (NTK) chain and transformer-MLP-like gates (the H100 probe's
+    M16384 d1024 k1024 N3 among them). The quick set comes first."""
     quick_cases = [
-        Case("poly_chain", "pinet-mnist", M=4096, d=784, k=64, N=4),
-        Case("poly_chain", "mlp-ccp3", M=16384, d=1024, k=1024, N=3),
-        Case("poly_chain", "pinet-mnist", M=4096, d=784, k=64, N=4, dtype=torch.float32),
+        Case("poly_chain", "mnist-ccp", M=4096, d=784, k=16, N=4, graph=True, max_autotune=True),
+        Case("poly_chain", "M65536-d1024-k1024-N4", M=65536, d=1024, k=1024, N=4, max_autotune=True),
     ]
     if quick:
         return quick_cases
     return quick_cases + [
-        Case("poly_chain", "pinet-small", M=1024, d=784, k=16, N=2),  # the survey's width: launch-bound
+        *(Case("poly_chain", f"M65536-d{d}-k{k}-N{N}", M=65536, d=d, k=k, N=N, max_autotune=True)
+          for d, k, N in POLY_SHAPES if d != 1024),
+        Case("poly_chain", "M65536-d1024-k1024-N4", M=65536, d=1024, k=1024, N=4, dtype=torch.float16),
+        Case("poly_chain", "M65536-d1024-k1024-N4", M=65536, d=1024, k=1024, N=4, dtype=torch.float32),
+        Case("poly_chain", "M65536-d64-k64-N4", M=65536, d=64, k=64, N=4, dtype=torch.float32),
+        Case("poly_chain", "pinet-mnist", M=4096, d=784, k=64, N=4),
         Case("poly_chain", "pinet-cifar", M=8192, d=3072, k=256, N=8),
         # scale sqrt(2) with unit-variance pre-activations keeps E[u^2] = 1, so the product stays O(1).
         Case("poly_chain", "pnn-relu", M=8192, d=1024, k=512, N=4, mode="product", activation="relu", bias=False,
              scale=math.sqrt(2)),
         Case("poly_chain", "mlp-bilinear", M=16384, d=1024, k=1024, N=2, mode="product"),
-        Case("poly_chain", "mlp-ccp3", M=16384, d=1024, k=1024, N=3, dtype=torch.float32),
+        Case("poly_chain", "mlp-ccp3", M=16384, d=1024, k=1024, N=3),  # the H100 probe's shape
     ]
 
 
@@ -445,18 +646,21 @@ def poly_ncp_cases(quick: bool = False) -> list[Case]:
     if quick:
         return quick_cases
     return quick_cases + [
+        *(Case("poly_ncp", f"M65536-d{d}-k{k}-N{N}", M=65536, d=d, k=k, N=N, max_autotune=True)
+          for d, k, N in POLY_SHAPES),
+        Case("poly_ncp", "M65536-d256-k256-N8", M=65536, d=256, k=256, N=8, dtype=torch.float32),
         Case("poly_ncp", "cifar", M=8192, d=3072, k=256, N=4),
-        Case("poly_ncp", "wide", M=16384, d=1024, k=256, N=3),
-        Case("poly_ncp", "mnist", M=4096, d=784, k=64, N=4, dtype=torch.float32),
     ]
 
 
 def module_cases(quick: bool = False) -> list[Case]:
-    """hk.nn.CCP / NCP against the survey's forward on the same weights: MNIST batch of 4096, hidden 128."""
-    quick_cases = [Case("CCP", "mnist", M=4096, d=784, k=128, N=4)]
+    """hk.nn.CCP / NCP against the survey's forward on the same weights: the survey's MNIST CCP (batch 4096, hidden
+    16, degree 4), hidden 128, and a CIFAR CCP."""
+    quick_cases = [Case("CCP", "mnist-k16", M=4096, d=784, k=16, N=4, graph=True)]
     if quick:
         return quick_cases
     return quick_cases + [
+        Case("CCP", "mnist", M=4096, d=784, k=128, N=4),
         Case("NCP", "mnist", M=4096, d=784, k=128, N=4),
         Case("CCP", "cifar", M=2048, d=3072, k=256, N=6, channels=3),
     ]
@@ -467,8 +671,8 @@ def linear_attention_cases(quick: bool = False) -> list[LinearAttentionCase]:
     D^-1/2, then each with the elu(x) + 1 feature map and normalize=True at scale 1 (the linear transformer's
     normalized form; with an identity map the normalizer can cross zero). The quick set is the smallest shape."""
     shapes = [(8, 1024, 8, 64), (1, 8192, 96, 128), (8, 2048, 32, 256)]
-    plain = [LinearAttentionCase(f"{B}x{T}x{H}x{D}", B=B, T=T, H=H, Dk=D, Dv=D, scale=D ** -0.5)
-             for B, T, H, D in shapes]
+    plain = [LinearAttentionCase(f"{B}x{T}x{H}x{D}", B=B, T=T, H=H, Dk=D, Dv=D, scale=D ** -0.5,
+                                 max_autotune=(B, T) == (1, 8192)) for B, T, H, D in shapes]
     if quick:
         return plain[:1]
     return plain + [LinearAttentionCase(f"{B}x{T}x{H}x{D}-elu1-norm", B=B, T=T, H=H, Dk=D, Dv=D, feature_map="elu1",
@@ -479,7 +683,7 @@ def poly_sa_cases(quick: bool = False) -> list[PolySACase]:
     """ViT-like token mixers (the issue's shapes): ViT-S/16 at 224 px (197 tokens, C = 384), a stage-1 pyramid
     transformer at 224 px (56 x 56 = 3136 tokens, C = 96) and a long sequence (16k tokens, C = 512), bf16; the quick
     set is the first."""
-    quick_cases = [PolySACase("vit-s16", B=64, N=197, C=384)]
+    quick_cases = [PolySACase("vit-s16", B=64, N=197, C=384, max_autotune=True)]
     if quick:
         return quick_cases
     return quick_cases + [
@@ -489,18 +693,84 @@ def poly_sa_cases(quick: bool = False) -> list[PolySACase]:
     ]
 
 
+def poly_gate_cases(quick: bool = False) -> list[PolyGateCase]:
+    """MONet's gate (issue 18): B = 64 images of 28 x 28 tokens, hidden 192·3 = 576 and 384·3 = 1152, with the spatial
+    shift (the block's first PolyMlp) and without (the second), bf16; fp32 for one."""
+    quick_cases = [PolyGateCase("monet-576-shift", B=64, W=28, H=28, C=576, max_autotune=True)]
+    if quick:
+        return quick_cases
+    return quick_cases + [
+        PolyGateCase("monet-576", B=64, W=28, H=28, C=576, spatial=False, max_autotune=True),
+        PolyGateCase("monet-1152-shift", B=64, W=28, H=28, C=1152, max_autotune=True),
+        PolyGateCase("monet-1152", B=64, W=28, H=28, C=1152, spatial=False, max_autotune=True),
+        PolyGateCase("monet-576-shift", B=64, W=28, H=28, C=576, dtype=torch.float32),
+    ]
+
+
+def sweep_cases() -> list[AnyCase]:
+    """One size sweep per family (bf16, fwd+bwd; the two smallest points also from a CUDA graph): poly_chain and
+    poly_ncp over M rows, linear attention over T, poly_sa over N tokens, poly_gate over B·W·H tokens, lrnn over M
+    coordinates."""
+    rows = (1024, 4096, 16384, 65536, 262144)
+    out: list[AnyCase] = []
+    for i, M in enumerate(rows):
+        out.append(Case("poly_chain", f"sweep-M{M}", M=M, d=1024, k=1024, N=4, sweep="M", graph=i < 2))
+        out.append(Case("poly_ncp", f"sweep-M{M}", M=M, d=784, k=64, N=4, sweep="M", graph=i < 2))
+    for i, T in enumerate((512, 2048, 8192, 32768)):
+        out.append(LinearAttentionCase(f"sweep-T{T}", B=1, T=T, H=16, Dk=64, Dv=64, scale=0.125, sweep="T",
+                                       graph=i < 2))
+    for i, N in enumerate((197, 784, 3136, 12544)):
+        out.append(PolySACase(f"sweep-N{N}", B=8, N=N, C=384, sweep="N", graph=i < 2))
+    for i, B in enumerate((1, 4, 16, 64, 256)):
+        out.append(PolyGateCase(f"sweep-B{B}", B=B, W=28, H=28, C=576, sweep="tokens", graph=i < 2))
+    out += lrnn_sweep_cases()
+    return out
+
+
 def all_cases(quick: bool = False) -> list[AnyCase]:
-    """Every case: the quick ones first, then the rest, each part taking the families in turn, so a run cut short by
-    a time budget has covered every family."""
-    families = [poly_chain_cases, linear_attention_cases, poly_ncp_cases, module_cases, poly_sa_cases]
+    """The GPU cases: the quick ones first, then the rest, then the sweeps, each part taking the families in turn, so
+    a run cut short by a time budget has covered every family."""
+    families = [poly_chain_cases, linear_attention_cases, poly_ncp_cases, poly_gate_cases, module_cases,
+                poly_sa_cases, lrnn_cases]
     first = _interleave([f(quick=True) for f in families])
     if quick:
         return first
-    return first + _interleave([[c for c in f() if c not in first] for f in families])
+    rest = _interleave([[c for c in f() if c not in first] for f in families])
+    sweeps = sweep_cases()
+    by_op = {}
+    for case in sweeps:
+        by_op.setdefault(case.op, []).append(case)
+    return first + rest + _interleave(list(by_op.values()))
+
+
+def cpu_cases() -> list[AnyCase]:
+    """Tiny float32 shapes, one or two per family, that a CPU runs in seconds through the reference, the Triton
+    interpreter and eager: the pipeline check of a machine without a GPU (times are CPU times, not kernel speed)."""
+    return [
+        Case("poly_chain", "cpu-tiny", M=64, d=32, k=16, N=3, dtype=torch.float32),
+        Case("poly_ncp", "cpu-tiny", M=64, d=32, k=16, N=3, dtype=torch.float32),
+        Case("CCP", "cpu-tiny", M=16, d=64, k=16, N=3, dtype=torch.float32),
+        LinearAttentionCase("cpu-tiny", B=1, T=64, H=2, Dk=16, Dv=16, dtype=torch.float32, scale=0.25),
+        PolySACase("cpu-tiny", B=2, N=16, C=16, dtype=torch.float32),
+        PolyGateCase("cpu-tiny", B=2, W=4, H=3, C=16, dtype=torch.float32),
+        *lrnn_cpu_cases(),
+    ]
 
 
 def _interleave(lists: list[list]) -> list:
     return [items[i] for i in range(max(map(len, lists))) for items in lists if i < len(items)]
+
+
+def lrnn_cases(quick: bool = False) -> list[LRNNCase]:
+    return []
+
+
+def lrnn_sweep_cases() -> list[LRNNCase]:
+    return []
+
+
+def lrnn_cpu_cases() -> list[LRNNCase]:
+    return []
 
 
 # ---------------------------------------------------------------- workloads
@@ -514,24 +784,31 @@ class Workload:
     grad_out: Tensor
 
 
-def _randn(g: torch.Generator, shape, std: float, device, dtype) -> Tensor:
+def _randn(g: torch.Generator, shape, std: float, device, dtype, mean: float = 0.0) -> Tensor:
     # Drawn in float32 and rounded to the case dtype first, so every provider and the float64 reference see the
     # same values.
-    return (torch.randn(shape, generator=g, device=device) * std).to(dtype)
+    return (torch.randn(shape, generator=g, device=device) * std + mean).to(dtype)
 
 
 def make_workload(case: AnyCase, provider: str, device="cuda", dtype: torch.dtype | None = None) -> Workload:
-    """`provider` in case.providers, or "reference" (with dtype=torch.float64 for the oracle). `dtype` overrides the
-    compute dtype; the values are always those of the case dtype. Raises ProviderUnavailable for a provider that
-    cannot run here (fla not installed, or an option it lacks)."""
-    if provider not in (*case.providers, "reference"):
-        raise ValueError(f"provider must be one of {case.providers} or 'reference' for {case}, got {provider!r}")
+    """`provider` in case.providers, "max-autotune", or "reference" (with dtype=torch.float64 for the oracle).
+    `dtype` overrides the compute dtype; the values are always those of the case dtype. Raises ProviderUnavailable
+    for a provider that cannot run here (fla not installed, or an option it lacks)."""
+    if provider not in (*case.providers, "max-autotune", "reference"):
+        raise ValueError(f"provider must be one of {case.providers}, 'max-autotune' or 'reference' for {case}, got "
+                         f"{provider!r}")
     dtype = dtype or case.dtype
-    if isinstance(case, LinearAttentionCase):
-        return _linear_attention_workload(case, provider, device, dtype)
-    if isinstance(case, PolySACase):
-        return _poly_sa_workload(case, provider, device, dtype)
-    return _poly_workload(case, provider, device, dtype)
+    make = {LinearAttentionCase: _linear_attention_workload, PolySACase: _poly_sa_workload,
+            PolyGateCase: _poly_gate_workload, LRNNCase: _lrnn_workload}.get(type(case), _poly_workload)
+    return make(case, provider, device, dtype)
+
+
+def _op(eager: Callable, fused: Callable, provider: str, **options) -> Callable:
+    """The provider's function of the inputs: eager's formula (compiled for the compile providers), or the fused op
+    with that backend."""
+    if provider in BASELINES:
+        return _baseline(functools.partial(eager, **options), provider)
+    return functools.partial(fused, **options, backend=provider)
 
 
 def _poly_sa_workload(case: PolySACase, provider: str, device, dtype: torch.dtype) -> Workload:
@@ -541,11 +818,35 @@ def _poly_sa_workload(case: PolySACase, provider: str, device, dtype: torch.dtyp
                    ((1,), 1.0)]
     inputs = [_randn(g, shape, std, device, case.dtype).to(dtype).requires_grad_() for shape, std in shapes_stds]
     grad_out = _randn(g, (case.B, case.N, case.C), 1.0, device, case.dtype).to(dtype)
-    if provider in BASELINES:
-        fn = _baseline(poly_sa_eager, provider)
-    else:
-        fn = functools.partial(hk.poly_sa, backend=provider)
+    fn = _op(poly_sa_eager, hk.poly_sa, provider)
     return Workload(functools.partial(fn, *inputs), inputs, grad_out)
+
+
+def _poly_gate_workload(case: PolyGateCase, provider: str, device, dtype: torch.dtype) -> Workload:
+    g = torch.Generator(device=device).manual_seed(0)
+    act, C = (case.B, case.W, case.H, case.C), (case.C,)
+    # a, b: the hidden activations; LayerNorm affines near their init (ones, zeros); PolyMlp's scalar alpha.
+    shapes = [(act, 1.0, 0.0), (act, 1.0, 0.0), (C, 0.1, 1.0), (C, 0.1, 0.0), (C, 0.1, 1.0), (C, 0.1, 0.0),
+              ((1,), 0.1, 1.0)]
+    inputs = [_randn(g, shape, std, device, case.dtype, mean).to(dtype).requires_grad_() for shape, std, mean in shapes]
+    grad_out = _randn(g, act, 1.0, device, case.dtype).to(dtype)
+    fn = _op(poly_gate_eager, hk.poly_gate, provider, eps=case.eps, spatial_shift=case.spatial)
+    return Workload(functools.partial(fn, *inputs), inputs, grad_out)
+
+
+def _lrnn_workload(case: LRNNCase, provider: str, device, dtype: torch.dtype) -> Workload:
+    g = torch.Generator(device=device).manual_seed(0)
+    x = _randn(g, (case.M, case.d), 1.0, device, case.dtype).to(dtype).requires_grad_()
+    out_features = case.rank
+    # z = x W^T + b with unit variance: the activation's working range.
+    weight = _randn(g, (case.rank * case.dbar, case.d), case.d ** -0.5, device, case.dtype).to(dtype)
+    bias = _randn(g, (case.rank * case.dbar,), 0.1, device, case.dtype).to(dtype)
+    inputs = [x, weight.requires_grad_(), bias.requires_grad_()]
+    fn = _op(lrnn_product_eager, hk.lrnn_product, provider, rank=case.rank, dbar=case.dbar,
+             activation=case.activation)
+    forward, leaves = functools.partial(fn, *inputs), inputs
+    grad_out = _randn(g, (case.M, out_features), 1.0, device, case.dtype).to(dtype)
+    return Workload(forward, leaves, grad_out)
 
 
 def _linear_attention_workload(case: LinearAttentionCase, provider: str, device, dtype: torch.dtype) -> Workload:
@@ -557,12 +858,9 @@ def _linear_attention_workload(case: LinearAttentionCase, provider: str, device,
     if provider == "fla":
         fn = fla_forward(case.feature_map, case.normalize, case.scale)
     else:
-        options = dict(feature_map=case.feature_map, normalize=case.normalize, scale=case.scale, eps=case.eps)
-        if provider in BASELINES:
-            eager = linear_attention_masked if case.eager_form == "masked" else linear_attention_chunked
-            fn = _baseline(functools.partial(eager, **options), provider)
-        else:
-            fn = functools.partial(hk.causal_linear_attention, **options, backend=provider)
+        eager = linear_attention_masked if case.eager_form == "masked" else linear_attention_chunked
+        fn = _op(eager, hk.causal_linear_attention, provider, feature_map=case.feature_map, normalize=case.normalize,
+                 scale=case.scale, eps=case.eps)
     return Workload(functools.partial(fn, *inputs), inputs, grad_out)
 
 
@@ -587,18 +885,13 @@ def _poly_workload(case: Case, provider: str, device, dtype: torch.dtype) -> Wor
         bias = _randn(g, (case.N, case.k), 0.1, device, case.dtype) if case.bias else None
         if case.op == "poly_chain":
             inputs = [cast(t) for t in (x, weight, bias)]
-            options = dict(mode=case.mode, activation=case.activation, scale=case.scale)
-            eager, fused = poly_chain_eager, hk.poly_chain
+            fn = _op(poly_chain_eager, hk.poly_chain, provider, mode=case.mode, activation=case.activation,
+                     scale=case.scale)
         else:
             s_weight = _randn(g, (case.N - 1, case.k, case.k), case.k ** -0.5, device, case.dtype)
             s_bias = _randn(g, (case.N - 1, case.k), 0.1, device, case.dtype) if case.bias else None
             inputs = [cast(t) for t in (x, weight, bias, s_weight, s_bias)]
-            options = {}
-            eager, fused = poly_ncp_eager, hk.poly_ncp
-        if provider in BASELINES:
-            fn = _baseline(functools.partial(eager, **options), provider)
-        else:
-            fn = functools.partial(fused, **options, backend=provider)
+            fn = _op(poly_ncp_eager, hk.poly_ncp, provider)
         leaves = [t for t in inputs if t is not None]
         forward = functools.partial(fn, *inputs)
         out_features = case.k
@@ -609,9 +902,13 @@ def _poly_workload(case: Case, provider: str, device, dtype: torch.dtype) -> Wor
 def _baseline(fn: Callable, provider: str) -> Callable:
     if provider == "eager":
         return fn
+    if provider == "fla":
+        raise ValueError("fla is linear attention's provider only")
     # A fresh Dynamo cache per workload: cases would otherwise pile up recompilations of the same function until
     # Dynamo's recompile limit silently falls back to eager.
     torch._dynamo.reset()
+    if provider == "max-autotune":  # autotuned GEMM templates, and CUDA graphs of its own
+        return torch.compile(fn, dynamic=False, mode="max-autotune")
     return torch.compile(fn, dynamic=False)
 
 
@@ -654,9 +951,10 @@ def check_accuracy(case: AnyCase, work: Workload, device="cuda") -> dict:
 
 # ---------------------------------------------------------------- timed steps
 def make_step(work: Workload, mode: str) -> Callable[[], None]:
-    """The callable a timer repeats (no synchronization inside: a wall-clock timer adds its own).
-    fwd: inference forward (no autograd graph); bwd: the backward of one retained forward graph; fwd+bwd: both."""
+    """The callable a timer repeats (no synchronization inside). fwd: inference forward (no autograd graph); bwd: the
+    backward of one retained forward graph; fwd+bwd (and fwd+bwd-graph, which captures this step): both."""
     leaves = work.leaves
+    mode = _base_mode(mode)
 
     def clear_grads():
         for t in leaves:
@@ -672,68 +970,15 @@ def make_step(work: Workload, mode: str) -> Callable[[], None]:
         def step():
             clear_grads()
             y.backward(work.grad_out, retain_graph=True)
-    elif mode == "fwd+bwd":
+    else:
         def step():
             clear_grads()
             work.forward().backward(work.grad_out)
-    else:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     return step
 
 
-def compiled_for_mode(mode: str):
-    """The context a `mode` workload is made and timed in. torch.compile donates the buffers a compiled backward
-    saved, and such a backward refuses retain_graph=True, which the bwd step needs (it replays one graph's backward):
-    for bwd, compile without donation."""
-    from torch._functorch import config as functorch_config
-
-    if mode == "bwd" and hasattr(functorch_config, "donated_buffer"):
-        return functorch_config.patch(donated_buffer=False)
-    return contextlib.nullcontext()
-
-
-def peak_mib(step: Callable[[], None]) -> float:
-    """Device memory one call of `step` allocates beyond what was allocated before it (MiB)."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
 def rates(case: AnyCase, mode: str, ms: float) -> dict:
-    """TFLOP/s (model FLOPs) and GB/s (compulsory bytes) of `case` in `mode` run in `ms` milliseconds."""
-    return dict(tflops=case.flops(mode) / ms / 1e9, gbps=case.min_bytes(mode) / ms / 1e6)
-
-
-# ---------------------------------------------------------------- pytest-benchmark
-def run_pytest_benchmark(benchmark, case: AnyCase, provider: str, mode: str, rounds: int = 20,
-                         warmup_rounds: int = 3) -> None:
-    """One pytest-benchmark measurement: check accuracy once, warm up (autotune, compile), then time `mode` with
-    a synchronization inside the timed callable; GB/s, TFLOP/s, errors and peak memory go to extra_info."""
-    import pytest
-
-    if provider not in BASELINES and (why := hk.available_backends("cuda", case.dtype)[provider]) is not None:
-        pytest.skip(f"backend {provider} is not available: {why}")
-    with compiled_for_mode(mode):
-        try:
-            work = make_workload(case, provider)
-        except ProviderUnavailable as exc:
-            pytest.skip(str(exc))
-        accuracy = check_accuracy(case, work)
-        benchmark.extra_info.update(case=case.describe(), provider=provider, mode=mode, **accuracy)
-        if not accuracy["accurate"]:
-            pytest.fail(f"{provider} on {case}: relative error fwd {accuracy['rel_err_fwd']:.2e}, "
-                        f"bwd {accuracy['rel_err_bwd']:.2e} > {accuracy['tolerance']:.0e}; not timed")
-        step = make_step(work, mode)
-        step()
-        benchmark.extra_info["peak_mib"] = peak_mib(step)
-
-        def timed():
-            step()
-            torch.cuda.synchronize()
-
-        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
-    if benchmark.stats is not None:  # None under --benchmark-disable
-        benchmark.extra_info.update(rates(case, mode, benchmark.stats.stats.median * 1e3))
+    """TFLOP/s (model FLOPs; None for a case that counts none) and GB/s (compulsory bytes) of `case` in `mode` run
+    in `ms` milliseconds."""
+    flops = case.flops(mode)
+    return dict(tflops=flops / ms / 1e9 if flops else None, gbps=case.min_bytes(mode) / ms / 1e6)

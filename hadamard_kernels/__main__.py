@@ -53,17 +53,19 @@ def check(device: str | None) -> int:
 
 
 def bench(args: list[str]) -> int:
+    """benchmarks/run.py with `args`: the suite on a GPU, or on a CPU the pipeline check (tiny shapes, CPU times)."""
     runner = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
     if not runner.is_file():
         print("the benchmark suite lives in the source tree (benchmarks/run.py); run this from a checkout",
               file=sys.stderr)
         return 2
-    import runpy
+    import importlib.util
 
-    sys.argv = [str(runner), *args]
-    sys.path.insert(0, str(runner.parent))  # run.py imports its neighbours (cases.py), as when run as a script
-    runpy.run_path(str(runner), run_name="__main__")
-    return 0
+    sys.path.insert(0, str(runner.parent))  # run.py imports its neighbours (cases.py, ...), as when run as a script
+    spec = importlib.util.spec_from_file_location("hadamard_kernels_bench_run", runner)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="versions, GPU, what is built, and why a backend is unavailable")
     p_check = sub.add_parser("check", help="run every op on every available backend against the float64 reference")
     p_check.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    sub.add_parser("bench", help="run benchmarks/run.py (GPU)", add_help=False)
+    sub.add_parser("bench", help="run the benchmark suite (benchmarks/run.py; without a GPU: the CPU pipeline check)",
+                   add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         return info()
