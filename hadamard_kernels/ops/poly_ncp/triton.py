@@ -60,7 +60,7 @@ _WIDE_BWD_CONFIGS = [
     triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
     for bm, bn, bk, w, s in [(64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 4, 3), (32, 32, 32, 4, 2)]
 ]
-_WIDE_KEY = ["D", "K", "HAS_A_BIAS", "HAS_S_BIAS", "IEEE"]
+_WIDE_KEY = ["D", "K", "HAS_PREV", "HAS_A_BIAS", "HAS_S_BIAS", "IEEE"]
 
 
 @triton.jit
@@ -210,7 +210,7 @@ def _poly_ncp_wide_fwd_kernel(x_ptr, aw_ptr, ab_ptr, sw_ptr, sb_ptr, prev_ptr, y
     tl.store(y_ptr + o_m[:, None] * stride_ym + o_j[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton_autotune(_WIDE_BWD_CONFIGS, key=_WIDE_KEY)
+@triton_autotune(_WIDE_BWD_CONFIGS, key=["G_FROM_Y", *_WIDE_KEY])
 @triton.jit
 def _poly_ncp_wide_bwd_kernel(x_ptr, aw_ptr, ab_ptr, sw_ptr, sb_ptr, prev_ptr, g_ptr, gw_ptr, ga_ptr, gs_ptr,
                               M, D, K, stride_xm, stride_pm, stride_gm, stride_gam, stride_gsm,
