@@ -35,7 +35,7 @@ FIXED = [a for a in ACTIVATIONS if a != "mlp"]
 GRAD_NAMES = ("dx", "dweight", "dbias", "dg_params")
 
 
-def make_inputs(M=37, d=5, rank=7, dbar=3, activation="sin", *, h=4, bias=True, dtype=torch.float32, device="cpu",
+def make_inputs(M=37, d=21, rank=7, dbar=3, activation="sin", *, h=4, bias=True, dtype=torch.float32, device="cpu",
                 seed=0):
     """[x, weight, bias, g_params] in `dtype` (weight rows scaled so that z = O(1)) and (omega, gamma)."""
     g = torch.Generator().manual_seed(seed)
