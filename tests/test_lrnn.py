@@ -176,8 +176,8 @@ def test_shapes(backend, shape):
                                                (torch.float16, "spder")])
 def test_triton_backward_in_chunks(monkeypatch, dtype, activation):
     """The backward's grad_z in several chunks of rows (ragged last chunk), dweight and dbias summed across them."""
-    monkeypatch.setattr(lrnn_triton, "CHUNK_BYTES", 1)  # one ROW_ALIGN = 128 rows per chunk
     inputs = make_inputs(lead=(300,), d=3, rank=3, dbar=2, h=2, activation=activation, dtype=dtype)
+    monkeypatch.setattr(lrnn_triton, "CHUNK_BYTES", 64 * 3 * 2 * inputs[0].element_size())  # 64 rows per chunk
     check_against_reference(inputs, "triton", **options(3, 2, activation))
 
 
@@ -529,6 +529,14 @@ def test_gpu_triton_backward_memory_is_bounded():
     transient = torch.cuda.max_memory_allocated() - before - returned
     full_grad_z = 65536 * 256 * 8 * 2
     assert transient <= lrnn_triton.CHUNK_BYTES + 2**20, f"{transient} bytes (full grad_z: {full_grad_z})"
+
+
+@pytest.mark.parametrize("rank, dbar, element_size", [(256, 8, 2), (7, 3, 4), (4096, 64, 2), (4096, 64, 4),
+                                                      (1, 1, 8)])
+def test_backward_chunks_stay_within_the_budget(rank, dbar, element_size):
+    rows = lrnn_triton.chunk_rows(rank, dbar, element_size, lrnn_triton.CHUNK_BYTES)
+    assert rows % 16 == 0 and rows * rank * dbar * element_size <= lrnn_triton.CHUNK_BYTES
+    assert (rows + 16) * rank * dbar * element_size > lrnn_triton.CHUNK_BYTES or rows % lrnn_triton.ROW_ALIGN == 0
 
 
 @cuda

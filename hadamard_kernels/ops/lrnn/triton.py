@@ -249,9 +249,12 @@ def forward(x, weight, bias, g_params, rank, dbar, activation, omega, gamma, *, 
 
 
 def chunk_rows(rank: int, dbar: int, element_size: int, chunk_bytes: int) -> int:
-    """Rows of one backward chunk: grad_z (rows, rank * dbar) within chunk_bytes, a whole number of ROW_ALIGN rows
-    (one ROW_ALIGN block even where a single block is larger, at most 2**18 columns: 32 MiB in fp16)."""
-    return max(1, chunk_bytes // (rank * dbar * element_size * ROW_ALIGN)) * ROW_ALIGN
+    """Rows of one backward chunk: grad_z (rows, rank * dbar) within chunk_bytes, in whole ROW_ALIGN blocks where
+    one fits, else whole 16-row blocks; at least 16 rows, which the largest row of the contract (rank 4096 x dbar 64
+    in fp32, 1 MiB) keeps within 32 MiB."""
+    rows = chunk_bytes // (rank * dbar * element_size)
+    align = ROW_ALIGN if rows >= ROW_ALIGN else 16
+    return max(align, rows // align * align)
 
 
 def _split_rows(rows: int, columns: int, device: torch.device) -> int:
