@@ -765,6 +765,15 @@ def test_gpu_block_matches_survey(backend):
 
 @cuda
 @requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape, spatial", [((300, 16384), False), ((2, 5, 6, 8200), True)])
+def test_gpu_triton_rows_past_max_c(dtype, shape, spatial):
+    """Rows wider than the Triton kernels hold in registers: the chunked (wide) kernels, also under auto."""
+    check_against_reference(make_inputs(shape, "channel", dtype, "cuda"), "triton", spatial_shift=spatial)
+
+
+@cuda
+@requires_cuda
 def test_gpu_auto_backend_and_compile():
     inputs = make_inputs((2, 8, 8, 64), "scalar", torch.bfloat16, "cuda")
     fn = torch.compile(lambda *t: hk.poly_gate(*t, spatial_shift=True), fullgraph=True)
