@@ -768,7 +768,7 @@ def test_gpu_block_matches_survey(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape, spatial", [((300, 16384), False), ((2, 5, 6, 8200), True)])
 def test_gpu_triton_rows_past_max_c(dtype, shape, spatial):
-    """Rows wider than the Triton kernels hold in registers: the chunked (wide) kernels, also under auto."""
+    """Rows wider than the Triton kernels hold in registers: the chunked (wide) kernels."""
     check_against_reference(make_inputs(shape, "channel", dtype, "cuda"), "triton", spatial_shift=spatial)
 
 
