@@ -47,8 +47,8 @@ constexpr int kTileN = 64;     // output columns (weight rows) per tile
 constexpr int kChunk = 32;     // slice of d per shared-memory stage
 constexpr int kWarpTile = 32;  // each warp owns 32 x 32 of the tile
 constexpr int kPerThread = kTileM * kTileN / kThreads;  // 32 accumulators
-constexpr int kLdE = kTileN + 8;                        // fp32 epilogue rows: the C-layout float2 stores of a
-                                                        // half-warp hit distinct banks
+constexpr int kLdE = kTileN + 9;  // fp32 epilogue rows, an odd stride: the (row, neuron) walks of a warp read
+                                  // neurons n and rows r at banks 9 r + n dbar, at most 2-way conflicts
 constexpr int kLdP = kLrnnMaxHidden + 1;                // mlp parameters of a column, staggered across banks
 constexpr int kGroups = kThreads / kTileN;              // row groups of the per-element pass
 static_assert(kTileM == 2 * kWarpTile && kTileN == 2 * kWarpTile && kThreads == 4 * 32, "2 x 2 warps");
@@ -341,17 +341,14 @@ __device__ __forceinline__ float bias_of(const LrnnParams& p, const Tile& tile, 
   return p.bias != nullptr ? to_float(static_cast<const T*>(p.bias)[tile.col0 + column]) : 0.f;
 }
 
-// Parks this thread's accumulators in the fp32 buffer [kTileM][kLdE] (adjacent columns as one float2), so the
-// element-wise epilogue runs one element per thread with its transcendental code emitted once, not 32 times.
+// Parks this thread's accumulators in the fp32 buffer [kTileM][kLdE], so the element-wise epilogue runs one element
+// per thread with its transcendental code emitted once, not 32 times.
 __device__ __forceinline__ void store_accumulators(float* buffer, const float (&acc)[kPerThread]) {
   const Fragment frag;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
 #pragma unroll
-    for (int j = 0; j < 8; j += 2) {
-      *reinterpret_cast<float2*>(buffer + frag.row(i) * kLdE + frag.col(j)) =
-          make_float2(acc[acc_index(i, j)], acc[acc_index(i, j + 1)]);
-    }
+    for (int j = 0; j < 8; ++j) buffer[frag.row(i) * kLdE + frag.col(j)] = acc[acc_index(i, j)];
   }
 }
 
