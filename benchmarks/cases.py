@@ -180,6 +180,15 @@ def lrnn_product_eager(x: Tensor, weight: Tensor, bias: Tensor | None, rank: int
     return torch.prod(1 + (dbar ** -0.5 if gamma is None else gamma) * g, dim=-1)
 
 
+def lrnn_deep_eager(model: torch.nn.Module, x: Tensor) -> Tensor:
+    """A deep LRNN as a user writes it, on an hk.nn.LRNN's own parameters: each layer's product activation by the
+    formula above, its LayerNorm, then S_out."""
+    for layer, norm in zip(model.layers, model.norms):
+        x = norm(lrnn_product_eager(x, layer.weight, layer.bias, layer.rank, layer.dbar, layer.activation,
+                                    layer.omega, layer.gamma, layer.g_params))
+    return model.S_out(x)
+
+
 class ProviderUnavailable(Exception):
     """A provider that cannot run a case here (e.g. flash-linear-attention not installed): the row is skipped with
     this message, not an error."""
@@ -762,15 +771,25 @@ def _interleave(lists: list[list]) -> list:
 
 
 def lrnn_cases(quick: bool = False) -> list[LRNNCase]:
-    return []
+    """Issue 17's shapes: an implicit neural representation's layer on a batch of 65536 pixel coordinates (d = 2,
+    rank 256, dbar 8; sin, and spder as in the LRNN-SPDER image fit), and a deep LRNN on the same batch (4 layers of
+    rank 512, dbar 16, LayerNorm between them, 3 outputs), bf16."""
+    quick_cases = [LRNNCase("lrnn", "inr", M=65536, d=2, rank=256, dbar=8, max_autotune=True)]
+    if quick:
+        return quick_cases
+    return quick_cases + [
+        LRNNCase("LRNN", "deep", M=65536, d=2, rank=512, dbar=16, layers=4, max_autotune=True),
+        LRNNCase("lrnn", "inr-spder", M=65536, d=2, rank=256, dbar=8, activation="spder"),
+    ]
 
 
 def lrnn_sweep_cases() -> list[LRNNCase]:
-    return []
+    return [LRNNCase("lrnn", f"sweep-M{M}", M=M, d=2, rank=256, dbar=8, sweep="M", graph=i < 2)
+            for i, M in enumerate((4096, 16384, 65536, 262144))]
 
 
 def lrnn_cpu_cases() -> list[LRNNCase]:
-    return []
+    return [LRNNCase("lrnn", "cpu-tiny", M=64, d=2, rank=8, dbar=4, dtype=torch.float32)]
 
 
 # ---------------------------------------------------------------- workloads
@@ -837,14 +856,21 @@ def _poly_gate_workload(case: PolyGateCase, provider: str, device, dtype: torch.
 def _lrnn_workload(case: LRNNCase, provider: str, device, dtype: torch.dtype) -> Workload:
     g = torch.Generator(device=device).manual_seed(0)
     x = _randn(g, (case.M, case.d), 1.0, device, case.dtype).to(dtype).requires_grad_()
-    out_features = case.rank
-    # z = x W^T + b with unit variance: the activation's working range.
-    weight = _randn(g, (case.rank * case.dbar, case.d), case.d ** -0.5, device, case.dtype).to(dtype)
-    bias = _randn(g, (case.rank * case.dbar,), 0.1, device, case.dtype).to(dtype)
-    inputs = [x, weight.requires_grad_(), bias.requires_grad_()]
-    fn = _op(lrnn_product_eager, hk.lrnn_product, provider, rank=case.rank, dbar=case.dbar,
-             activation=case.activation)
-    forward, leaves = functools.partial(fn, *inputs), inputs
+    if case.op == "LRNN":
+        torch.manual_seed(0)
+        model = hk.nn.LRNN(case.d, [case.rank] * case.layers, case.out_features, case.dbar, case.activation,
+                           backend=None if provider in BASELINES else provider)
+        model = model.to(device=device, dtype=case.dtype).to(dtype)  # the case dtype's values, like the inputs
+        fn = _baseline(functools.partial(lrnn_deep_eager, model), provider) if provider in BASELINES else model
+        forward, leaves, out_features = functools.partial(fn, x), [x, *model.parameters()], case.out_features
+    else:
+        # z = x W^T + b with unit variance: the activation's working range.
+        weight = _randn(g, (case.rank * case.dbar, case.d), case.d ** -0.5, device, case.dtype).to(dtype)
+        bias = _randn(g, (case.rank * case.dbar,), 0.1, device, case.dtype).to(dtype)
+        inputs = [x, weight.requires_grad_(), bias.requires_grad_()]
+        fn = _op(lrnn_product_eager, hk.lrnn_product, provider, rank=case.rank, dbar=case.dbar,
+                 activation=case.activation)
+        forward, leaves, out_features = functools.partial(fn, *inputs), inputs, case.rank
     grad_out = _randn(g, (case.M, out_features), 1.0, device, case.dtype).to(dtype)
     return Workload(forward, leaves, grad_out)
 

@@ -222,13 +222,14 @@ def render_sweeps_svg(report: dict, sweeps: dict[str, dict]) -> str:
     meta = report["meta"]
     cols = min(3, len(sweeps))
     rows = math.ceil(len(sweeps) / cols)
-    width, height = cols * (SWEEP_W + SWEEP_PAD) + SWEEP_PAD, TOP + rows * (SWEEP_H + SWEEP_PAD) + 10
+    width = max(cols * (SWEEP_W + SWEEP_PAD) + SWEEP_PAD, 720)
+    height = TOP + rows * (SWEEP_H + SWEEP_PAD) + 10
     svg = _Svg(width, height)
     kind = "" if meta.get("kind") == "cuda" else "CPU "
-    svg.text(8, 18, f"{kind}time against size, forward+backward: {meta['device']}, {meta.get('time_utc')}, commit "
-                    f"{meta['commit']}", font_size="13", font_weight="bold")
+    svg.text(8, 18, f"{kind}time against size, forward+backward (log-log)", font_size="13", font_weight="bold")
+    svg.text(8, 34, f"{meta['device']}, {meta.get('time_utc')}, commit {meta['commit']}")
     providers = [p for p in COLOURS if any(p in s["points"] for s in sweeps.values())]
-    svg.legend(providers, 40)
+    svg.legend(providers, 52)
     for i, (op, series) in enumerate(sweeps.items()):
         px = SWEEP_PAD + (i % cols) * (SWEEP_W + SWEEP_PAD)
         py = TOP + (i // cols) * (SWEEP_H + SWEEP_PAD)

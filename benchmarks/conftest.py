@@ -118,14 +118,16 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=key)
     done = recorded_ids(config._bench_record)
     keep, drop = [], []
-    for item in items:
-        (keep if suite.in_part(key(item)[0], config._bench_part) and item.nodeid not in done else drop).append(item)
+    for item in items:  # (a family with no case selected here has only pytest's empty-parameter-set item: dropped)
+        index = key(item)[0]
+        wanted = index < len(order) and suite.in_part(index, config._bench_part) and item.nodeid not in done
+        (keep if wanted else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
     if config._bench_record is not None:  # what this session means to run: the report lists what it did not reach
         config._bench_record.parent.mkdir(parents=True, exist_ok=True)
-        _append(config, dict(type="plan", nodeids=[item.nodeid for item in keep if key(item)[0] < len(order)]))
+        _append(config, dict(type="plan", nodeids=[item.nodeid for item in keep]))
 
 
 def pytest_runtest_setup(item):

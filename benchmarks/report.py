@@ -49,6 +49,8 @@ def from_record(entries: list[dict]) -> dict:
         if e.get("type") == "test":
             tests[e["nodeid"]] = e
     meta = dict(sessions[-1]) if sessions else {"kind": "unknown", "device": "unknown", "commit": "unknown"}
+    for stages in (e for e in entries if e.get("type") == "stages"):  # run_gpu.sh's build, tests, memcheck
+        meta.update(stages)
     meta.pop("type", None)
     meta["sessions"] = len(sessions)
     meta["tests"] = len(tests)
@@ -214,7 +216,8 @@ def render_markdown(report: dict) -> str:
         out.append(f"- flash-linear-attention (provider fla): {meta.get('fla') or 'not installed (fla rows skipped)'}")
     for name, label in (("build_rc", "CUDA extension build"), ("memcheck_rc", "compute-sanitizer memcheck")):
         if meta.get(name) is not None:
-            out.append(f"- {label}: {'ok' if meta[name] in (0, '0') else f'exit status {meta[name]}'}")
+            value = str(meta[name])
+            out.append(f"- {label}: {'ok' if value == '0' else f'exit status {value}' if value.isdigit() else value}")
     if (tests := meta.get("gpu_tests")) is not None:
         rc = f" (exit status {tests['rc']})" if tests.get("rc") is not None else ""
         out.append(f"- GPU tests (`pytest -m cuda tests`): {tests['summary']}{rc}")

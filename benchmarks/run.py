@@ -14,8 +14,8 @@ labels every number as CPU time (a check that the pipeline runs, not kernel spee
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -77,28 +77,30 @@ def pytest_command(args, record: Path, benchmark_json: Path) -> list[str]:
 
 
 def run_suite(cmd: list[str]) -> int:
-    """Runs pytest; on SIGINT (e.g. `timeout -s INT`), lets it finish its test and write its files, then returns."""
+    """Runs pytest and returns its exit status. On SIGINT (`timeout -s INT` signals the whole process group, as a
+    terminal's Ctrl-C does) pytest gets it too: it stops after writing what it has, which is waited for here."""
     proc = subprocess.Popen(cmd, cwd=REPO)
-    while True:
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
         try:
+            return proc.wait(timeout=60)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            proc.terminate()
             return proc.wait()
-        except KeyboardInterrupt:
-            proc.send_signal(signal.SIGINT)  # pytest stops after writing what it has
-            try:
-                return proc.wait(timeout=60)
-            except (KeyboardInterrupt, subprocess.TimeoutExpired):
-                proc.kill()
-                return proc.wait()
 
 
-def add_stage_outcomes(report: dict, args) -> None:
-    meta = report["meta"]
+def stage_entry(args) -> dict | None:
+    """The outcomes of run_gpu.sh's stages (build, GPU tests, memcheck) as a record line, so a report of a record
+    resumed in a later call still shows them."""
+    entry = {"type": "stages"}
     for name in ("build_rc", "memcheck_rc"):
         if getattr(args, name) is not None:
-            meta[name] = getattr(args, name)
+            entry[name] = getattr(args, name)
     if args.tests_log is not None:
         text = args.tests_log.read_text(errors="replace") if args.tests_log.is_file() else ""
-        meta["gpu_tests"] = dict(report_mod.parse_pytest_log(text), rc=args.tests_rc, log=args.tests_log.name)
+        entry["gpu_tests"] = dict(report_mod.parse_pytest_log(text), rc=args.tests_rc, log=args.tests_log.name)
+    return entry if len(entry) > 1 else None
 
 
 def write_all(record: Path, args) -> list[Path]:
@@ -106,7 +108,6 @@ def write_all(record: Path, args) -> list[Path]:
     if report["meta"].get("kind") == "unknown":
         print(f"{record}: no test has been recorded yet; nothing to report", file=sys.stderr)
         return []
-    add_stage_outcomes(report, args)
     report["meta"]["written_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     paths = report_mod.write_report(report, args.out, args.copy_to)
     readme = args.readme or (REPO / "README.md" if args.out.resolve() == DEFAULT_OUT.resolve() else None)
@@ -138,6 +139,9 @@ def main(argv=None) -> int:
     if args.fresh and record.exists():
         record.rename(record.with_suffix(f".{int(time.time())}.old"))
     record.parent.mkdir(parents=True, exist_ok=True)
+    if (stages := stage_entry(args)) is not None:
+        with open(record, "a") as f:
+            f.write(json.dumps(stages) + "\n")
     benchmark_json = record.with_name(f"{record.stem}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
                                       ".pytest-benchmark.json")
     print(f"suite on {suite.device_name()}, commit {suite.git_commit()}; record {record}", flush=True)

@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
 # The one script a GPU machine runs, end to end, within 570 seconds (one command of the device tool may run 600):
 #   environment (nvidia-smi, versions) -> carried wheels + CUDA extension build -> GPU tests -> memcheck of a subset
-#   of them (compute-sanitizer) -> benchmarks/run.py with the time that is left.
+#   of them (compute-sanitizer) -> the benchmark suite (benchmarks/run.py) with the time that is left.
 #
-#   bash benchmarks/run_gpu.sh [extra run.py arguments, e.g. --quick, or --ops linear_attention]
+#   bash benchmarks/run_gpu.sh [run.py arguments, e.g. --quick, --ops poly_gate, --part 1/3]
+#
+# The full suite takes longer than one call: run.py records every benchmark test in
+# benchmarks/results/partial/<device>-<commit>.jsonl and a later run of the same command resumes that record (the
+# tests already in it are not run again), so the suite is finished by calling this again, e.g. with
+#   RUN_GPU_TESTS_S=0 RUN_GPU_MEMCHECK_S=0 bash benchmarks/run_gpu.sh
+# On a machine that stayed warm the record is still there (the folder is ignored by git); on a fresh one, carry it
+# (benchmarks/README.md). Each call writes a complete report of the record so far, naming what is still missing.
 #
 # The GPU machine has torch, triton, pybind11, cmake, ninja, pytest and pytest-benchmark preinstalled and no
 # network, so pip never resolves anything there (--no-deps --no-build-isolation --no-index); what it lacks comes as
 # wheels carried in .whl/ (pybind11; fla-core and einops for the fla benchmark provider; see benchmarks/README.md).
-# A failed build or failed tests do not stop the run: the benchmarks still run and record both outcomes.
-# Writes benchmarks/results/<device>-<date>.json, .md, .svg and -tests.log. When $OUT is set, env.txt, build.log,
-# tests.log and memcheck.log are written there as the run goes (so a run cut short still returns them), then the
-# .json, .md, .svg.
+# A failed stage does not stop the run: the next stages still run and the results record every outcome.
+# Writes benchmarks/results/<device>-<UTC time>-<commit>.json, .md, .svg, -sweeps.svg and the record. When $OUT is
+# set, env.txt, build.log, tests.log and memcheck.log are written there as the run goes (so a run cut short still
+# returns them), then the report, the record and the pytest-benchmark JSON.
 # Budget (seconds): RUN_GPU_BUDGET_S for the whole script, default 570; the build stops at 180, the tests at
 # RUN_GPU_TESTS_S (default 150), memcheck at RUN_GPU_MEMCHECK_S (default 60); 0 skips either stage. The
-# benchmarks get the rest: about 170 s when every stage runs to its limit, and start no new case in the last
-# 60 s. `RUN_GPU_TESTS_S=0 RUN_GPU_MEMCHECK_S=0 bash benchmarks/run_gpu.sh` gives them nearly all of it.
+# benchmarks get the rest and start no test in the last 60 s.
 set -uo pipefail  # not -e: every stage runs whatever the previous one returned
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -66,20 +72,18 @@ build_rc=$?
 tail -n 15 "$LOGS/build.log"
 echo "build exit status $build_rc (archs $archs)"
 "$PY" -c 'import hadamard_kernels as hk; print("backends on cuda:", hk.available_backends("cuda"))'
+stage_args=(--build-rc "$build_rc")  # what run.py records of the stages
 
 section "GPU tests"
-STEM=$("$PY" benchmarks/run.py --print-stem 2>/dev/null) || STEM=gpu-$(date -u +%F)
-tests_args=()  # what run.py records of this stage
 if [ "$TESTS_LIMIT_S" -le 0 ]; then
-  tests_rc=skipped
   echo "GPU tests skipped (RUN_GPU_TESTS_S=$TESTS_LIMIT_S)"
 else
   # SIGINT, not SIGTERM: an interrupted pytest still prints its summary of what ran.
   timeout -s INT -k 20 "$TESTS_LIMIT_S" "$PY" -m pytest -q -m cuda tests -rfE --durations=10 2>&1 \
-    | tee "$RESULTS/$STEM-tests.log" ${OUT:+"$OUT/tests.log"}
+    | tee "$LOGS/tests.log"
   tests_rc=${PIPESTATUS[0]}
   echo "tests exit status $tests_rc (124: stopped at the ${TESTS_LIMIT_S}s limit)"
-  tests_args=(--tests-log "$RESULTS/$STEM-tests.log" --tests-rc "$tests_rc")
+  stage_args+=(--tests-log "$LOGS/tests.log" --tests-rc "$tests_rc")
 fi
 
 section "memcheck (compute-sanitizer)"
@@ -90,29 +94,30 @@ section "memcheck (compute-sanitizer)"
 SANITIZER=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer \
   || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")}
 if [ "$MEMCHECK_LIMIT_S" -le 0 ]; then
-  memcheck_rc=skipped
   echo "memcheck skipped (RUN_GPU_MEMCHECK_S=$MEMCHECK_LIMIT_S)"
 elif [ ! -x "$SANITIZER" ]; then
-  memcheck_rc=skipped
   echo "memcheck skipped: compute-sanitizer not found (PATH, then $SANITIZER)"
+  stage_args+=(--memcheck-rc "not found")
 else
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT -k 20 "$MEMCHECK_LIMIT_S" \
     "$SANITIZER" --tool memcheck --error-exitcode 99 \
     "$PY" -m pytest -q -m cuda tests/test_poly_chain.py tests/test_poly_ncp.py tests/test_linear_attention.py \
-    -k gpu_shapes -rfE 2>&1 \
+    tests/test_poly_sa.py tests/test_lrnn.py tests/test_poly_gate.py -k "gpu_shapes or gpu_alpha_forms" -rfE 2>&1 \
     | tee "$LOGS/memcheck.log" | tail -n 40
   memcheck_rc=${PIPESTATUS[0]}
   echo "memcheck exit status $memcheck_rc (99: memcheck found errors; 1: a test failed;" \
     "124/137: stopped at the ${MEMCHECK_LIMIT_S}s limit)"
+  stage_args+=(--memcheck-rc "$memcheck_rc")
 fi
 
 section "benchmarks"
 left=$((BUDGET_S - SECONDS))
-case_budget=$((left - 60))  # the case in flight when the budget ends, and writing the results, fit in the rest
-[ "$case_budget" -lt 30 ] && case_budget=30
-timeout -s INT -k 20 "$((left > 60 ? left - 15 : 45))" "$PY" benchmarks/run.py --time-budget "$case_budget" \
-  ${tests_args[@]+"${tests_args[@]}"} --build-rc "$build_rc" ${OUT:+--copy-to "$OUT"} "$@"
+suite_budget=$((left - 60))  # the test in flight when the budget ends, and writing the results, fit in the rest
+[ "$suite_budget" -lt 30 ] && suite_budget=30
+timeout -s INT -k 20 "$((left > 60 ? left - 15 : 45))" "$PY" benchmarks/run.py --time-budget "$suite_budget" \
+  "${stage_args[@]}" ${OUT:+--copy-to "$OUT"} "$@"
 bench_rc=$?
 
 section "done"
-echo "build $build_rc, tests $tests_rc, memcheck $memcheck_rc, benchmarks $bench_rc; results in $RESULTS/$STEM.*${OUT:+ and $OUT}"
+echo "build $build_rc, tests ${tests_rc:-skipped}, memcheck ${memcheck_rc:-skipped}, benchmarks $bench_rc;" \
+  "results in $RESULTS${OUT:+ and $OUT}"

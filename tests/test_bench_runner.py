@@ -41,6 +41,8 @@ TINY = [
     cases.PolySACase("tiny", B=3, N=5, C=4, dtype=torch.float32),
     cases.PolyGateCase("tiny", B=2, W=3, H=5, C=7, dtype=torch.float32),
     cases.PolyGateCase("tiny-noshift", B=2, W=3, H=5, C=7, spatial=False, dtype=torch.float32),
+    cases.LRNNCase("lrnn", "tiny", M=7, d=3, rank=5, dbar=4, activation="spder", dtype=torch.float32),
+    cases.LRNNCase("LRNN", "tiny", M=7, d=2, rank=6, dbar=3, layers=3, dtype=torch.float32),
 ]
 
 
@@ -127,6 +129,33 @@ def test_poly_gate_eager_formula_is_the_op(spatial, alpha):
         assert_close(f"output {i}" if i == 0 else f"gradient {i - 1}", got, ref)
 
 
+@pytest.mark.parametrize("activation", ["sin", "spder", "arctan", "tanh", "mlp"])
+def test_lrnn_eager_formula_is_the_op(activation):
+    """DESIGN.md §4 as the eager baseline writes it, forward and every gradient (g_params too), against the op's
+    reference; sin with omega != 1, a gamma of our own for tanh."""
+    g = torch.Generator().manual_seed(4)
+    rank, dbar, h = 3, 4, 2
+    x, weight, bias = _t(g, 2, 5, 3, grad=True), _t(g, rank * dbar, 3, grad=True), _t(g, rank * dbar, grad=True)
+    options = dict(rank=rank, dbar=dbar, activation=activation, omega=1.7 if activation == "sin" else 1.0,
+                   gamma=0.3 if activation == "tanh" else None)
+    g_params = _t(g, 3, rank, dbar, h, grad=True) if activation == "mlp" else None
+    inputs = [t for t in (x, weight, bias, g_params) if t is not None]
+    grad = _t(g, 2, 5, rank)
+    results = []
+    for fn in (cases.lrnn_product_eager, functools.partial(hk.lrnn_product, backend="reference")):
+        out = fn(x, weight, bias, g_params=g_params, **options)
+        results.append((out, *torch.autograd.grad(out, inputs, grad)))
+    for i, (got, ref) in enumerate(zip(*results)):
+        assert_close(f"output {i}" if i == 0 else f"gradient {i - 1}", got, ref)
+
+
+def test_lrnn_deep_eager_is_the_module():
+    torch.manual_seed(0)
+    model = hk.nn.LRNN(2, [6, 5], 3, dbar=3, backend="reference").double()
+    x = torch.randn(7, 2, dtype=torch.float64)
+    assert_close("deep LRNN", cases.lrnn_deep_eager(model, x), model(x))
+
+
 # ---------------------------------------------------------------- cases
 def test_case_counts():
     case = cases.Case("poly_chain", "x", M=8, d=5, k=3, N=2, dtype=torch.bfloat16)
@@ -140,6 +169,12 @@ def test_case_counts():
     assert gate.flops("fwd+bwd") == 0, "memory-bound: judged by GB/s"
     assert gate.min_bytes("fwd") == 2 * 3 * 24 * 8 and gate.min_bytes("bwd") == 2 * 5 * 24 * 8
     assert gate.min_bytes("fwd+bwd") == 2 * 8 * 24 * 8
+    inr = cases.LRNNCase("lrnn", "x", M=10, d=2, rank=4, dbar=3)
+    assert inr.flops("fwd") == 2 * 10 * 2 * 12 and inr.flops("fwd+bwd") == 3 * inr.flops("fwd")
+    assert inr.min_bytes("fwd") == 2 * (10 * 2 + 3 * 12 + 10 * 4)
+    deep = cases.LRNNCase("LRNN", "x", M=10, d=2, rank=4, dbar=3, layers=2, out_features=5)
+    assert deep.flops("fwd") == 2 * 10 * (2 * 12 + 4 * 12 + 4 * 5)
+    assert deep.min_bytes("fwd") == 2 * (10 * 2 + (3 * 12 + 5 * 12 + 5 * 5 + 2 * 4 * 2) + 10 * 5)
     with pytest.raises(ValueError, match="mode must be one of"):
         case.flops("backward")
 
@@ -152,7 +187,8 @@ def test_case_lists():
     assert len(ids) == len(set(ids)), "case ids are unique"
     quick = cases.all_cases(quick=True)
     assert every[:len(quick)] == quick, "the quick cases run first (a time budget cuts the tail)"
-    assert [c.op for c in quick[:5]] == ["poly_chain", "linear_attention", "poly_ncp", "poly_gate", "CCP"]
+    assert [c.op for c in quick[:7]] == ["poly_chain", "linear_attention", "poly_ncp", "poly_gate", "CCP", "poly_sa",
+                                         "lrnn"]
     for op in ("poly_chain", "poly_ncp"):
         shapes = {(c.d, c.k, c.N) for c in every if c.op == op and c.M == 65536 and c.dtype == torch.bfloat16
                   and not c.sweep}
@@ -161,8 +197,10 @@ def test_case_lists():
     assert any(c.op == "CCP" and (c.M, c.d, c.k, c.N) == (4096, 784, 16, 4) for c in every), "the survey's MNIST CCP"
     gates = {(c.B, c.W, c.H, c.C, c.spatial) for c in cases.poly_gate_cases() if c.dtype == torch.bfloat16}
     assert gates == {(64, 28, 28, C, s) for C in (576, 1152) for s in (True, False)}
+    lrnn = {(c.op, c.M, c.d, c.rank, c.dbar, c.layers) for c in cases.lrnn_cases()}
+    assert {("lrnn", 65536, 2, 256, 8, 1), ("LRNN", 65536, 2, 512, 16, 4)} <= lrnn, "issue 17's INR and deep LRNN"
     sweeps = [c for c in every if c.sweep]
-    assert {c.op for c in sweeps} >= {"poly_chain", "poly_ncp", "linear_attention", "poly_sa", "poly_gate"}
+    assert {c.op for c in sweeps} == {"poly_chain", "poly_ncp", "linear_attention", "poly_sa", "poly_gate", "lrnn"}
     for op in {c.op for c in sweeps}:
         points = [c for c in sweeps if c.op == op]
         assert len({c.sweep for c in points}) == 1 and len(points) >= 4, op
