@@ -263,6 +263,16 @@ def test_emulated_chunks_and_splits(emulated, activation):
             assert torch.equal(b, c), f"{name}: not the same bits run to run"
 
 
+def test_emulated_one_row_with_any_stride(emulated):
+    """A contiguous (1, d) tensor may carry any row stride (PyTorch ignores the stride of a size-1 dim): the launchers
+    must not hand it to the kernels as the row stride."""
+    inputs, (omega, gamma) = make_inputs(M=1, d=6, rank=4, dbar=3, activation="sin")
+    x = inputs[0].reshape(6, 1).t()
+    grad_phi = grad_output(1, 4, torch.float32).reshape(4, 1).t()
+    assert x.is_contiguous() and x.stride(0) == 1 and grad_phi.is_contiguous() and grad_phi.stride(0) == 1
+    check_emulated([x, *inputs[1:]], 4, 3, "sin", omega, gamma, grad_phi=grad_phi)
+
+
 def test_emulated_each_gradient_alone(emulated):
     inputs, (omega, gamma) = make_inputs(activation="mlp", dtype=torch.float16)
     for which in range(4):

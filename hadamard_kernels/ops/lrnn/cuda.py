@@ -34,12 +34,18 @@ def _column_tiles(rank: int, dbar: int) -> int:
     return -(-rank // per)
 
 
+def _row_stride(t) -> int:
+    """The row stride the kernels index with: a contiguous tensor of one row may carry any stride (PyTorch ignores
+    the stride of a size-1 dim), and only its row 0 is read."""
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+
+
 def _params(ext, x, weight, bias, g_params, rank, dbar, activation, omega, gamma, **fields):
     """The kernels' LrnnParams for x (rows, d) with unit column stride; `fields`: the outputs and their strides."""
     return ext.LrnnParams(
         x=x.data_ptr(), weight=weight.data_ptr(), bias=0 if bias is None else bias.data_ptr(),
         g_params=0 if g_params is None else g_params.data_ptr(), M=x.shape[0], d=x.shape[1], rank=rank, dbar=dbar,
-        h=0 if g_params is None else g_params.shape[-1], x_row_stride=x.stride(0),
+        h=0 if g_params is None else g_params.shape[-1], x_row_stride=_row_stride(x),
         dtype=ext.DTYPES.index(str(x.dtype).removeprefix("torch.")), activation=ACTIVATIONS.index(activation),
         omega=float(omega), gamma=float(gamma), **fields)
 
@@ -63,7 +69,7 @@ def forward(x, weight, bias, g_params, rank, dbar, activation, omega, gamma):
     for r0 in range(0, x.shape[0], rows):
         part = phi[r0:r0 + rows]
         params = _params(ext, x[r0:r0 + rows], weight, bias, g_params, rank, dbar, activation, omega, gamma,
-                         phi=part.data_ptr(), phi_row_stride=part.stride(0))
+                         phi=part.data_ptr(), phi_row_stride=_row_stride(part))
         _run(ext.lrnn_fwd, params, x.device)
     return phi
 
@@ -80,8 +86,8 @@ def grad_z(grad_phi, x, weight, bias, g_params, rank, dbar, activation, omega, g
         splits = -(-x.shape[0] // rows_per_split)
         part = torch.empty((splits, 3, rank * dbar, g_params.shape[-1]), device=x.device, dtype=torch.float32)
     params = _params(ext, x, weight, bias, g_params, rank, dbar, activation, omega, gamma,
-                     grad_phi=grad_phi.data_ptr(), phi_row_stride=grad_phi.stride(0), grad_z=out.data_ptr(),
-                     grad_z_row_stride=out.stride(0), g_params_part=0 if part is None else part.data_ptr(),
+                     grad_phi=grad_phi.data_ptr(), phi_row_stride=_row_stride(grad_phi), grad_z=out.data_ptr(),
+                     grad_z_row_stride=_row_stride(out), g_params_part=0 if part is None else part.data_ptr(),
                      rows_per_split=rows_per_split)
     _run(ext.lrnn_bwd, params, x.device)
     return part
