@@ -128,12 +128,15 @@ def main(argv=None) -> int:
         return 0 if write_all(args.report, args) else 1
     import suite
 
-    if args.list:
-        suite.SELECTION = suite.Selection(quick=args.quick, ops=tuple(args.ops.split(",")) if args.ops else cases.OPS)
-        for case in suite.selected_cases():
-            print(f"{case.id:<44} {case.shape:<44} fwd+bwd {case.flops('fwd+bwd') / 1e9:9.2f} GFLOP "
-                  f"{case.min_bytes('fwd+bwd') / 1e6:9.1f} MB  runs "
-                  + ",".join(f"{p}:{m}" for p, m in case.runs(suite.DEVICE)))
+    if args.list:  # the GPU cases wherever it runs, and a CPU's own when it has no GPU
+        ops = tuple(args.ops.split(",")) if args.ops else cases.OPS
+        listed = [("cuda", c) for c in cases.all_cases(quick=args.quick)]
+        listed += [("cpu", c) for c in cases.cpu_cases()] if suite.DEVICE == "cpu" else []
+        for device, case in listed:
+            if case.op in ops:
+                runs = " ".join(f"{p}:{m}" for p, m in case.runs(device))
+                print(f"{device:<4} {case.id:<44} {case.shape:<44} fwd+bwd {case.flops('fwd+bwd') / 1e9:9.2f} GFLOP "
+                      f"{case.min_bytes('fwd+bwd') / 1e6:9.1f} MB  {runs}")
         return 0
     record = record_path(args.out, suite.device_name(), suite.git_commit(), args.quick)
     if args.fresh and record.exists():

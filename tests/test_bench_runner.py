@@ -525,6 +525,9 @@ def test_readme_block(tmp_path):
                      "| poly_chain-fake-bf16 | triton |", "Partial"):
         assert expected in text
     assert report.update_readme(readme, block) and readme.read_text() == text, "rewriting is idempotent"
+    repo_readme = (BENCH_DIR.parent / "README.md").read_text()
+    assert repo_readme.count(report.README_BEGIN) == repo_readme.count(report.README_END) == 1, (
+        "the README has the block the runner rewrites")
     plain = tmp_path / "other.md"
     plain.write_text("no markers\n")
     assert not report.update_readme(plain, block) and plain.read_text() == "no markers\n"
@@ -581,4 +584,4 @@ def test_parse_pytest_log():
 def test_list_works_without_a_gpu():
     done = subprocess.run([sys.executable, str(BENCH_DIR / "run.py"), "--list"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "poly_gate-cpu-tiny-fp32" in done.stdout or "poly_gate-monet-576-shift-bf16" in done.stdout
+    assert "poly_gate-monet-576-shift-bf16" in done.stdout and "lrnn-inr-bf16" in done.stdout
