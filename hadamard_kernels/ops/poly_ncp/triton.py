@@ -3,7 +3,7 @@
 Forward: one program owns BM rows and all k columns (k padded to KP, a power of 2). It keeps y_n in registers
 down the chain: s_n = y_{n-1} S_n^T (+ s_n) is a [BM, KP] x [KP, KP] tl.dot, a_n = x A_n^T (+ a_n) a tl.dot
 over chunks of d, and y_n = a_n * s_n; only y_N is written. The k x k weight must fit one dot operand in shared
-memory, hence MAX_K (k beyond it raises NotImplementedError).
+memory, hence MAX_K (larger k takes the wide path below).
 
 Precision: products and accumulation in fp32; y (and in the backward dL/ds) is cast to the input dtype for the
 k x k dot, as tensor cores need, i.e. rounded once per degree (~2^-9 relative for bf16, inside its 1e-2).
