@@ -72,3 +72,17 @@ def test_linear_attention_lm(tmp_path):
     # It learned something: uniform over the text's symbols is log2(88) = 6.5 bits per character.
     assert float(r["linear_val_bpc"]) < 5.0 and float(r["softmax_val_bpc"]) < 5.0, r
     assert all(float(r[k]) > 0 for k in r if k.startswith("decode_ms_")), r
+
+
+def test_lrnn_inr(tmp_path):
+    r = run_example("lrnn_inr", tmp_path)
+    # The same weights and pixels: the fused LRNN's loss curve is the reference's up to float32 rounding.
+    assert "lrnn_maxdiff_triton" in r, r
+    for key in (k for k in r if k.startswith("lrnn_maxdiff_")):
+        assert float(r[key]) < 1e-4, (key, r[key])
+    # Both networks learn the image: well above the PSNR of its mean gray level (about 10 dB; the smoke run's
+    # 8 epochs reach about 14 dB for the LRNN and 21 dB for the SIREN).
+    mean = float(r["mean_psnr"])
+    assert float(r["lrnn_psnr"]) > mean + 2 and float(r["siren_psnr"]) > mean + 2, r
+    # Same size within 5% (the SIREN's width is chosen to match).
+    assert abs(int(r["siren_params"]) - int(r["lrnn_params"])) < 0.05 * int(r["lrnn_params"]), r
