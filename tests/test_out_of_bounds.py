@@ -573,7 +573,6 @@ def launch_lrnn_grad_z(BM, BN, BD, rows, dbar, activation="spder", bias=True, dt
     splits = triton.cdiv(M, rows)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     part = guard_buffer((splits, 3, columns, h) if gp else (1,), acc, name=f"lrnn g_params partial sums {tag}")
-    part.view.zero_()  # the launcher's torch.zeros: the kernel adds its rows' sums
     grid = (splits, triton.cdiv(LRNN_RANK, lrnn_triton._neurons_per_tile(BN, flags["DBP"])))
     kernel[grid](gx.view, gw.view, (gb or gx).view, (gp or gx).view, gd.view, grad_z.view, part.view, M, D,
                  LRNN_RANK, dbar, h, rows, options[3], options[4], gx.view.stride(0), gd.view.stride(0),
@@ -753,8 +752,8 @@ PLANTS = [
                  "mask = m_m[:, None] & m_c[None, :]", "mask = m_c[None, :]", "past the end",
                  id="lrnn_grad_z-no-row-mask"),
     pytest.param(launch_lrnn_grad_z, dict(BM=16, BN=16, BD=16, rows=16, dbar=5, activation="mlp"),
-                 lrnn_triton._lrnn_grad_z_kernel, "tl.load(p_dp + 2 * RDH + i, mask=m_c, other=0.0) + dc, mask=m_c)",
-                 "tl.load(p_dp + 2 * RDH + i, mask=m_c, other=0.0) + dc)", "past the end",
+                 lrnn_triton._lrnn_grad_z_kernel, "tl.load(p_dp + 2 * RDH + i, mask=m_c)) + dc, mask=m_c)",
+                 "tl.load(p_dp + 2 * RDH + i, mask=m_c)) + dc)", "past the end",
                  id="lrnn_grad_z-partial-sums-unmasked"),
 ]
 
