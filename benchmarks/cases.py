@@ -249,7 +249,8 @@ class _Timed:
     sweep: the axis of the size sweep the case is a point of ("M", "T", "N", "tokens"); a sweep point is timed
       fwd+bwd only and drawn as time against that size. graph: also time fwd+bwd replayed from a CUDA graph (small
       shapes, where the per-call launch and dispatch cost shows). max_autotune: also time
-      torch.compile(mode="max-autotune") (fwd+bwd only: its compile autotunes every GEMM, minutes per case).
+      torch.compile(mode="max-autotune") (fwd+bwd only: its compile autotunes every GEMM, minutes per case, so one
+      or two headline cases per family have it).
     The compiled provider is timed fwd and fwd+bwd: its bwd would need a compile of its own."""
 
     sweep: str | None = None
@@ -635,8 +636,7 @@ def poly_chain_cases(quick: bool = False) -> list[Case]:
     if quick:
         return quick_cases
     return quick_cases + [
-        *(Case("poly_chain", f"M65536-d{d}-k{k}-N{N}", M=65536, d=d, k=k, N=N, max_autotune=True)
-          for d, k, N in POLY_SHAPES if d != 1024),
+        *(Case("poly_chain", f"M65536-d{d}-k{k}-N{N}", M=65536, d=d, k=k, N=N) for d, k, N in POLY_SHAPES if d != 1024),
         Case("poly_chain", "M65536-d1024-k1024-N4", M=65536, d=1024, k=1024, N=4, dtype=torch.float16),
         Case("poly_chain", "M65536-d1024-k1024-N4", M=65536, d=1024, k=1024, N=4, dtype=torch.float32),
         Case("poly_chain", "M65536-d64-k64-N4", M=65536, d=64, k=64, N=4, dtype=torch.float32),
@@ -655,7 +655,7 @@ def poly_ncp_cases(quick: bool = False) -> list[Case]:
     if quick:
         return quick_cases
     return quick_cases + [
-        *(Case("poly_ncp", f"M65536-d{d}-k{k}-N{N}", M=65536, d=d, k=k, N=N, max_autotune=True)
+        *(Case("poly_ncp", f"M65536-d{d}-k{k}-N{N}", M=65536, d=d, k=k, N=N, max_autotune=d == 1024)
           for d, k, N in POLY_SHAPES),
         Case("poly_ncp", "M65536-d256-k256-N8", M=65536, d=256, k=256, N=8, dtype=torch.float32),
         Case("poly_ncp", "cifar", M=8192, d=3072, k=256, N=4),
@@ -709,9 +709,9 @@ def poly_gate_cases(quick: bool = False) -> list[PolyGateCase]:
     if quick:
         return quick_cases
     return quick_cases + [
-        PolyGateCase("monet-576", B=64, W=28, H=28, C=576, spatial=False, max_autotune=True),
-        PolyGateCase("monet-1152-shift", B=64, W=28, H=28, C=1152, max_autotune=True),
-        PolyGateCase("monet-1152", B=64, W=28, H=28, C=1152, spatial=False, max_autotune=True),
+        PolyGateCase("monet-576", B=64, W=28, H=28, C=576, spatial=False),
+        PolyGateCase("monet-1152-shift", B=64, W=28, H=28, C=1152),
+        PolyGateCase("monet-1152", B=64, W=28, H=28, C=1152, spatial=False),
         PolyGateCase("monet-576-shift", B=64, W=28, H=28, C=576, dtype=torch.float32),
     ]
 
@@ -778,7 +778,7 @@ def lrnn_cases(quick: bool = False) -> list[LRNNCase]:
     if quick:
         return quick_cases
     return quick_cases + [
-        LRNNCase("LRNN", "deep", M=65536, d=2, rank=512, dbar=16, layers=4, max_autotune=True),
+        LRNNCase("LRNN", "deep", M=65536, d=2, rank=512, dbar=16, layers=4),
         LRNNCase("lrnn", "inr-spder", M=65536, d=2, rank=256, dbar=8, activation="spder"),
     ]
 

@@ -187,10 +187,16 @@ def _baselines(entries) -> list[str]:
     return [b for b in cases.BASELINES if b in present]
 
 
+def _short(text: str, limit: int = 100) -> str:
+    """One line of at most `limit` characters for a table cell (the JSON keeps the whole message)."""
+    line = (text.strip().splitlines() or [""])[0]
+    return _cell(line if len(line) <= limit else line[:limit - 1] + "…")
+
+
 def _status_cell(row: dict) -> str:
     if row["status"] in ("error", "skipped") and row.get("error"):
-        return f"{row['status']}: {_cell(row['error'])}"
-    extra = [f"{key}: {_cell(why)}" for key, why in row.get("errors", {}).items()]
+        return f"{row['status']}: {_short(row['error'])}"
+    extra = [f"{key}: {_short(why, 60)}" for key, why in row.get("errors", {}).items()]
     return row["status"] + (f" ({'; '.join(extra)})" if extra else "")
 
 
@@ -238,7 +244,7 @@ def render_markdown(report: dict) -> str:
         out += _case_table(entry, gpu) + [""]
     sweeps = [e for e in report["cases"] if e["case"].get("sweep")]
     if sweeps:
-        out += _sweep_tables(sweeps) + [""]
+        out += _sweep_tables(sweeps)
     graphs = [(e, r) for e in report["cases"] for r in e["rows"] if r.get("ms_graph") is not None]
     if graphs:
         out += ["## Per-call overhead: fwd+bwd from a CUDA graph", "",
@@ -276,8 +282,8 @@ def _rate(row: dict, key: str = "fwd_bwd") -> str:
 def _summary(report) -> list[str]:
     fixed = [e for e in report["cases"] if not e["case"].get("sweep")]
     baselines = _baselines(fixed)
-    columns = ["case", "best of ours", "ms fwd+bwd", "rate (% of ceiling)", "peak MiB (eager)", "saved (eager)",
-               *(f"vs {b}" for b in baselines)]
+    columns = ["case", "best of ours", "ms fwd+bwd", "rate (% of ceiling)", "peak MiB (eager / compiled)",
+               "saved (eager)", *(f"vs {b}" for b in baselines)]
     rows = []
     for entry in fixed:
         best = _best_ours(entry)
@@ -286,9 +292,11 @@ def _summary(report) -> list[str]:
                                  if r["provider"] not in cases.BASELINES)
             rows.append([entry["case"]["id"], f"none correct ({_cell(statuses)})"] + ["—"] * (len(columns) - 2))
             continue
-        eager = next((r for r in entry["rows"] if r["provider"] == "eager"), {})
+        eager, compiled = ({"peak_mib_fwd_bwd": None, **next((r for r in entry["rows"] if r["provider"] == p), {})}
+                           for p in ("eager", "compiled"))
         rows.append([entry["case"]["id"], best["provider"], _fmt(best["ms_fwd_bwd"], ".3f"), _rate(best),
-                     f"{_fmt(best.get('peak_mib_fwd_bwd'), '.0f')} ({_fmt(eager.get('peak_mib_fwd_bwd'), '.0f')})",
+                     f"{_fmt(best.get('peak_mib_fwd_bwd'), '.0f')} ({_fmt(eager['peak_mib_fwd_bwd'], '.0f')} / "
+                     f"{_fmt(compiled['peak_mib_fwd_bwd'], '.0f')})",
                      f"{_mib(best.get('saved_bytes'))} ({_mib(eager.get('saved_bytes'))})",
                      *(_speedup(best, b) for b in baselines)])
     return ["## Summary: the fastest correct hadamard_kernels backend per case (forward+backward)", ""] + _table(

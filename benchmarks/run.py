@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -38,8 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, metavar="S", help="start no test after S seconds")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default: benchmarks/results)")
     p.add_argument("--fresh", action="store_true", help="start a new record instead of resuming this commit's")
-    p.add_argument("--report", type=Path, metavar="RECORD",
-                   help="measure nothing: write the report of this record file (e.g. one fetched from a GPU run)")
+    p.add_argument("--report", type=Path, nargs="+", metavar="RECORD",
+                   help="measure nothing: write the report of these record files, merged (e.g. fetched from GPU runs)")
     p.add_argument("--readme", type=Path, default=None,
                    help="README whose results block a GPU report rewrites (default: the repository's, when writing "
                         "into benchmarks/results)")
@@ -103,16 +104,26 @@ def stage_entry(args) -> dict | None:
     return entry if len(entry) > 1 else None
 
 
-def write_all(record: Path, args) -> list[Path]:
-    report = report_mod.derive(report_mod.from_record(report_mod.read_record(record)))
+def write_all(records: list[Path], args) -> list[Path]:
+    """The report of one record, or of several merged (e.g. families measured in different sessions; a test in
+    several keeps its last result), and a copy of the merged record beside it (<stem>.record.jsonl: the raw data a
+    later merge reads)."""
+    entries = [e for record in records for e in report_mod.read_record(record)]
+    report = report_mod.derive(report_mod.from_record(entries))
     if report["meta"].get("kind") == "unknown":
-        print(f"{record}: no test has been recorded yet; nothing to report", file=sys.stderr)
+        print(f"{', '.join(map(str, records))}: no test has been recorded yet; nothing to report", file=sys.stderr)
         return []
     report["meta"]["written_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     paths = report_mod.write_report(report, args.out, args.copy_to)
+    stem = report_mod.results_stem(report["meta"])
+    raw = args.out / f"{stem}.record.jsonl"
+    raw.write_text("".join(json.dumps(e, default=str) + "\n" for e in entries))
+    paths.append(raw)
+    if args.copy_to is not None:
+        shutil.copy(raw, args.copy_to / raw.name)
     readme = args.readme or (REPO / "README.md" if args.out.resolve() == DEFAULT_OUT.resolve() else None)
     if report["meta"].get("kind") == "cuda" and readme is not None and not args.no_readme:
-        link = os.path.relpath(args.out / report_mod.results_stem(report["meta"]), readme.parent)
+        link = os.path.relpath(args.out / stem, readme.parent)
         if report_mod.update_readme(readme, report_mod.readme_block(report, link)):
             print(f"rewrote the results block of {readme}")
         else:
@@ -153,7 +164,7 @@ def main(argv=None) -> int:
     if not record.is_file():
         print("no record was written", file=sys.stderr)
         return 1
-    paths = write_all(record, args)
+    paths = write_all([record], args)
     if args.copy_to is not None:
         for extra in (record, benchmark_json):
             if extra.is_file():

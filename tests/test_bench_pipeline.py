@@ -42,7 +42,8 @@ def test_bench_quick_runs_on_a_cpu_and_writes_the_results(tmp_path):
     md_files = sorted(tmp_path.glob("cpu-*.md"))
     assert len(md_files) == 1, sorted(p.name for p in tmp_path.iterdir())
     stem = md_files[0].stem
-    assert (tmp_path / f"{stem}.json").is_file() and (tmp_path / f"{stem}.svg").is_file()
+    assert {p.name for p in tmp_path.iterdir() if p.is_file()} == {f"{stem}.{ext}" for ext in
+                                                                   ("json", "md", "svg", "record.jsonl")}
     ET.parse(tmp_path / f"{stem}.svg")
 
     results = json.loads((tmp_path / f"{stem}.json").read_text())

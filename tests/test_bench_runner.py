@@ -26,6 +26,7 @@ import cases  # noqa: E402
 import chart  # noqa: E402
 import measure  # noqa: E402
 import report  # noqa: E402
+import run  # noqa: E402
 import suite  # noqa: E402
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -531,6 +532,28 @@ def test_readme_block(tmp_path):
     plain = tmp_path / "other.md"
     plain.write_text("no markers\n")
     assert not report.update_readme(plain, block) and plain.read_text() == "no markers\n"
+
+
+def test_merged_records_and_the_readme(tmp_path):
+    """run.py --report merges records (families measured in different sessions; a test's last result wins), writes
+    the merged record beside the report, and rewrites the README block of a GPU report."""
+    entries = fake_record()
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("".join(json.dumps(e) + "\n" for e in entries[:5]))
+    triton = next(e for e in entries if e.get("provider") == "triton" and e.get("mode") == "fwd+bwd")
+    faster = dict(triton, timing=dict(p20_ms=0.5, p50_ms=0.5, p80_ms=0.5, rounds=9))  # measured again, later
+    second.write_text("".join(json.dumps(e) + "\n" for e in [entries[0], *entries[5:], faster]))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.README_BEGIN}\n{report.README_END}\n")
+    out = tmp_path / "results"
+    paths = run.write_all([first, second], run.parse_args(["--report", str(first), "--out", str(out),
+                                                           "--readme", str(readme)]))
+    merged = json.loads(paths[0].read_text())
+    assert [e["case"]["id"] for e in merged["cases"]][:2] == ["poly_chain-fake-bf16", "poly_gate-fake-bf16"]
+    triton = next(r for r in merged["cases"][0]["rows"] if r["provider"] == "triton")
+    assert triton["ms_fwd_bwd"] == 0.5 and triton["rounds_fwd_bwd"] == 9
+    assert paths[-1].name.endswith(".record.jsonl") and len(report.read_record(paths[-1])) == len(entries) + 2
+    assert f"[tables](results/{paths[1].stem}.md)" in readme.read_text()
 
 
 def test_write_report_names_and_files(tmp_path):
