@@ -239,6 +239,8 @@ def render_markdown(report: dict) -> str:
                 "marked wrong and gets none. Saved: bytes autograd keeps for the backward (in brackets: beyond the "
                 "inputs). Error cells are one line; the JSON holds the full messages.", ""]
         out += _summary(report) + [""]
+        if goal_rows := goals(report):
+            out += _goals_table(goal_rows) + [""]
     fixed = [e for e in report["cases"] if not e["case"].get("sweep")]
     for entry in fixed:
         out += _case_table(entry, gpu) + [""]
@@ -277,6 +279,87 @@ def _rate(row: dict, key: str = "fwd_bwd") -> str:
     if row.get(f"gbps_{key}") is not None:
         return f"{row[f'gbps_{key}']:.3g} GB/s ({row[f'gbps_pct_{key}']:.0f}%)"
     return "—"
+
+
+# ---------------------------------------------------------------- the issues' goals
+def _goal_list(case: dict) -> list[tuple[str, str, float]]:
+    """(what, measure, threshold) of the goals the issues set for this case (bf16, fwd+bwd unless named): issue 19
+    for poly_chain / poly_ncp (the forward at least torch.compile's speed and >= 60% of the bf16 matmul ceiling where
+    GEMM-bound, >= 2x torch.compile where memory-bound (k <= 64); fwd+bwd peak memory below eager's and
+    torch.compile's), issue 18 for poly_gate, issue 17 for lrnn. A measure is "<key>" of the best correct row of
+    ours, "peak_ratio_<baseline>" (its fwd+bwd peak over the baseline's, goal < 1) or "saved_extra_bytes"."""
+    if case["dtype"] != "bf16" or case.get("sweep"):
+        return []
+    if case["op"] in ("poly_chain", "poly_ncp"):
+        out = []
+        if case["op"] == "poly_chain":
+            if case["k"] <= 64:
+                out.append(("fwd ≥ 2× torch.compile (memory-bound)", "speedup_vs_compiled_fwd", 2.0))
+            else:
+                out += [("fwd ≥ torch.compile", "speedup_vs_compiled_fwd", 1.0),
+                        ("fwd ≥ 60% of the bf16 matmul ceiling", "tflops_pct_fwd", 60.0)]
+        return out + [("fwd+bwd peak memory < eager's", "peak_ratio_eager", 1.0),
+                      ("fwd+bwd peak memory < torch.compile's", "peak_ratio_compiled", 1.0)]
+    if case["op"] == "poly_gate":
+        return [("fwd+bwd ≥ 3× eager", "speedup_vs_eager_fwd_bwd", 3.0),
+                ("fwd+bwd ≥ 1.5× torch.compile", "speedup_vs_compiled_fwd_bwd", 1.5),
+                ("fwd+bwd ≥ 70% of the copy bandwidth", "gbps_pct_fwd_bwd", 70.0),
+                ("saves nothing beyond a and b (and the parameters)", "saved_extra_bytes", 0.0)]
+    if case["op"] in ("lrnn", "LRNN"):
+        return [("fwd+bwd ≥ 3× eager", "speedup_vs_eager_fwd_bwd", 3.0),
+                ("fwd+bwd ≥ 2× torch.compile", "speedup_vs_compiled_fwd_bwd", 2.0)]
+    return []
+
+
+def goals(report: dict) -> list[dict]:
+    """Each goal of each GPU case against the fastest correct backend of ours (fwd+bwd): measured value, met or by how
+    much it is missed; a goal nothing measured is listed as not measured."""
+    out = []
+    for entry in report["cases"]:
+        best = _best_ours(entry)
+        by_provider = {r["provider"]: r for r in entry["rows"]}
+        for what, measure, threshold in _goal_list(entry["case"]):
+            value = None
+            if best is not None and measure.startswith("peak_ratio_"):
+                base = by_provider.get(measure.removeprefix("peak_ratio_"), {}).get("peak_mib_fwd_bwd")
+                mine = best.get("peak_mib_fwd_bwd")
+                value = mine / base if mine is not None and base else None
+            elif best is not None:
+                value = best.get(measure)
+            lower_is_better = measure.startswith("peak_ratio_") or measure == "saved_extra_bytes"
+            met = None if value is None else (value < threshold if measure.startswith("peak_ratio_") else
+                                              value <= threshold if lower_is_better else value >= threshold)
+            out.append(dict(case=entry["case"]["id"], goal=what, measure=measure, threshold=threshold, value=value,
+                            met=met, backend=None if best is None else best["provider"]))
+    return out
+
+
+def _goal_value(g: dict) -> str:
+    if g["value"] is None:
+        return "not measured"
+    if g["measure"] == "saved_extra_bytes":
+        return _mib(g["value"])
+    if g["measure"].startswith("peak_ratio_"):
+        return f"{g['value']:.2f}× the baseline's"
+    return f"{g['value']:.2f}" + ("%" if "pct" in g["measure"] else "×")
+
+
+def _goals_table(rows: list[dict]) -> list[str]:
+    cells = []
+    for g in rows:
+        if g["met"] is None:
+            verdict = "—"
+        elif g["met"]:
+            verdict = "met"
+        elif g["measure"] == "saved_extra_bytes":
+            verdict = f"missed: {_mib(g['value'])} more"
+        elif g["measure"].startswith("peak_ratio_"):
+            verdict = f"missed: {100 * (g['value'] - 1):.0f}% more memory"
+        else:
+            verdict = f"missed: {100 * (1 - g['value'] / g['threshold']):.0f}% short"
+        cells.append([g["case"], g["backend"] or "—", g["goal"], _goal_value(g), verdict])
+    return (["## Goals of the issues (the fastest correct backend of ours)", ""]
+            + _table(["case", "backend", "goal", "measured", "verdict"], cells))
 
 
 def _summary(report) -> list[str]:

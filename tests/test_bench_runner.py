@@ -484,6 +484,26 @@ def test_report_rows_and_derived_numbers():
     assert gate["cuda"]["status"] == "skipped"
 
 
+def test_goals():
+    """The issues' goals against the fastest correct backend: met, missed by how much, or not measured."""
+    rep = report.derive(report.from_record(fake_record()))
+    found = {(g["case"], g["goal"]): g for g in report.goals(rep)}
+    chain = "poly_chain-fake-bf16"
+    assert found[(chain, "fwd ≥ torch.compile")]["met"] and found[(chain, "fwd ≥ torch.compile")]["value"] == 2.0
+    ceiling = found[(chain, "fwd ≥ 60% of the bf16 matmul ceiling")]
+    assert not ceiling["met"] and ceiling["backend"] == "triton"
+    assert found[(chain, "fwd+bwd peak memory < eager's")]["value"] == pytest.approx(20 / 60)
+    gate = "poly_gate-fake-bf16"
+    assert found[(gate, "fwd+bwd ≥ 3× eager")]["met"], "3.00x meets 3x"
+    assert found[(gate, "fwd+bwd ≥ 1.5× torch.compile")]["met"] is None, "no compiled row: not measured"
+    assert found[(gate, "saves nothing beyond a and b (and the parameters)")]["met"] is False
+    md = report.render_markdown(rep)
+    for expected in ("## Goals of the issues", "| poly_chain-fake-bf16 | triton | fwd ≥ torch.compile | 2.00× | met |",
+                     "| not measured | — |", "missed: 1.0 MiB more", "% short |"):
+        assert expected in md, f"{expected!r} missing from the markdown:\n{md}"
+    assert not any(g["case"].startswith("poly_chain-sw") for g in report.goals(rep)), "sweeps have no goals"
+
+
 def _table_widths_agree(md: str) -> None:
     for block in md.split("\n\n"):
         table = [line for line in block.splitlines() if line.startswith("|")]
