@@ -86,9 +86,7 @@ ALLOWED = {
     ("causal_linear_attention", "triton"): "refuses Dk, Dv > 256 only, which check_args rejects first (see below)",
 }
 # Known gaps, to be lifted: the test fails as an unexpected pass once one is, until its entry goes.
-KNOWN_GAPS = {
-    ("lrnn_product", "triton"): "the Triton kernels keep a neuron's dbar components in one tile (dbar <= 64)",
-}
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 
 @pytest.mark.parametrize("op, build", _selfcheck.CASES, ids=CASE_OPS)

@@ -20,14 +20,19 @@ from ... import _checks
 ACTIVATIONS = ("sin", "spder", "arctan", "tanh", "mlp")
 # The mlp activation's hidden width h: its per-component parameters stay in registers.
 MAX_HIDDEN = 16
+# The contract's largest dbar (the issue's 1..64): the fused kernels keep a neuron's components in one tile.
+MAX_DBAR = 64
 
 
 def check_args(x, weight, bias, g_params, rank, dbar, activation, omega, gamma) -> None:
     """x (..., d) (2-D in the backends), weight (rank * dbar, d), bias (rank * dbar,) or None, g_params
-    (3, rank, dbar, h) with 1 <= h <= MAX_HIDDEN for activation "mlp" and None otherwise; rank, dbar ints >= 1;
+    (3, rank, dbar, h) with 1 <= h <= MAX_HIDDEN for activation "mlp" and None otherwise; rank >= 1 and
+    1 <= dbar <= MAX_DBAR ints;
     omega a finite number (1 unless activation is "sin"); gamma a finite number or None (dbar ** -0.5)."""
     _checks.check_positive_int("rank", rank)
     _checks.check_positive_int("dbar", dbar)
+    if dbar > MAX_DBAR:
+        raise ValueError(f"dbar must be <= {MAX_DBAR} (a neuron's components), got {dbar}")
     _checks.check_choice("activation", activation, ACTIVATIONS)
     omega = _checks.check_finite_float("omega", omega)
     if activation != "sin" and omega != 1.0:

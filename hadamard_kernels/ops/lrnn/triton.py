@@ -27,7 +27,6 @@ from .common import ACTIVATIONS, accumulate_dtype
 
 _ACT_CODE = {name: code for code, name in enumerate(ACTIVATIONS)}
 _MLP = _ACT_CODE["mlp"]
-MAX_DBAR = 64  # a neuron's components are one power-of-two block of the tile's columns
 CHUNK_BYTES = 32 * 2**20  # grad_z of one chunk of rows in the backward
 ROW_ALIGN = 128  # the row splits of the backward kernel are whole multiples of the largest BM
 
@@ -207,12 +206,6 @@ def _lrnn_grad_z_kernel(x_ptr, w_ptr, b_ptr, p_ptr, dphi_ptr, gz_ptr, dp_ptr, M,
 
 _fwd = triton_autotune(_FWD_CONFIGS, key=_KEY)(_lrnn_fwd_kernel)
 _grad_z = triton_autotune(_BWD_CONFIGS, key=_KEY)(_lrnn_grad_z_kernel)
-
-
-def unsupported(x, weight, bias, g_params, rank, dbar, activation, omega, gamma):
-    if dbar > MAX_DBAR:
-        return f"the Triton kernels keep a neuron's dbar components in one tile: dbar <= {MAX_DBAR}, got {dbar}"
-    return None
 
 
 def _neurons_per_tile(bn: int, dbp: int) -> int:
