@@ -8,11 +8,12 @@ Forward: z = x W^T + b over d with tl.dot (fp32 accumulation), g(z) and the fact
 product over each neuron's DBP components by a reduction: only phi (M, rank) is written.
 
 Backward: for a chunk of rows, one kernel recomputes the tile's z, forms the leave-one-out products
-prod_{k != j} (1 + gamma g_k) as exclusive prefix times exclusive suffix products (an associative scan of pairs,
-exact when a factor is 0, no division), and writes grad_z = dphi * gamma * loo * g'(z) for the chunk; for "mlp" it
-also sums the g_params gradients over its rows (fp32, into per-split slots it owns: fixed order, no atomics).
-Then dx = grad_z W, dW += grad_z^T x and db += colsum(grad_z) in torch (cuBLAS). The chunk of rows is bounded by
-CHUNK_BYTES of grad_z, so the backward's transient memory does not grow with the batch (docs/decisions.md, LRNN).
+prod_{k != j} (1 + gamma g_k) as exclusive prefix times exclusive suffix products (inclusive tl.cumprod scans
+shifted by one component, exact when a factor is 0, no division), and writes grad_z = dphi * gamma * loo * g'(z)
+for the chunk; for "mlp" it also sums the g_params gradients over its rows (fp32, into per-split slots it owns:
+fixed order, no atomics). Then dx = grad_z W, dW += grad_z^T x and db += colsum(grad_z) in torch (cuBLAS). The
+chunk of rows is bounded by CHUNK_BYTES of grad_z, so the backward's transient memory does not grow with the batch
+(docs/decisions.md, LRNN).
 """
 
 from __future__ import annotations
