@@ -464,6 +464,11 @@ def readme_block(report: dict, results_link: str) -> str:
              + (f" Partial: {len(report['pending'])} benchmark tests not run yet." if report.get("pending") else ""),
              ""]
     lines += _summary(report)[2:]
+    if goal_rows := goals(report):
+        met = sum(g["met"] is True for g in goal_rows)
+        missed = sum(g["met"] is False for g in goal_rows)
+        lines += ["", f"Goals of the issues: {met} met, {missed} missed, {len(goal_rows) - met - missed} not measured "
+                      f"([by how much]({results_link}.md#goals-of-the-issues-the-fastest-correct-backend-of-ours))."]
     lines += ["", README_END]
     return "\n".join(lines)
 

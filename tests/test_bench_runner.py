@@ -543,7 +543,8 @@ def test_readme_block(tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old table" not in text
     for expected in ("NVIDIA H100 80GB HBM3", "2026-11-25T10:00:00Z", "`abc123`", "(benchmarks/results/stem.md)",
-                     "| poly_chain-fake-bf16 | triton |", "Partial"):
+                     "| poly_chain-fake-bf16 | triton |", "Partial",
+                     "Goals of the issues: 4 met, 3 missed, 1 not measured"):
         assert expected in text
     assert report.update_readme(readme, block) and readme.read_text() == text, "rewriting is idempotent"
     repo_readme = (BENCH_DIR.parent / "README.md").read_text()
