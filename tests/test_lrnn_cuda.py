@@ -112,6 +112,7 @@ def test_spder_gradient_is_finite_and_zero_at_zero():
     assert EXT.lrnn_g_grad_host(code, 0.0, 1.0) == 0.0 and EXT.lrnn_g_grad_host(code, -0.0, 1.0) == 0.0
     assert EXT.lrnn_g_host(code, 0.0, 1.0) == 0.0
     for z in (1e-38, 1e-45, -1e-45, 1e-12):  # denormals included
+        z = torch.tensor(z, dtype=torch.float32).item()  # the float32 value the kernels see
         grad = EXT.lrnn_g_grad_host(code, z, 1.0)
         assert math.isfinite(grad) and abs(grad - 1.5 * math.sqrt(abs(z))) <= 1e-6 * math.sqrt(abs(z)) + 1e-30
 
