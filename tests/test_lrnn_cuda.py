@@ -486,3 +486,24 @@ def test_cuda_exact_zero_factors(dtype):
     inputs, columns = zero_factor_inputs(300, 24, rank, dbar, dtype, "cuda")
     phi, grads = check_gpu(inputs, rank, dbar, "mlp", 1.0, 1.0)
     check_zero_factors(phi, grads, columns, dbar)
+
+
+@cuda
+@requires_cuda
+def test_cuda_backward_memory_is_bounded():
+    """Transient memory of the backward beyond the gradients it returns: one grad_z chunk (CHUNK_BYTES) and small
+    sums, not the (M, rank * dbar) grad_z (256 MiB here)."""
+    rank, dbar = 256, 8
+    inputs, (omega, gamma) = make_inputs(M=65536, d=2, rank=rank, dbar=dbar, activation="spder",
+                                         dtype=torch.bfloat16, device="cuda")
+    args = (grad_output(65536, rank, torch.bfloat16, "cuda"), *inputs, rank, dbar, "spder", omega, gamma,
+            [True, True, True, False])
+    lrnn_cuda.backward(*args)  # warm-up: cuBLAS takes its workspace
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    grads = lrnn_cuda.backward(*args)
+    torch.cuda.synchronize()
+    returned = sum(g.numel() * g.element_size() for g in grads if g is not None)
+    transient = torch.cuda.max_memory_allocated() - before - returned
+    assert transient <= lrnn_cuda.CHUNK_BYTES + 2**20, f"{transient} bytes"
