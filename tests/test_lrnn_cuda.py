@@ -264,6 +264,18 @@ def test_emulated_chunks_and_splits(emulated, activation):
             assert torch.equal(b, c), f"{name}: not the same bits run to run"
 
 
+def test_emulated_forward_in_grid_sized_launches(emulated, monkeypatch):
+    """A forward whose grid would pass the launch limit runs in pieces of whole 64-row tiles (here a limit of four
+    blocks and rank 20 x dbar 7 = three column tiles: one 64-row tile per launch)."""
+    monkeypatch.setattr(lrnn_cuda, "_MAX_BLOCKS", 4)
+    calls = []
+    monkeypatch.setattr(emulated, "lrnn_fwd", lambda params, stream, _f=emulated.lrnn_fwd: (calls.append(params.M),
+                                                                                           _f(params, stream)))
+    inputs, (omega, gamma) = make_inputs(M=150, d=3, rank=20, dbar=7, activation="arctan")
+    check_emulated(inputs, 20, 7, "arctan", omega, gamma, needs=(True, False, False, False))
+    assert calls == [64, 64, 22]
+
+
 def test_emulated_one_row_with_any_stride(emulated):
     """A contiguous (1, d) tensor may carry any row stride (PyTorch ignores the stride of a size-1 dim): the launchers
     must not hand it to the kernels as the row stride."""
