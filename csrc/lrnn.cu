@@ -9,9 +9,9 @@
 // in the same register layout, so one epilogue serves all dtypes. Each warp owns a 32 x 32 sub-tile (2 x 4 MMA
 // tiles of 16 x 8), each thread 32 accumulators.
 //
-// Forward epilogue: each thread turns its accumulators into factors f = 1 + gamma g(z) (fp32) in a shared [64, 64]
-// buffer; then one thread per (row, neuron) multiplies the neuron's dbar factors in fp32, in order, and writes phi.
-// z and f never reach device memory.
+// Forward epilogue: the accumulators are parked in a shared fp32 [64, 64] buffer, where one element per thread becomes
+// the factor f = 1 + gamma g(z + bias); then one thread per (row, neuron) multiplies the neuron's dbar factors in
+// fp32, in order, and writes phi. z and f never reach device memory.
 //
 // Backward (one launch per row chunk, see ops/lrnn/cuda.py): the same GEMM recomputes z; the epilogue stores f and
 // d = gamma g'(z) (mlp: z itself); one thread per (row, neuron) walks the neuron's factors right to left (exclusive
