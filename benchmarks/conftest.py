@@ -170,6 +170,13 @@ def pytest_runtest_makereport(item, call):
         exc = call.excinfo.value if call.excinfo is not None else None
         entry.update(status="error", error=suite.short_error(exc) if exc is not None else "failed",
                      error_full=report.longreprtext[-20000:])
+        if "CUDA error" in entry["error_full"] or "CUDA_ERROR" in entry["error_full"]:
+            # An illegal access or a device-side assert poisons the process's CUDA context: every later test would
+            # fail (and be recorded as done). Stop here; the next run resumes after this test.
+            item.session.shouldstop = f"a CUDA error in {item.nodeid} left the device unusable in this process"
+            _append(item.config, entry)
+            _append(item.config, dict(type="stopped", reason=item.session.shouldstop))
+            return report
     _append(item.config, entry)
     return report
 

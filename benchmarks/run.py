@@ -64,17 +64,24 @@ def record_path(out: Path, device: str, commit: str, quick: bool) -> Path:
     return out / "partial" / f"{stem}{'-quick' if quick else ''}.jsonl"
 
 
-def pytest_command(args, record: Path, benchmark_json: Path) -> list[str]:
+def pytest_command(args, record: Path, benchmark_json: Path, time_budget: float | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "pytest", str(HERE), "-q", "-p", "no:cacheprovider", "-rfE",
            f"--bench-record={record}", f"--benchmark-json={benchmark_json}",
            "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name"]
     for flag, value in (("--bench-ops", args.ops), ("--bench-providers", args.providers),
-                        ("--bench-part", args.part), ("--bench-time-budget", args.time_budget)):
+                        ("--bench-part", args.part), ("--bench-time-budget", time_budget)):
         if value is not None:
             cmd.append(f"{flag}={value}")
     if args.quick:
         cmd.append("--bench-quick")
     return cmd + args.pytest_args
+
+
+def stopped_early(record: Path) -> bool:
+    """Whether the last pytest session on `record` stopped itself (after a CUDA error, conftest.py) rather than
+    running out of tests or time."""
+    last = [e["type"] for e in report_mod.read_record(record) if e.get("type") in ("plan", "stopped")]
+    return bool(last) and last[-1] == "stopped"
 
 
 def run_suite(cmd: list[str]) -> int:
@@ -156,23 +163,32 @@ def main(argv=None) -> int:
     if (stages := stage_entry(args)) is not None:
         with open(record, "a") as f:
             f.write(json.dumps(stages) + "\n")
-    benchmark_json = record.with_name(f"{record.stem}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-                                      ".pytest-benchmark.json")
     print(f"suite on {suite.device_name()}, commit {suite.git_commit()}; record {record}", flush=True)
-    rc = run_suite(pytest_command(args, record, benchmark_json))
-    print(f"pytest exit status {rc} (1: a fused backend failed a test; 5: nothing left to run)", flush=True)
+    started = time.monotonic()
+    benchmark_jsons, rcs = [], []
+    for attempt in range(5):
+        left = None if args.time_budget is None else args.time_budget - (time.monotonic() - started)
+        if attempt and left is not None and left < 30:
+            break
+        benchmark_jsons.append(record.with_name(f"{record.stem}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+                                                ".pytest-benchmark.json"))
+        rcs.append(run_suite(pytest_command(args, record, benchmark_jsons[-1], left)))
+        print(f"pytest exit status {rcs[-1]} (1: a test failed; 2: stopped; 5: nothing left to run)", flush=True)
+        if not stopped_early(record):
+            break
+        print("the suite stopped after a CUDA error; resuming in a fresh process", flush=True)
     if not record.is_file():
         print("no record was written", file=sys.stderr)
         return 1
     paths = write_all([record], args)
     if args.copy_to is not None:
-        for extra in (record, benchmark_json):
+        for extra in (record, *benchmark_jsons):
             if extra.is_file():
                 (args.copy_to / extra.name).write_bytes(extra.read_bytes())
     pending = report_mod.from_record(report_mod.read_record(record))["pending"]
     if pending:
         print(f"{len(pending)} test(s) not run yet: run the same command again to continue", flush=True)
-    return 0 if paths and rc in (0, 5) else 1
+    return 0 if paths and all(rc in (0, 5) for rc in rcs) else 1
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import functools
 import gc
 import os
 import platform
-import re
 import subprocess
 from pathlib import Path
 
@@ -225,7 +224,3 @@ def rates(case: cases.AnyCase, mode: str, ms: float, ceilings: dict) -> dict:
     tflops_pct = None if r["tflops"] is None else 100 * r["tflops"] / peak
     return dict(tflops=r["tflops"], gbps=r["gbps"], tflops_pct=tflops_pct,
                 gbps_pct=100 * r["gbps"] / ceilings["copy_gbps"])
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")

@@ -577,6 +577,15 @@ def test_merged_records_and_the_readme(tmp_path):
     assert f"[tables](results/{paths[1].stem}.md)" in readme.read_text()
 
 
+def test_stopped_early(tmp_path):
+    """run.py restarts the suite in a fresh process when its last session stopped itself after a CUDA error."""
+    record = tmp_path / "r.jsonl"
+    lines = [dict(type="plan", nodeids=[]), dict(type="stopped", reason="CUDA error"), dict(type="plan", nodeids=[])]
+    for n, expected in ((1, False), (2, True), (3, False)):
+        record.write_text("".join(json.dumps(e) + "\n" for e in lines[:n]))
+        assert run.stopped_early(record) is expected
+
+
 def test_write_report_names_and_files(tmp_path):
     rep = report.derive(report.from_record(fake_record()))
     paths = report.write_report(rep, tmp_path / "results", copy_to=tmp_path / "out")
