@@ -71,7 +71,9 @@ def test_linear_attention_lm(tmp_path):
         assert float(r[key]) < 1e-5, (key, r[key])
     # It learned something: uniform over the text's symbols is log2(88) = 6.5 bits per character.
     assert float(r["linear_val_bpc"]) < 5.0 and float(r["softmax_val_bpc"]) < 5.0, r
-    assert all(float(r[k]) > 0 for k in r if k.startswith("decode_ms_")), r
+    # O(1) per token: from a context of 64 to one of 16384 tokens the linear model's (fastest) decoding step stays
+    # the same; a decoder that re-read its context would take hundreds of times longer.
+    assert float(r["decode_ms_linear_last"]) < 3 * float(r["decode_ms_linear_first"]), r
 
 
 def test_lrnn_inr(tmp_path):
