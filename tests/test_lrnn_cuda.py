@@ -56,18 +56,10 @@ def grad_output(M, rank, dtype, device="cpu", seed=1):
 
 
 # ---------------------------------------------------------------- limits and codes shared with Python
-def test_unsupported_names_the_limit():
-    x = torch.empty(4, 3, device="meta")
-    args = (None, None, 5, 64, "sin", 1.0, 0.125)
-    assert lrnn_cuda.unsupported(x, torch.empty(5 * 64, 3, device="meta"), *args) is None
-    why = lrnn_cuda.unsupported(x, torch.empty(5 * 65, 3, device="meta"), None, None, 5, 65, "sin", 1.0, 0.125)
-    assert "dbar <= 64" in why and "65" in why
-
-
 @needs_ext
 def test_codes_and_limits_match_python():
     assert tuple(EXT.LRNN_ACTIVATIONS) == ACTIVATIONS
-    assert EXT.LRNN_MAX_DBAR == lrnn_cuda.MAX_DBAR
+    assert EXT.LRNN_MAX_DBAR == lrnn_common.MAX_DBAR == lrnn_cuda.TILE_COLUMNS
     assert EXT.LRNN_MAX_HIDDEN == lrnn_common.MAX_HIDDEN
 
 

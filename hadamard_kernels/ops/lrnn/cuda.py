@@ -18,19 +18,13 @@ from ..._backend import require_cuda_extension
 from .common import ACTIVATIONS, accumulate_dtype
 from .triton import CHUNK_BYTES, _split_rows, chunk_rows
 
-MAX_DBAR = 64  # a block's 64 output columns hold whole neurons (_C.LRNN_MAX_DBAR)
 TILE_ROWS = 64  # rows of x per block
+TILE_COLUMNS = 64  # z columns per block: floor(64 / dbar) whole neurons (common.MAX_DBAR is 64)
 _MAX_BLOCKS = 2**31 - 1  # one-dimensional grid
 
 
-def unsupported(x, weight, bias, g_params, rank, dbar, activation, omega, gamma):
-    if dbar > MAX_DBAR:
-        return f"the CUDA kernels keep a neuron's dbar components in one 64-column tile: dbar <= {MAX_DBAR}, got {dbar}"
-    return None
-
-
 def _column_tiles(rank: int, dbar: int) -> int:
-    per = MAX_DBAR // dbar  # neurons per block
+    per = TILE_COLUMNS // dbar  # neurons per block
     return -(-rank // per)
 
 
