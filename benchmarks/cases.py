@@ -200,7 +200,7 @@ def import_fla_chunk_linear_attn() -> Callable:
         from fla.ops.linear_attn import chunk_linear_attn
     except Exception as exc:  # ImportError, or an install that fails at import (e.g. a missing dependency)
         raise ProviderUnavailable(
-            f"flash-linear-attention is not installed ({type(exc).__name__}: {exc}); carry its wheels in .whl/ "
+            f"flash-linear-attention is not installed ({type(exc).__name__}: {exc}); put its wheels in .whl/ "
             "(benchmarks/README.md)") from exc
     return chunk_linear_attn
 

@@ -112,7 +112,7 @@ def stage_entry(args) -> dict | None:
 
 
 def write_all(records: list[Path], args) -> list[Path]:
-    """The report of one record, or of several merged (e.g. families measured in different sessions; a test in
+    """The report of one record, or of several merged (e.g. families measured in different runs; a test in
     several keeps its last result), and a copy of the merged record beside it (<stem>.record.jsonl: the raw data a
     later merge reads)."""
     entries = [e for record in records for e in report_mod.read_record(record)]

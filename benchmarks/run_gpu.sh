@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one script a GPU machine runs, end to end, within 570 seconds (one command of the device tool may run 600):
+# The one script a GPU machine runs, end to end, within 570 seconds (a GPU machine runs one command for at most 600):
 #   environment (nvidia-smi, versions) -> carried wheels + CUDA extension build -> GPU tests -> memcheck of a subset
 #   of them (compute-sanitizer) -> the benchmark suite (benchmarks/run.py) with the time that is left.
 #
@@ -9,8 +9,8 @@
 # benchmarks/results/partial/<device>-<commit>.jsonl and a later run of the same command resumes that record (the
 # tests already in it are not run again), so the suite is finished by calling this again, e.g. with
 #   RUN_GPU_TESTS_S=0 RUN_GPU_MEMCHECK_S=0 bash benchmarks/run_gpu.sh
-# On a machine that stayed warm the record is still there (the folder is ignored by git); on a fresh one, carry it
-# (benchmarks/README.md). Each call writes a complete report of the record so far, naming what is still missing.
+# On a machine that stayed warm the record is still there (the folder is ignored by git); on a fresh one, send it
+# along with the tree (benchmarks/README.md). Each call writes a complete report of the record so far, naming what is still missing.
 #
 # The GPU machine has torch, triton, pybind11, cmake, ninja, pytest and pytest-benchmark preinstalled and no
 # network, so pip never resolves anything there (--no-deps --no-build-isolation --no-index); what it lacks comes as

@@ -56,12 +56,12 @@ def selected_cases() -> list[cases.AnyCase]:
 
 
 def params(ops: tuple[str, ...]) -> list:
-    """pytest params (case, provider, mode) of the selected cases of `ops`, in run order. A quick run on a CPU times
-    fwd+bwd only."""
+    """pytest params (case, provider, mode) of the selected cases of `ops`, in run order. A quick run leaves out
+    max-autotune (minutes of compiling per case), and on a CPU times fwd+bwd only."""
     return [pytest.param(case, provider, mode, id=f"{case.id}-{mode}-{provider}")
             for case in selected_cases() if case.op in ops
             for provider, mode in case.runs(DEVICE) if provider in SELECTION.providers
-            and not (DEVICE == "cpu" and SELECTION.quick and mode != "fwd+bwd")]
+            and not (SELECTION.quick and (provider == "max-autotune" or (DEVICE == "cpu" and mode != "fwd+bwd")))]
 
 
 def parse_part(value: str | None) -> tuple[int, int] | None:

@@ -412,6 +412,17 @@ def test_run_benchmark_skips_and_failures(monkeypatch, fresh_suite_caches):
     assert bench.extra_info["status"] == "wrong" and "timing" in bench.extra_info
 
 
+def test_quick_params_leave_out_max_autotune(monkeypatch):
+    monkeypatch.setattr(suite, "DEVICE", "cuda")
+    monkeypatch.setattr(suite, "SELECTION", suite.Selection(quick=True))
+    quick = [p.values for p in suite.params(cases.OPS)]
+    assert len({c for c, _, _ in quick}) == len(cases.all_cases(quick=True))
+    assert not any(provider == "max-autotune" for _, provider, _ in quick)
+    monkeypatch.setattr(suite, "SELECTION", suite.Selection(ops=("poly_gate",)))
+    full = [p.values for p in suite.params(("poly_gate",))]
+    assert ("max-autotune", "fwd+bwd") in {(p, m) for _, p, m in full} and {c.op for c, _, _ in full} == {"poly_gate"}
+
+
 def test_parts():
     assert suite.parse_part(None) is None and suite.parse_part("2/3") == (2, 3)
     for bad in ("0/3", "4/3", "x", "1"):
@@ -556,7 +567,7 @@ def test_readme_block(tmp_path):
 
 
 def test_merged_records_and_the_readme(tmp_path):
-    """run.py --report merges records (families measured in different sessions; a test's last result wins), writes
+    """run.py --report merges records (families measured in different runs; a test's last result wins), writes
     the merged record beside the report, and rewrites the README block of a GPU report."""
     entries = fake_record()
     first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
