@@ -6,7 +6,8 @@ screen. A GPU run has three panels: the speed-up over eager PyTorch on a log axi
 of its own), the absolute TFLOP/s against the measured matmul ceiling and the GB/s against the measured copy
 bandwidth (each axis ends at its ceiling). A CPU run has one panel, CPU milliseconds on a log axis, titled as a
 pipeline check. A provider without a number (an error, a wrong result, skipped) is named at the row's end, never
-drawn. `render_sweeps_svg(report, sweeps)`: time against size per family, log-log, one line per provider.
+drawn; a value beyond its axis is a hollow dot at the axis' end. `render_sweeps_svg(report, sweeps)`: time against
+size per family, log-log, one line per provider.
 """
 
 from __future__ import annotations
@@ -60,9 +61,11 @@ class _Svg:
         self.parts.append(f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" stroke="{colour}" '
                           f'stroke-width="{width}"{d}/>')
 
-    def dot(self, x, y, colour, title):
-        self.parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{DOT_R}" fill="{colour}" fill-opacity="0.85">'
-                          f'<title>{escape(title)}</title></circle>')
+    def dot(self, x, y, colour, title, hollow=False):
+        """A filled dot, or a hollow one for a value beyond the axis (drawn at its end)."""
+        paint = f'fill="white" stroke="{colour}" stroke-width="2"' if hollow else f'fill="{colour}" fill-opacity="0.85"'
+        self.parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{DOT_R}" {paint}><title>{escape(title)}</title>'
+                          '</circle>')
 
     def legend(self, providers, y):
         x = 8
@@ -175,8 +178,8 @@ def render_svg(report: dict) -> str:
                 if value is None:
                     continue
                 drawn.add(row["provider"])
-                label = _label(kind, row["provider"], value)
-                svg.dot(axis.x(value), y, COLOURS.get(row["provider"], "#000"), label)
+                label = _label(kind, row["provider"], value) + (" (beyond the axis)" if axis.clipped(value) else "")
+                svg.dot(axis.x(value), y, COLOURS.get(row["provider"], "#000"), label, hollow=axis.clipped(value))
             if gpu and kind == "tflops" and entry["case"]["dtype"] == "fp32":
                 fp32 = report["ceilings"]["matmul_tflops_fp32"]
                 svg.line(axis.x(fp32), y - ROW_H / 2 + 2, axis.x(fp32), y + ROW_H / 2 - 2, colour="#000", width=1.5)
@@ -201,7 +204,7 @@ def _value(kind: str, row: dict) -> float | None:
 
 def _label(kind: str, provider: str, value: float) -> str:
     unit = {"speedup": "× over eager", "tflops": " TFLOP/s", "gbps": " GB/s", "cpu_ms": " CPU ms"}[kind]
-    return f"{provider} {value:.3g}{unit}"
+    return f"{provider} {value:.3g}{unit}" if value < 1000 else f"{provider} {value:.0f}{unit}"
 
 
 def _linear_ticks(hi: float) -> list[float]:

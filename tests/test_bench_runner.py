@@ -626,6 +626,10 @@ def test_chart():
     assert "eager 2.79 TFLOP/s" in dots or any(t.startswith("eager") and "TFLOP/s" in t for t in dots)
     texts = [t.text for t in svg.iter(f"{SVG}text")]
     assert "cuda: error" in texts and "bf16 matmul 800" in texts and "copy 3000" in texts
+    beyond = json.loads(json.dumps(rep))  # a value past the copy bandwidth (L2 reuse can do that) is drawn hollow
+    next(r for r in beyond["cases"][0]["rows"] if r["provider"] == "triton")["gbps_fwd_bwd"] = 5000.0
+    hollow = [c for c in ET.fromstring(chart.render_svg(beyond)).iter(f"{SVG}circle") if c.get("fill") == "white"]
+    assert [c.find(f"{SVG}title").text for c in hollow] == ["triton 5000 GB/s (beyond the axis)"]
     assert "no FLOPs counted (memory-bound)" in texts
     sweeps = report.sweep_series([e for e in rep["cases"] if e["case"]["sweep"]])
     assert sweeps["poly_chain"]["points"]["triton"] == [(1024, 0.5), (4096, 1.5)]
