@@ -41,6 +41,14 @@ def log_range(values: list[float], at_least: tuple[float, float]) -> tuple[float
     return max([g for g in grid if g <= lo] or [lo]), min([g for g in grid if g >= hi] or [hi])
 
 
+def _compact(value: float) -> str:
+    """1000 -> 1k, 200000 -> 200k, 1e6 -> 1M."""
+    for scale, suffix in ((1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:g}{suffix}"
+    return f"{value:g}"
+
+
 def _fmt_tick(value: float, unit: str) -> str:
     return f"{value:g}{unit}"
 
@@ -254,7 +262,8 @@ def render_sweeps_svg(report: dict, sweeps: dict[str, dict]) -> str:
         svg.parts.append(f'<rect x="{px}" y="{py}" width="{SWEEP_W}" height="{SWEEP_H}" fill="none" stroke="#999"/>')
         for t in log_ticks(x_lo, x_hi):
             svg.line(sx(t), py, sx(t), py + SWEEP_H, dash="2,3")
-            svg.text(sx(t), py + SWEEP_H + 13, f"{t:g}", text_anchor="middle", font_size="9")
+            if x_hi / x_lo <= 100 or math.isclose(math.log10(t), round(math.log10(t))):
+                svg.text(sx(t), py + SWEEP_H + 13, _compact(t), text_anchor="middle", font_size="9")
         for t in log_ticks(y_lo, y_hi):
             svg.line(px, sy(t), px + SWEEP_W, sy(t), dash="2,3")
             svg.text(px - 4, sy(t) + 3, f"{t:g}", text_anchor="end", font_size="9")
