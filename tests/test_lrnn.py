@@ -10,6 +10,7 @@ import torch
 from utils import HAS_CUDA, assert_close, cpu_backends, cuda, forward_backward, gpu_backends, rel_err, requires_cuda
 
 import hadamard_kernels as hk
+from hadamard_kernels.ops.lrnn import common as lrnn_common
 from hadamard_kernels.ops.lrnn import reference as lrnn_reference
 from hadamard_kernels.ops.lrnn import triton as lrnn_triton
 from hadamard_kernels.ops.lrnn.common import ACTIVATIONS
@@ -177,7 +178,7 @@ def test_shapes(backend, shape):
 def test_triton_backward_in_chunks(monkeypatch, dtype, activation):
     """The backward's grad_z in several chunks of rows (ragged last chunk), dweight and dbias summed across them."""
     inputs = make_inputs(lead=(300,), d=3, rank=3, dbar=2, h=2, activation=activation, dtype=dtype)
-    monkeypatch.setattr(lrnn_triton, "CHUNK_BYTES", 64 * 3 * 2 * inputs[0].element_size())  # 64 rows per chunk
+    monkeypatch.setattr(lrnn_common, "CHUNK_BYTES", 64 * 3 * 2 * inputs[0].element_size())  # 64 rows per chunk
     check_against_reference(inputs, "triton", **options(3, 2, activation))
 
 
@@ -521,15 +522,15 @@ def test_gpu_triton_backward_memory_is_bounded():
     returned = sum(g.numel() * g.element_size() for g in grads if g is not None)
     transient = torch.cuda.max_memory_allocated() - before - returned
     full_grad_z = 65536 * 256 * 8 * 2
-    assert transient <= lrnn_triton.CHUNK_BYTES + 2**20, f"{transient} bytes (full grad_z: {full_grad_z})"
+    assert transient <= lrnn_common.CHUNK_BYTES + 2**20, f"{transient} bytes (full grad_z: {full_grad_z})"
 
 
 @pytest.mark.parametrize("rank, dbar, element_size", [(256, 8, 2), (7, 3, 4), (4096, 64, 2), (4096, 64, 4),
                                                       (1, 1, 8)])
 def test_backward_chunks_stay_within_the_budget(rank, dbar, element_size):
-    rows = lrnn_triton.chunk_rows(rank, dbar, element_size, lrnn_triton.CHUNK_BYTES)
-    assert rows % 16 == 0 and rows * rank * dbar * element_size <= lrnn_triton.CHUNK_BYTES
-    assert (rows + 16) * rank * dbar * element_size > lrnn_triton.CHUNK_BYTES or rows % lrnn_triton.ROW_ALIGN == 0
+    rows = lrnn_common.chunk_rows(rank, dbar, element_size, lrnn_common.CHUNK_BYTES)
+    assert rows % 16 == 0 and rows * rank * dbar * element_size <= lrnn_common.CHUNK_BYTES
+    assert (rows + 16) * rank * dbar * element_size > lrnn_common.CHUNK_BYTES or rows % lrnn_common.ROW_ALIGN == 0
 
 
 @cuda

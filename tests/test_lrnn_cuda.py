@@ -510,4 +510,4 @@ def test_cuda_backward_memory_is_bounded():
     torch.cuda.synchronize()
     returned = sum(g.numel() * g.element_size() for g in grads if g is not None)
     transient = torch.cuda.max_memory_allocated() - before - returned
-    assert transient <= lrnn_cuda.CHUNK_BYTES + 2**20, f"{transient} bytes"
+    assert transient <= lrnn_common.CHUNK_BYTES + 2**20, f"{transient} bytes"

@@ -4,10 +4,10 @@ Forward: one kernel; a block owns 64 rows and floor(64 / dbar) whole neurons, co
 (mma.sync for float16/bfloat16, exact fp32 FMAs for float32) and takes g and the fp32 product over dbar in its
 epilogue: only phi (M, rank) is written.
 
-Backward, per chunk of rows (the Triton backend's chunk policy, so grad_z of a chunk stays within CHUNK_BYTES): one
-kernel recomputes z and writes grad_z for the chunk (leave-one-out products by exclusive prefix and suffix products,
-no division) and, for mlp, per-split fp32 sums of the g_params gradients; then dx = grad_z W, dW += grad_z^T x and
-db += colsum(grad_z) in torch, and the splits' sums are added in a fixed order.
+Backward, per chunk of rows (common.chunked_backward, shared with the Triton backend: grad_z of a chunk stays within
+common.CHUNK_BYTES): one kernel recomputes z and writes grad_z for the chunk (leave-one-out products by exclusive
+prefix and suffix products, no division) and, for mlp, per-split fp32 sums of the g_params gradients; then
+dx = grad_z W, dW += grad_z^T x and db += colsum(grad_z) in torch, and the splits' sums are added in a fixed order.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..._backend import require_cuda_extension
-from .common import ACTIVATIONS, accumulate_dtype
-from .triton import CHUNK_BYTES, _split_rows, chunk_rows
+from .common import ACTIVATIONS, chunked_backward, split_rows
 
 TILE_ROWS = 64  # rows of x per block
 TILE_COLUMNS = 64  # z columns per block: floor(64 / dbar) whole neurons (common.MAX_DBAR is 64)
@@ -87,43 +86,18 @@ def grad_z(grad_phi, x, weight, bias, g_params, rank, dbar, activation, omega, g
     return part
 
 
-def backward(grad_phi, x, weight, bias, g_params, rank, dbar, activation, omega, gamma, needs, *,
-             chunk_bytes=CHUNK_BYTES):
-    """-> (dx, dweight, dbias, dg_params). chunk_bytes bounds grad_z of one chunk of rows (tests make it small to
-    run several chunks)."""
-    need_x, need_w, need_b, need_g = needs
-    need_b = need_b and bias is not None
-    need_g = need_g and g_params is not None
+def backward(grad_phi, x, weight, bias, g_params, rank, dbar, activation, omega, gamma, needs, *, chunk_bytes=None):
+    """-> (dx, dweight, dbias, dg_params), by common.chunked_backward around the grad_z kernel (chunk_bytes: the
+    budget of one grad_z chunk, common.CHUNK_BYTES by default)."""
     x = x.contiguous()
     grad_phi = grad_phi.contiguous()
     weight, bias, g_params = _contiguous(weight, bias, g_params)
-    M, columns = x.shape[0], rank * dbar
-    acc = accumulate_dtype(x.dtype)
-    rows_per_chunk = chunk_rows(rank, dbar, x.element_size(), chunk_bytes)
-    single = M <= rows_per_chunk
-    dx = torch.empty_like(x) if need_x else None
-    # Sums over chunks in float32; a single chunk writes dweight in the input dtype directly.
-    dw = None if not need_w else (torch.empty_like(weight) if single else torch.zeros_like(weight, dtype=acc))
-    db = torch.zeros(columns, device=x.device, dtype=acc) if need_b else None
-    dgp = torch.zeros(g_params.shape, device=x.device, dtype=acc) if need_g else None
-    gz_buffer = torch.empty((min(M, rows_per_chunk), columns), device=x.device, dtype=x.dtype)
-    for r0 in range(0, M, rows_per_chunk):
-        r1 = min(M, r0 + rows_per_chunk)
-        gz = gz_buffer[:r1 - r0]
+    columns = rank * dbar
+
+    def grad_z_chunk(r0, r1, gz, need_g):
         # mlp sums its parameter gradients over a split's rows: few splits of whole multiples of 128 rows
-        split = _split_rows(r1 - r0, columns, x.device) if need_g else TILE_ROWS
-        part = grad_z(grad_phi[r0:r1], x[r0:r1], weight, bias, g_params, rank, dbar, activation, omega, gamma, gz,
+        split = split_rows(r1 - r0, columns, x.device) if need_g else TILE_ROWS
+        return grad_z(grad_phi[r0:r1], x[r0:r1], weight, bias, g_params, rank, dbar, activation, omega, gamma, gz,
                       split, need_g)
-        if need_x:
-            torch.mm(gz, weight, out=dx[r0:r1])
-        if need_w:
-            if single:
-                torch.mm(gz.T, x, out=dw)
-            else:
-                dw += (gz.T @ x[r0:r1]).to(acc)  # fp16/bf16: each chunk's GEMM accumulates in fp32 inside
-        if need_b:
-            db += gz.sum(0, dtype=acc)
-        if need_g:
-            dgp += part.sum(0).view(g_params.shape)  # the splits in a fixed order
-    return (dx, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None,
-            dgp.to(g_params.dtype) if need_g else None)
+
+    return chunked_backward(grad_z_chunk, x, weight, bias, g_params, rank, dbar, needs, chunk_bytes)

@@ -24,12 +24,10 @@ import triton.language as tl
 
 from .._library import triton_autotune
 from .._triton_lib import stacked_projection, tanh
-from .common import ACTIVATIONS, accumulate_dtype
+from .common import ACTIVATIONS, ROW_ALIGN, accumulate_dtype, chunked_backward, split_rows
 
 _ACT_CODE = {name: code for code, name in enumerate(ACTIVATIONS)}
 _MLP = _ACT_CODE["mlp"]
-CHUNK_BYTES = 32 * 2**20  # grad_z of one chunk of rows in the backward
-ROW_ALIGN = 128  # the row splits of the backward kernel are whole multiples of the largest BM
 
 # (BM, BN, BD, warps, stages): BN = the dot's columns (BR = BN / DBP neurons, at least one); BD = the d-chunk of
 # the dot (16 suits d <= 16, the coordinates of implicit representations). The first config is the default: no
@@ -246,72 +244,32 @@ def forward(x, weight, bias, g_params, rank, dbar, activation, omega, gamma, *, 
     return phi
 
 
-def chunk_rows(rank: int, dbar: int, element_size: int, chunk_bytes: int) -> int:
-    """Rows of one backward chunk: grad_z (rows, rank * dbar) within chunk_bytes, in whole ROW_ALIGN blocks where
-    one fits, else whole 16-row blocks; at least 16 rows, which the largest row of the contract (rank 4096 x dbar 64
-    in fp32, 1 MiB) keeps within 32 MiB."""
-    rows = chunk_bytes // (rank * dbar * element_size)
-    align = ROW_ALIGN if rows >= ROW_ALIGN else 16
-    return max(align, rows // align * align)
-
-
-def _split_rows(rows: int, columns: int, device: torch.device) -> int:
-    """Rows per program of the mlp backward, which sums the g_params gradients over them: about four programs per
-    SM (few partial sums), whole ROW_ALIGN blocks. Other activations: one block per program."""
-    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    splits = max(1, min(triton.cdiv(rows, ROW_ALIGN), triton.cdiv(programs, triton.cdiv(columns, 128))))
-    return triton.cdiv(triton.cdiv(rows, splits), ROW_ALIGN) * ROW_ALIGN
-
-
-def backward(grad_phi, x, weight, bias, g_params, rank, dbar, activation, omega, gamma, needs, *, kernel=None,
-             **config):
-    """-> (dx, dweight, dbias, dg_params). grad_z is formed CHUNK_BYTES at a time (read at each call, so tests can
-    make it small to run several chunks); kernel/config: a raw launch of _lrnn_grad_z_kernel with an explicit tile
-    config."""
-    need_x, need_w, need_b, need_g = needs
-    need_b = need_b and bias is not None
-    need_g = need_g and g_params is not None
+def backward(grad_phi, x, weight, bias, g_params, rank, dbar, activation, omega, gamma, needs, *, chunk_bytes=None,
+             kernel=None, **config):
+    """-> (dx, dweight, dbias, dg_params), by common.chunked_backward around _lrnn_grad_z_kernel (chunk_bytes: the
+    budget of one grad_z chunk, common.CHUNK_BYTES by default); kernel/config: a raw launch of
+    _lrnn_grad_z_kernel with an explicit tile config."""
     x = x.contiguous()
     grad_phi = grad_phi.contiguous()
     weight, bias, g_params, h, flags = _launch_args(x, weight, bias, g_params, rank, dbar, activation)
-    M, D = x.shape
+    D = x.shape[1]
     columns = rank * dbar
-    acc = accumulate_dtype(x.dtype)
-    rows_per_chunk = chunk_rows(rank, dbar, x.element_size(), CHUNK_BYTES)
-    single = M <= rows_per_chunk
-    dx = torch.empty_like(x) if need_x else None
-    # Sums over chunks in the accumulate dtype; one chunk writes dweight in the input dtype directly.
-    dw = None if not need_w else (torch.empty_like(weight) if single else torch.zeros_like(weight, dtype=acc))
-    db = torch.zeros(columns, device=x.device, dtype=acc) if need_b else None
-    dgp = torch.zeros(g_params.shape, device=x.device, dtype=acc) if need_g else None
     mlp = flags["ACT"] == _MLP
-    grad_z = torch.empty((min(M, rows_per_chunk), columns), device=x.device, dtype=x.dtype)
-    for r0 in range(0, M, rows_per_chunk):
-        r1 = min(M, r0 + rows_per_chunk)
-        rows = r1 - r0
-        gz = grad_z[:rows]
-        split = _split_rows(rows, columns, x.device) if mlp else ROW_ALIGN
-        splits = triton.cdiv(rows, split)
-        part = torch.empty((splits, 3, columns, h) if mlp else (1,), device=x.device, dtype=acc)
 
-        def grid(meta, splits=splits):
+    def grad_z_chunk(r0, r1, gz, need_g):
+        rows = r1 - r0
+        # The mlp kernel sums its parameter gradients over a split's rows; other activations take one row block.
+        split = split_rows(rows, columns, x.device) if mlp else ROW_ALIGN
+        splits = triton.cdiv(rows, split)
+        part = torch.empty((splits, 3, columns, h) if mlp else (1,), device=x.device,
+                           dtype=accumulate_dtype(x.dtype))
+
+        def grid(meta):
             return splits, triton.cdiv(rank, _neurons_per_tile(meta["BN"], flags["DBP"]))
 
         (kernel or _grad_z)[grid](x[r0:r1], weight, bias if bias is not None else x, g_params if mlp else x,
                                   grad_phi[r0:r1], gz, part, rows, D, rank, dbar, h, split, omega, gamma, x.stride(0),
                                   grad_phi.stride(0), gz.stride(0), **flags, **config)
-        if need_x:
-            torch.mm(gz, weight, out=dx[r0:r1])
-        if need_w:
-            if single:
-                torch.mm(gz.T, x, out=dw)
-            elif dw.dtype == x.dtype:
-                dw.addmm_(gz.T, x[r0:r1])
-            else:
-                dw += (gz.T @ x[r0:r1]).to(acc)  # fp16/bf16: each chunk's GEMM accumulates in fp32 inside
-        if need_b:
-            db += gz.sum(0, dtype=acc)
-        if need_g:
-            dgp += part.sum(0).view(g_params.shape).to(acc)
-    return (dx, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None,
-            dgp.to(g_params.dtype) if need_g else None)
+        return part if need_g else None
+
+    return chunked_backward(grad_z_chunk, x, weight, bias, g_params, rank, dbar, needs, chunk_bytes)
