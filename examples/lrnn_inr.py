@@ -130,7 +130,7 @@ def main():
     # check: the steps (and pixels per step) on which every backend trains from the same weights; on the CPU the
     # fused backend is the Triton interpreter, so a few small steps there, on a GPU the whole run.
     if args.smoke:
-        height, rank, layers, dbar, batch, epochs, check = 24, 16, 2, 4, 96, 8, (2, 32)
+        height, rank, layers, dbar, batch, epochs, check = 24, 16, 2, 4, 96, 12, (2, 32)
     elif args.quick:
         height, rank, layers, dbar, batch, epochs, check = 64, 48, 2, 4, 512, 30, (3, 64)
     else:  # full size: 427 x 640 pixels, ~200k parameters
