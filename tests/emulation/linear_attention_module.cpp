@@ -5,47 +5,22 @@
 
 #include "cuda_emulation.h"
 
-#include <pybind11/pybind11.h>
-
-#include <string>
-
 #include "linear_attention.cu"
 #include "linear_attention_bf16.cu"
 #include "linear_attention_f16.cu"
 #include "linear_attention_f32.cu"
+#include "emulated_module.h"
 
 namespace py = pybind11;
 namespace hk = hadamard_kernels;
+using hk_module::launcher;
+using hk_module::pointer;
 using P = hk::LinearAttentionParams;
-
-namespace {
-
-// As the real module's, without the CUDA runtime (nothing here links it): the error code in numbers.
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string(what) + " failed: CUDA error " + std::to_string(static_cast<int>(err)));
-  }
-}
-
-template <class T>
-void pointer(py::class_<P>& cls, const char* name, T* P::*member) {
-  cls.def_property(
-      name, [member](const P& p) { return reinterpret_cast<std::uintptr_t>(p.*member); },
-      [member](P& p, std::uintptr_t address) { p.*member = reinterpret_cast<T*>(address); });
-}
-
-}  // namespace
 
 PYBIND11_MODULE(hk_linear_attention_emulated, m) {
   m.attr("DTYPES") = py::make_tuple("float32", "float16", "bfloat16");
   m.attr("LINEAR_ATTENTION_MAX_DIM") = hk::kLinearAttentionMaxDim;
-  py::class_<P> cls(m, "LinearAttentionParams", py::module_local());  // _C registers the same C++ type
-  cls.def(py::init([](const py::kwargs& fields) {
-    P params;
-    py::object view = py::cast(&params, py::return_value_policy::reference);
-    for (auto field : fields) py::setattr(view, field.first, field.second);
-    return params;
-  }));
+  py::class_<P> cls = hk_module::params_class<P>(m, "LinearAttentionParams");
   pointer(cls, "q", &P::q);
   pointer(cls, "k", &P::k);
   pointer(cls, "v", &P::v);
@@ -75,17 +50,8 @@ PYBIND11_MODULE(hk_linear_attention_emulated, m) {
       .def_readwrite("dv_row_stride", &P::dv_row_stride).def_readwrite("dv_head_stride", &P::dv_head_stride)
       .def_readwrite("feature_map", &P::feature_map).def_readwrite("normalize", &P::normalize)
       .def_readwrite("scale", &P::scale).def_readwrite("eps", &P::eps);
-  cls.def_property(
-      "dtype", [](const P& p) { return static_cast<int>(p.dtype); },
-      [](P& p, int code) { p.dtype = static_cast<hk::DType>(code); });
-  m.def("linear_attention_fwd", [](const P& p, std::uintptr_t) {
-    py::gil_scoped_release release;
-    check(hk::launch_linear_attention_fwd(p, nullptr), "linear_attention_fwd");
-  });
-  m.def("linear_attention_bwd", [](const P& p, std::uintptr_t) {
-    py::gil_scoped_release release;
-    check(hk::launch_linear_attention_bwd(p, nullptr), "linear_attention_bwd");
-  });
+  launcher(m, "linear_attention_fwd", &hk::launch_linear_attention_fwd, /*release_gil=*/true);
+  launcher(m, "linear_attention_bwd", &hk::launch_linear_attention_bwd, /*release_gil=*/true);
   m.def("linear_attention_bwd_workspace_bytes", &hk::linear_attention_bwd_workspace_bytes);
   // The dynamic shared memory of one block (dtype code, reduction dim), for cuda.py's copy of the formula.
   m.def("scan_shared_bytes", [](int dtype, int64_t da) {

@@ -4,43 +4,18 @@
 
 #include "cuda_emulation.h"
 
-#include <pybind11/pybind11.h>
-
-#include <string>
-
 #include "lrnn.cu"
+#include "emulated_module.h"
 
 namespace py = pybind11;
 namespace hk = hadamard_kernels;
+using hk_module::launcher;
+using hk_module::pointer;
 using P = hk::LrnnParams;
-
-namespace {
-
-// As the real module's, without the CUDA runtime (nothing here links it): the error code in numbers.
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string(what) + " failed: CUDA error " + std::to_string(static_cast<int>(err)));
-  }
-}
-
-template <class T>
-void pointer(py::class_<P>& cls, const char* name, T* P::*member) {
-  cls.def_property(
-      name, [member](const P& p) { return reinterpret_cast<std::uintptr_t>(p.*member); },
-      [member](P& p, std::uintptr_t address) { p.*member = reinterpret_cast<T*>(address); });
-}
-
-}  // namespace
 
 PYBIND11_MODULE(hk_lrnn_emulated, m) {
   m.attr("DTYPES") = py::make_tuple("float32", "float16", "bfloat16");
-  py::class_<P> cls(m, "LrnnParams", py::module_local());  // _C registers the same C++ type
-  cls.def(py::init([](const py::kwargs& fields) {
-    P params;
-    py::object view = py::cast(&params, py::return_value_policy::reference);
-    for (auto field : fields) py::setattr(view, field.first, field.second);
-    return params;
-  }));
+  py::class_<P> cls = hk_module::params_class<P>(m, "LrnnParams");
   pointer(cls, "x", &P::x);
   pointer(cls, "weight", &P::weight);
   pointer(cls, "bias", &P::bias);
@@ -54,9 +29,6 @@ PYBIND11_MODULE(hk_lrnn_emulated, m) {
       .def_readwrite("phi_row_stride", &P::phi_row_stride).def_readwrite("grad_z_row_stride", &P::grad_z_row_stride)
       .def_readwrite("rows_per_split", &P::rows_per_split).def_readwrite("activation", &P::activation)
       .def_readwrite("omega", &P::omega).def_readwrite("gamma", &P::gamma);
-  cls.def_property(
-      "dtype", [](const P& p) { return static_cast<int>(p.dtype); },
-      [](P& p, int code) { p.dtype = static_cast<hk::DType>(code); });
-  m.def("lrnn_fwd", [](const P& p, std::uintptr_t) { check(hk::launch_lrnn_fwd(p, nullptr), "lrnn_fwd"); });
-  m.def("lrnn_bwd", [](const P& p, std::uintptr_t) { check(hk::launch_lrnn_bwd(p, nullptr), "lrnn_bwd"); });
+  launcher(m, "lrnn_fwd", &hk::launch_lrnn_fwd);
+  launcher(m, "lrnn_bwd", &hk::launch_lrnn_bwd);
 }

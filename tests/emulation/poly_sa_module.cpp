@@ -6,47 +6,18 @@
 #include "cuda_emulation.h"
 #include "wmma_emulation.h"
 
-#include <pybind11/pybind11.h>
-
-#include <string>
-
 #include "poly_sa.cu"
+#include "emulated_module.h"
 
 namespace py = pybind11;
 namespace hk = hadamard_kernels;
+using hk_module::launcher;
+using hk_module::pointer;
 using P = hk::PolySaParams;
-
-namespace {
-
-// As the real module's, without the CUDA runtime (nothing here links it): the error code in numbers.
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string(what) + " failed: CUDA error " + std::to_string(static_cast<int>(err)));
-  }
-}
-
-template <class T>
-void pointer(py::class_<P>& cls, const char* name, T* P::*member) {
-  cls.def_property(
-      name, [member](const P& p) { return reinterpret_cast<std::uintptr_t>(p.*member); },
-      [member](P& p, std::uintptr_t address) { p.*member = reinterpret_cast<T*>(address); });
-}
-
-void launcher(py::module_& m, const char* name, cudaError_t (*launch)(const P&, cudaStream_t)) {
-  m.def(name, [name, launch](const P& p, std::uintptr_t) { check(launch(p, nullptr), name); });
-}
-
-}  // namespace
 
 PYBIND11_MODULE(hk_poly_sa_emulated, m) {
   m.attr("DTYPES") = py::make_tuple("float32", "float16", "bfloat16");
-  py::class_<P> cls(m, "PolySaParams", py::module_local());  // _C registers the same C++ type
-  cls.def(py::init([](const py::kwargs& fields) {
-    P params;
-    py::object view = py::cast(&params, py::return_value_policy::reference);
-    for (auto field : fields) py::setattr(view, field.first, field.second);
-    return params;
-  }));
+  py::class_<P> cls = hk_module::params_class<P>(m, "PolySaParams");
   pointer(cls, "z", &P::z);
   pointer(cls, "w1", &P::w1);
   pointer(cls, "w2", &P::w2);
@@ -65,9 +36,6 @@ PYBIND11_MODULE(hk_poly_sa_emulated, m) {
   cls.def_readwrite("B", &P::B).def_readwrite("N", &P::N).def_readwrite("C", &P::C);
   cls.def_readwrite("tokens_per_split", &P::tokens_per_split).def_readwrite("z_row_stride", &P::z_row_stride);
   cls.def_readwrite("g_row_stride", &P::g_row_stride).def_readwrite("out_row_stride", &P::out_row_stride);
-  cls.def_property(
-      "dtype", [](const P& p) { return static_cast<int>(p.dtype); },
-      [](P& p, int code) { p.dtype = static_cast<hk::DType>(code); });
   launcher(m, "poly_sa_pool_fwd", &hk::launch_poly_sa_pool_fwd);
   launcher(m, "poly_sa_out_fwd", &hk::launch_poly_sa_out_fwd);
   launcher(m, "poly_sa_out_bwd", &hk::launch_poly_sa_out_bwd);
