@@ -61,15 +61,6 @@ template <typename T, int ACT, bool BACKWARD>
 constexpr int kBlocksPerSm = 4 - (std::is_same_v<T, float> ? 1 : 0) * (BACKWARD || ACT == kLrnnMlp) -
                              (BACKWARD && ACT == kLrnnMlp ? 1 : 0);
 
-constexpr size_t round_up_128(size_t bytes) { return (bytes + 127) / 128 * 128; }
-constexpr size_t max_size(size_t a, size_t b) { return a > b ? a : b; }
-
-#if defined(HK_CPU_EMULATION)
-#define HK_LRNN_SHARED_MEMORY(name) unsigned char* const name = hk_emulation::dynamic_shared_memory()
-#else
-#define HK_LRNN_SHARED_MEMORY(name) extern __shared__ __align__(128) unsigned char name[]
-#endif
-
 // Raw storage of an element and the shared-memory row pad (elements) of the staged operands: 16-bit rows of 40
 // (20 words) put the 8 rows g of a fragment load in distinct 4-bank groups; fp32 rows of 36 do the same for the
 // float2 loads of the SIMT path.
@@ -93,7 +84,7 @@ struct Layout {
   static constexpr size_t kStageBytes = sizeof(Bits) * kTileM * kStride;
   static constexpr int kBuffers = BACKWARD ? (MLP ? 3 : 2) : 1;  // f; d or z; u
   static constexpr size_t kBufferBytes = sizeof(float) * kTileM * kLdE;
-  static constexpr size_t kMainBytes = round_up_128(max_size(4 * kStageBytes, kBuffers * kBufferBytes));
+  static constexpr size_t kMainBytes = round_up_128(max_of(4 * kStageBytes, kBuffers * kBufferBytes));
   static constexpr size_t kBytes = kMainBytes + (MLP ? sizeof(float) * 3 * kTileN * kLdP : 0);
   static_assert(kTileM == kTileN, "x and weight slices share one shape");
   static_assert(!MLP || !BACKWARD || kBufferBytes >= sizeof(float) * 3 * kLrnnMaxHidden * kTileN,
@@ -356,7 +347,7 @@ template <typename T, int ACT>
 __global__ void __launch_bounds__(kThreads, (kBlocksPerSm<T, ACT, false>)) lrnn_fwd_kernel(const LrnnParams p) {
   constexpr bool MLP = ACT == kLrnnMlp;
   using L = Layout<T, false, MLP>;
-  HK_LRNN_SHARED_MEMORY(smem);
+  HK_DYNAMIC_SHARED_MEMORY(smem);
   float* const f = reinterpret_cast<float*>(smem);
   float* const params = reinterpret_cast<float*>(smem + L::kMainBytes);
   const int64_t column_tile_count = column_tiles(p);
@@ -396,7 +387,7 @@ template <typename T, int ACT>
 __global__ void __launch_bounds__(kThreads, (kBlocksPerSm<T, ACT, true>)) lrnn_bwd_kernel(const LrnnParams p) {
   constexpr bool MLP = ACT == kLrnnMlp;
   using L = Layout<T, true, MLP>;
-  HK_LRNN_SHARED_MEMORY(smem);
+  HK_DYNAMIC_SHARED_MEMORY(smem);
   float* const f = reinterpret_cast<float*>(smem);
   float* const dz = f + kTileM * kLdE;  // gamma g'(z), then dL/dz; mlp: z
   float* const u = dz + kTileM * kLdE;  // mlp: dL/dg

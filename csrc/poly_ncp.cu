@@ -53,15 +53,6 @@ constexpr int kChunk = 32;  // slice of the contraction (d, or k for the S produ
 
 constexpr int kWideCols = 64;  // columns of a per-degree tile (its rows: Layout<T, kWideCols>::kRows = 64)
 
-constexpr size_t round_up_128(size_t bytes) { return (bytes + 127) / 128 * 128; }
-constexpr int max_int(int a, int b) { return a > b ? a : b; }
-
-#if defined(HK_CPU_EMULATION)
-#define HK_POLY_NCP_SHARED_MEMORY(name) unsigned char* const name = hk_emulation::dynamic_shared_memory()
-#else
-#define HK_POLY_NCP_SHARED_MEMORY(name) extern __shared__ __align__(128) unsigned char name[]
-#endif
-
 // Shared-memory layout of one block. Row pads: 8 elements keep 16-bit rows a multiple of 16 bytes (wmma's
 // ldm rule) with every 16 x 16 fragment 32-byte aligned; 1 float staggers the fp32 weight slice rows so the
 // SIMT reads of 32 consecutive rows fall in 32 banks.
@@ -75,7 +66,7 @@ struct Layout {
   static constexpr int kLdY = KP + kPad;      // y tile (the resident A operand) [kRows][kLdY]
   static constexpr int kLdF = KP + 4;         // fp32 a, s, g tiles [kRows][kLdF]
   static constexpr size_t kXBytes = round_up_128(sizeof(T) * kRows * kLdX);
-  static constexpr size_t kWBytes = round_up_128(sizeof(T) * max_int(KP * kLdW, kChunk * kLdWT));
+  static constexpr size_t kWBytes = round_up_128(sizeof(T) * max_of(KP * kLdW, kChunk * kLdWT));
   static constexpr size_t kYBytes = round_up_128(sizeof(T) * kRows * kLdY);
   static constexpr size_t kFBytes = round_up_128(sizeof(float) * kRows * kLdF);
   static constexpr size_t kBytes = kXBytes + kWBytes + kYBytes + 3 * kFBytes;
@@ -280,7 +271,7 @@ __device__ __forceinline__ float chain_value(const PolyNcpParams& p, const Smem<
 template <typename T, int KP>
 __global__ void __launch_bounds__(kThreads) poly_ncp_fwd_kernel(const PolyNcpParams p) {
   using Lay = Layout<T, KP>;
-  HK_POLY_NCP_SHARED_MEMORY(smem_raw);
+  HK_DYNAMIC_SHARED_MEMORY(smem_raw);
   const Smem<T, KP> sm(smem_raw);
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * Lay::kRows;
   T* out = static_cast<T*>(p.y);
@@ -306,7 +297,7 @@ __global__ void __launch_bounds__(kThreads) poly_ncp_fwd_kernel(const PolyNcpPar
 template <typename T, int KP>
 __global__ void __launch_bounds__(kThreads) poly_ncp_bwd_kernel(const PolyNcpParams p) {
   using Lay = Layout<T, KP>;
-  HK_POLY_NCP_SHARED_MEMORY(smem_raw);
+  HK_DYNAMIC_SHARED_MEMORY(smem_raw);
   const Smem<T, KP> sm(smem_raw);
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * Lay::kRows;
   const int64_t slab = p.M * p.k;  // one degree of grad_s and ys
@@ -417,7 +408,7 @@ __device__ __forceinline__ void wide_products(const DegreeStep& s, const Smem<T,
 template <typename T>
 __global__ void __launch_bounds__(kThreads) poly_ncp_degree_fwd_kernel(const DegreeStep s) {
   using Lay = Layout<T, kWideCols>;
-  HK_POLY_NCP_SHARED_MEMORY(smem_raw);
+  HK_DYNAMIC_SHARED_MEMORY(smem_raw);
   const Smem<T, kWideCols> sm(smem_raw);
   const PolyNcpParams& p = s.p;
   const WideTile t = wide_tile<T>(p);
@@ -437,7 +428,7 @@ __global__ void __launch_bounds__(kThreads) poly_ncp_degree_fwd_kernel(const Deg
 template <typename T>
 __global__ void __launch_bounds__(kThreads) poly_ncp_degree_bwd_kernel(const DegreeStep s) {
   using Lay = Layout<T, kWideCols>;
-  HK_POLY_NCP_SHARED_MEMORY(smem_raw);
+  HK_DYNAMIC_SHARED_MEMORY(smem_raw);
   const Smem<T, kWideCols> sm(smem_raw);
   const PolyNcpParams& p = s.p;
   const WideTile t = wide_tile<T>(p);

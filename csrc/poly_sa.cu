@@ -48,14 +48,6 @@ constexpr int kCols = 64;   // output columns of a tile
 constexpr int kChunk = 32;  // contraction slice per shared-memory stage
 constexpr int kGroups = kThreads / kCols;  // row groups of the per-column token sums
 
-constexpr size_t round_up_128(size_t bytes) { return (bytes + 127) / 128 * 128; }
-
-#if defined(HK_CPU_EMULATION)
-#define HK_POLY_SA_SHARED_MEMORY(name) unsigned char* const name = hk_emulation::dynamic_shared_memory()
-#else
-#define HK_POLY_SA_SHARED_MEMORY(name) extern __shared__ __align__(128) unsigned char name[]
-#endif
-
 // Shared-memory layout. Row pads: 8 elements keep 16-bit rows a multiple of 16 bytes (wmma's ldm rule) with every
 // 16 x 16 fragment 32-byte aligned; 1 float staggers the fp32 rows of the SIMT path.
 template <typename T>
@@ -253,7 +245,7 @@ __device__ __forceinline__ float sum_groups(float value, float* scratch) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) poly_sa_pool_fwd_kernel(const PolySaParams p) {
-  HK_POLY_SA_SHARED_MEMORY(smem_raw);
+  HK_DYNAMIC_SHARED_MEMORY(smem_raw);
   const Smem<T> sm(smem_raw);
   const int64_t n_col = (p.C + kCols - 1) / kCols;
   const int64_t b = blockIdx.x / n_col, col0 = blockIdx.x % n_col * kCols;
@@ -287,7 +279,7 @@ __device__ __forceinline__ void fill_row_batch(const PolySaParams& p, int64_t ro
 template <typename T>
 __global__ void __launch_bounds__(kThreads) poly_sa_out_fwd_kernel(const PolySaParams p) {
   using L = Layout<T>;
-  HK_POLY_SA_SHARED_MEMORY(smem_raw);
+  HK_DYNAMIC_SHARED_MEMORY(smem_raw);
   const Smem<T> sm(smem_raw);
   const int64_t M = p.B * p.N;
   const int64_t n_col = (p.C + kCols - 1) / kCols;
@@ -315,7 +307,7 @@ __global__ void __launch_bounds__(kThreads) poly_sa_out_fwd_kernel(const PolySaP
 template <typename T>
 __global__ void __launch_bounds__(kThreads) poly_sa_out_bwd_kernel(const PolySaParams p) {
   using L = Layout<T>;
-  HK_POLY_SA_SHARED_MEMORY(smem_raw);
+  HK_DYNAMIC_SHARED_MEMORY(smem_raw);
   const Smem<T> sm(smem_raw);
   const int64_t n_col = (p.C + kCols - 1) / kCols;
   const int64_t b = blockIdx.x / n_col, col0 = blockIdx.x % n_col * kCols;
@@ -362,7 +354,7 @@ __global__ void __launch_bounds__(kThreads) poly_sa_out_bwd_kernel(const PolySaP
 template <typename T>
 __global__ void __launch_bounds__(kThreads) poly_sa_pool_bwd_kernel(const PolySaParams p) {
   using L = Layout<T>;
-  HK_POLY_SA_SHARED_MEMORY(smem_raw);
+  HK_DYNAMIC_SHARED_MEMORY(smem_raw);
   const Smem<T> sm(smem_raw);
   const int64_t M = p.B * p.N;
   const int64_t n_col = (p.C + kCols - 1) / kCols;

@@ -4,6 +4,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -25,6 +26,14 @@ HK_HOST_DEVICE inline bool is_aligned(const void* ptr, std::uintptr_t bytes) {
   return reinterpret_cast<std::uintptr_t>(ptr) % bytes == 0;
 }
 
+// Shared-memory layouts: each region starts on a 128-byte boundary (the alignment HK_DYNAMIC_SHARED_MEMORY declares).
+constexpr std::size_t round_up_128(std::size_t bytes) { return (bytes + 127) / 128 * 128; }
+
+template <typename T>
+constexpr T max_of(T a, T b) {
+  return a > b ? a : b;
+}
+
 }  // namespace hadamard_kernels
 
 // Returns the error code of `expr` from the enclosing function when it is not cudaSuccess.
@@ -33,6 +42,14 @@ HK_HOST_DEVICE inline bool is_aligned(const void* ptr, std::uintptr_t bytes) {
     const cudaError_t hk_err_ = (expr);            \
     if (hk_err_ != cudaSuccess) return hk_err_;    \
   } while (0)
+
+// Declares `name`, the block's dynamic shared memory as unsigned char*, 128-byte aligned. Under HK_CPU_EMULATION
+// (tests/emulation/cuda_emulation.h, included before this header) it is the emulated block's buffer instead.
+#if defined(HK_CPU_EMULATION)
+#define HK_DYNAMIC_SHARED_MEMORY(name) unsigned char* const name = hk_emulation::dynamic_shared_memory()
+#else
+#define HK_DYNAMIC_SHARED_MEMORY(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
 
 // Static switches: turn a run-time value into a compile-time constant NAME visible inside the lambda body
 // passed as the last argument, which is called and whose cudaError_t is returned. A value outside the
