@@ -405,7 +405,7 @@ def backward_config(C: int, spatial_dims: tuple[int, int] | None) -> dict:
     else:
         TW, TH = 1, rows
     # Each thread also holds BC / threads entries of the five parameter-gradient sums across tiles. sm_90 builds
-    # (../shared/tools/sm90_report.py, bf16): 8 warps keep [2, 2, 1024] and [1, 2, 1024] tiles free of spills
+    # (ptxas -v of an sm_90 bf16 build): 8 warps keep [2, 2, 1024] and [1, 2, 1024] tiles free of spills
     # (255 and 173 registers), where 16 warps (128 registers each) spill; [2, 2, 2048] spills with either.
     elements = TW * TH * BC
     return dict(TW=TW, TH=TH, BC=BC, num_warps=16 if elements > 4096 else max(4, min(8, elements // 256)))

@@ -42,7 +42,7 @@ from .common import (
 )
 
 # Tiles: BT tokens x BJ (or BI) columns, BK the contraction chunk; the first config of each list is the default.
-# Register use on sm_90 (bf16, ../shared/tools/sm90_report.py) picks the lists: two [BT, BJ] fp32 accumulators
+# Register use on sm_90 (bf16, ptxas -v of the build) picks the lists: two [BT, BJ] fp32 accumulators
 # (pool, pool gradient) spill at 128 x 128 or 64 x 128 with 4 warps, so those take 8; the output-backward epilogue
 # spills at 128 x 128.
 _TWO_ACC_CONFIGS = [
