@@ -6,8 +6,9 @@
 // function statics they share, and warp operations (shuffles, ldmatrix, mma.sync) exchange values through per-warp
 // slots at a warp barrier (every lane of a warp must reach them together, as the kernels guarantee). A
 // fiber waiting at a barrier nobody else reaches is a deadlock and aborts. mma.m16n8k16 multiplies in fp32 from the
-// fp16/bf16 fragments (products are exact; only the summation order differs from the hardware). Dynamic shared
-// memory is followed by a guard band checked after each block. What this cannot show: timing, bank conflicts, and
+// fp16/bf16 fragments (products are exact; only the summation order differs from the hardware). cp.async copies
+// land at the wait_group that covers them (see cp_async_16). Dynamic shared memory is followed by a guard band
+// checked after each block. What this cannot show: timing, bank conflicts, and
 // races between threads that a barrier does not order (fibers run one at a time, in a fixed order).
 #pragma once
 
@@ -123,6 +124,13 @@ inline void switch_context(Context& save, Context& load) { swapcontext(&save.uc,
 }
 #endif
 
+// One cp.async of 16 bytes, recorded when issued and performed when a wait covers it.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  bool zero_fill;  // src-size 0: write 16 zero bytes, read nothing
+};
+
 // Fibers of the block being run, and the scheduler's context.
 struct Barrier;
 struct Fiber {
@@ -132,6 +140,8 @@ struct Fiber {
   bool done = false;
   const Barrier* waiting = nullptr;  // blocked at this barrier until its generation moves past wait_generation
   uint64_t wait_generation = 0;
+  std::vector<AsyncCopy> open_copies;                  // cp.async issued since the last commit_group
+  std::vector<std::vector<AsyncCopy>> copy_groups;  // committed groups not yet waited for, oldest first
 };
 
 inline thread_local Context scheduler_context;
@@ -220,6 +230,40 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* address, bool trans) {
   }
 }
 
+// cp.async.cg.shared.global 16 bytes, commit_group, wait_group: a copy is recorded in the fiber's open group when
+// issued and performed only when a wait_group covers its group, so a kernel that reads its stage before waiting
+// reads what was there before; the destination is filled with 0xFF bytes (a NaN in every float type) at issue,
+// so that read sees NaN rather than plausibly stale data, and so does another thread reading a slot whose refill
+// was issued before a barrier ordered the two. Other threads see a performed copy after the next __syncthreads,
+// as on hardware. Both addresses must be 16-byte aligned (the instruction's rule, zero-fill included).
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+    std::fprintf(stderr, "hk_emulation: cp.async with an address not 16-byte aligned (dst %p, src %p)\n", dst, src);
+    std::abort();
+  }
+  std::memset(dst, 0xFF, 16);
+  current_fiber->open_copies.push_back({dst, src, !valid});
+}
+
+inline void cp_async_commit() {
+  Fiber& f = *current_fiber;
+  f.copy_groups.push_back(std::move(f.open_copies));
+  f.open_copies.clear();
+}
+
+// Performs every committed group but the newest `pending`.
+inline void cp_async_wait(int pending) {
+  Fiber& f = *current_fiber;
+  const size_t done = f.copy_groups.size() > static_cast<size_t>(pending) ? f.copy_groups.size() - pending : 0;
+  for (size_t g = 0; g < done; ++g) {
+    for (const AsyncCopy& c : f.copy_groups[g]) {
+      if (c.zero_fill) std::memset(c.dst, 0, 16);
+      else std::memcpy(c.dst, c.src, 16);
+    }
+  }
+  f.copy_groups.erase(f.copy_groups.begin(), f.copy_groups.begin() + static_cast<std::ptrdiff_t>(done));
+}
+
 template <typename T>
 float half_bits_to_float(uint16_t bits) {
   if constexpr (std::is_same_v<T, __half>) return __half2float(__ushort_as_half(bits));
@@ -293,6 +337,8 @@ inline void prepare(Fiber& f, unsigned index) {
   f.index = index;
   f.done = false;
   f.waiting = nullptr;
+  f.open_copies.clear();  // copies a finished block never waited for are dropped with it
+  f.copy_groups.clear();
   start_context(f.context, f.stack.get(), kStackBytes, fiber_entry);
 }
 
