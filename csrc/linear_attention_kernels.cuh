@@ -202,25 +202,6 @@ struct Fragment {
 // ---- tensor-core and fp32 tile products: acc (64 x 64) += A (64 x klen) * B (klen x 64), operands in shared
 // memory. A is row-major [m][k] or, with A_COL, stored as [k][m]; B is stored [n][k] or, with B_KN, [k][n].
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans) {
-#if defined(HK_CPU_EMULATION)
-  hk_emulation::ldmatrix_x4(r, smem, trans);
-#else
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  if (trans) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr)
-                 : "memory");
-  } else {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr)
-                 : "memory");
-  }
-#endif
-}
-
 // A fragment (rows m0..m0+15, k0..k0+15) of a tile with row stride ld.
 template <bool A_COL>
 __device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const uint16_t* tile, int ld, int m0, int k0) {

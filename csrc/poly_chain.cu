@@ -16,7 +16,7 @@ using poly_chain_detail::num_tiles;
 // Host-side checks of what the kernels rely on; Python has already checked shapes and dtypes.
 bool valid(const PolyChainParams& p) {
   if (p.M < 1 || p.d < 1 || p.k < 1 || p.N < 1 || p.N > INT_MAX) return false;
-  if (p.x == nullptr || p.weight == nullptr) return false;
+  if (p.x == nullptr || p.weight == nullptr || p.x_row_stride < p.d || p.y_row_stride < p.k) return false;
   if (p.mode != kModeCcp && p.mode != kModeProduct) return false;
   return num_tiles(p) <= INT_MAX;  // one block per tile in a 1D grid
 }

@@ -140,14 +140,6 @@ struct Fragment {
   __device__ __forceinline__ int col(int r) const { return col_base + ((r / 4) % 4) * 8 + r % 2; }
 };
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-
 // acc += x_tile (64 x kChunk) @ w_tile (64 x kChunk)^T for this thread's 32 elements.
 template <typename T>
 __device__ __forceinline__ void multiply_chunk(const typename Elem<T>::Bits* xs, const typename Elem<T>::Bits* ws,
@@ -183,7 +175,7 @@ __device__ __forceinline__ void multiply_chunk(const typename Elem<T>::Bits* xs,
       uint32_t a[2][4];
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
-        ldmatrix_x4(a[mt], xs + (warp_row + mt * 16 + lane % 16) * kStride + ks + (lane / 16) * 8);
+        ldmatrix_x4(a[mt], xs + (warp_row + mt * 16 + lane % 16) * kStride + ks + (lane / 16) * 8, false);
       }
       // B fragments of two 8-column tiles per ldmatrix: matrix q = lane / 8 covers columns (q / 2) * 8.. at
       // k = ks + (q % 2) * 8, giving b0, b1 of the first tile and b0, b1 of the second.
@@ -191,7 +183,8 @@ __device__ __forceinline__ void multiply_chunk(const typename Elem<T>::Bits* xs,
 #pragma unroll
       for (int p = 0; p < 2; ++p) {
         uint32_t r[4];
-        ldmatrix_x4(r, ws + (warp_col + p * 16 + (lane / 16) * 8 + lane % 8) * kStride + ks + ((lane / 8) % 2) * 8);
+        ldmatrix_x4(r, ws + (warp_col + p * 16 + (lane / 16) * 8 + lane % 8) * kStride + ks + ((lane / 8) % 2) * 8,
+                    false);
         b[2 * p][0] = r[0];
         b[2 * p][1] = r[1];
         b[2 * p + 1][0] = r[2];
@@ -398,13 +391,16 @@ cudaError_t launch(const PolyChainParams& p, cudaStream_t stream) {
   return HK_ACTIVATION_SWITCH(p.activation, ACT, [&] {
     return HK_BOOL_SWITCH(p.mode == kModeProduct, PRODUCT, [&] {
       return HK_BOOL_SWITCH(p.bias != nullptr, HAS_BIAS, [&] {
+        auto* kernel = BACKWARD ? poly_chain_bwd_kernel<T, ACT, PRODUCT, HAS_BIAS>
+                                : poly_chain_fwd_kernel<T, ACT, PRODUCT, HAS_BIAS>;
         const unsigned blocks = static_cast<unsigned>(num_tiles(p));
-        if constexpr (BACKWARD) {
-          poly_chain_bwd_kernel<T, ACT, PRODUCT, HAS_BIAS><<<blocks, kThreads, 0, stream>>>(p);
-        } else {
-          poly_chain_fwd_kernel<T, ACT, PRODUCT, HAS_BIAS><<<blocks, kThreads, 0, stream>>>(p);
-        }
+#if defined(HK_CPU_EMULATION)
+        (void)stream;
+        return hk_emulation::launch(kernel, dim3(blocks), kThreads, 0, p);
+#else
+        kernel<<<blocks, kThreads, 0, stream>>>(p);
         return cudaGetLastError();
+#endif
       });
     });
   });

@@ -22,11 +22,12 @@ def _prepare(x, weight, bias):
 
 
 def _params(ext, x2d, weight, bias, mode, activation, scale, **buffers):
-    """The kernel's PolyChainParams; `buffers` names the output pointers and y_row_stride."""
+    """The kernel's PolyChainParams; `buffers` names the output pointers. Every operand is contiguous, so the row
+    strides are d and k (not stride(0), which PyTorch leaves arbitrary for a single row)."""
     N, K, D = weight.shape
     return ext.PolyChainParams(
         x=x2d.data_ptr(), weight=weight.data_ptr(), bias=bias.data_ptr() if bias is not None else 0,
-        M=x2d.shape[0], d=D, k=K, N=N, x_row_stride=x2d.stride(0),
+        M=x2d.shape[0], d=D, k=K, N=N, x_row_stride=D, y_row_stride=K,
         dtype=ext.DTYPES.index(str(x2d.dtype).removeprefix("torch.")),
         activation=ACTIVATIONS.index(activation), mode=MODES.index(mode), scale=float(scale), **buffers)
 
@@ -37,7 +38,7 @@ def forward(x, weight, bias, mode, activation, scale):
     K = weight.shape[1]
     y = torch.empty((x2d.shape[0], K), device=x.device, dtype=x.dtype)
     with torch.cuda.device(x.device):
-        params = _params(ext, x2d, weight, bias, mode, activation, scale, y=y.data_ptr(), y_row_stride=y.stride(0))
+        params = _params(ext, x2d, weight, bias, mode, activation, scale, y=y.data_ptr())
         ext.poly_chain_fwd(params, torch.cuda.current_stream().cuda_stream)
     return y.view(*x.shape[:-1], K)
 
@@ -51,7 +52,7 @@ def backward(grad_y, x, weight, bias, mode, activation, scale, needs):
     grad_z = torch.empty((M, N, K), device=x.device, dtype=x.dtype)
     with torch.cuda.device(x.device):
         params = _params(ext, x2d, weight, bias, mode, activation, scale, grad_y=gy.data_ptr(),
-                         y_row_stride=gy.stride(0), grad_z=grad_z.data_ptr())
+                         grad_z=grad_z.data_ptr())
         workspace = torch.empty(ext.poly_chain_bwd_workspace_bytes(params), device=x.device, dtype=torch.uint8)
         params.workspace = workspace.data_ptr()
         ext.poly_chain_bwd(params, torch.cuda.current_stream().cuda_stream)

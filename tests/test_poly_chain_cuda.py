@@ -1,0 +1,201 @@
+"""poly_chain's CUDA C++ kernels (csrc/poly_chain*.cu) without a GPU: the real source built by the host compiler under
+tests/emulation/cuda_emulation.h (blocks run as fibers, ldmatrix and mma.sync emulated) and driven by
+hadamard_kernels/ops/poly_chain/cuda.py on CPU tensors, against the float64 reference in float32 (the exact-FMA path),
+float16 and bfloat16 (the tensor-core path): every activation and mode, bias or none, odd sizes (M, d, k not multiples
+of the 64 x 64 tile, of the 32-wide d slice or of 8), N = 1..5, unaligned x (no 16-byte loads), exact zero factors,
+every launcher into guard buffers (no store outside its outputs) and launchers refusing bad params. On a GPU,
+tests/test_poly_chain.py runs the built extension itself."""
+
+from __future__ import annotations
+
+import math
+
+import emulated_kernels
+import pytest
+import torch
+from guard import assert_guard_untouched, check_guards, guard_buffer, guarded_copy
+from utils import assert_close
+
+from hadamard_kernels.ops.poly_chain import cuda as chain_cuda
+from hadamard_kernels.ops.poly_chain import reference
+from hadamard_kernels.ops.poly_chain.common import ACTIVATIONS, MODES
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+GRAD_NAMES = ("dx", "dweight", "dbias")
+
+
+@pytest.fixture(scope="session")
+def emulated_extension():
+    """csrc/poly_chain*.cu built by the host compiler under tests/emulation/cuda_emulation.h."""
+    return emulated_kernels.build("hk_poly_chain_emulated", "poly_chain_module.cpp",
+                                  sorted(emulated_kernels.CSRC.glob("poly_chain*")), flags=("-Werror",))
+
+
+@pytest.fixture
+def emulated(emulated_extension, monkeypatch):
+    """cuda.py's forward / backward run the emulated kernels on CPU tensors."""
+    emulated_kernels.run_on_cpu(chain_cuda, emulated_extension, monkeypatch)
+    return emulated_extension
+
+
+def make_inputs(M=67, d=45, k=23, N=3, *, bias=True, dtype=torch.float32, seed=0):
+    """[x, weight, bias] in `dtype` (projections scaled so every u_n is O(1)) and an output gradient."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, d, generator=g, dtype=torch.float64)
+    weight = torch.randn(N, k, d, generator=g, dtype=torch.float64) / math.sqrt(d)
+    b = 0.5 * torch.randn(N, k, generator=g, dtype=torch.float64) if bias else None
+    grad_y = torch.randn(M, k, generator=g, dtype=torch.float64)
+    return [None if t is None else t.to(dtype) for t in (x, weight, b)], grad_y.to(dtype)
+
+
+def check_emulated(inputs, grad_y, mode="ccp", activation="tanh", scale=0.7, needs=(True,) * 3):
+    """cuda.forward / cuda.backward (the emulated kernels) against the reference on float64 copies, with the backend
+    modules' signatures (what op.py calls). Returns (y, gradients)."""
+    dtype = inputs[0].dtype
+    options = (mode, activation, scale)
+    wide = [None if t is None else t.double() for t in inputs]
+    y = chain_cuda.forward(*inputs, *options)
+    assert y.dtype == dtype
+    assert_close("y", y, reference.forward(*wide, *options), dtype)
+    grads = chain_cuda.backward(grad_y, *inputs, *options, list(needs))
+    ref_grads = reference.backward(grad_y.double(), *wide, *options, list(needs))
+    for name, need, t, grad, ref in zip(GRAD_NAMES, needs, inputs, grads, ref_grads):
+        if need and t is not None:
+            assert grad is not None and grad.dtype == t.dtype, f"{name}: missing or {grad.dtype}"
+            assert_close(name, grad, ref, dtype)
+        else:
+            assert grad is None, f"{name} computed but not asked for (or its input is None)"
+    return y, grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_emulated_matches_reference(emulated, dtype, activation):
+    """M 67 (two row tiles, the second of 3 rows), d 45 (two d slices, the second ragged), k 23; ccp with bias and
+    product without, at once."""
+    for i, mode in enumerate(MODES):
+        inputs, grad_y = make_inputs(dtype=dtype, bias=i == 0, seed=i)
+        check_emulated(inputs, grad_y, mode, activation, scale=0.7 if mode == "ccp" else 1.3)
+
+
+@pytest.mark.parametrize("size", [
+    dict(M=1, d=1, k=1, N=1),      # one element: d = 1 is a padded slice, N = 1 is y = u_1
+    dict(M=5, d=16, k=70, N=2),    # two column tiles (64 + 6); d = 16 takes the 16-byte loads (8 for fp32: 4)
+    dict(M=130, d=8, k=9, N=4),    # three row tiles; one 8-wide slice
+    dict(M=3, d=64, k=23, N=5),    # two whole d slices, N = 5
+], ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emulated_sizes(emulated, size, dtype):
+    inputs, grad_y = make_inputs(**size, dtype=dtype, bias=size["N"] != 4)
+    check_emulated(inputs, grad_y, "ccp", "gelu", scale=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_emulated_unaligned_x(emulated, dtype):
+    """x one element into its storage (not 16-byte aligned, d a multiple of the vector width): element loads."""
+    (x, weight, bias), grad_y = make_inputs(M=20, d=32, k=16, N=3, dtype=dtype)
+    shifted = torch.empty(x.numel() + 1, dtype=dtype)[1:].view_as(x).copy_(x)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16 != 0
+    check_emulated([shifted, weight, bias], grad_y, "product", "sigmoid", scale=1.5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_emulated_zero_factors_exact_gradients(emulated, mode):
+    """A factor of exactly 0 (1 + u = 0 in ccp, u = 0 in product): the other degrees' gradients are exactly 0 and
+    the zero factor's are not (prefix x suffix products, no division)."""
+    (x, weight, bias), grad_y = make_inputs(M=9, d=6, k=5, N=4)
+    weight[1] = 0.0
+    bias[1] = -1.0 if mode == "ccp" else 0.0  # identity: u_2 = bias -> factor 0
+    _, (_, dw, db) = check_emulated([x, weight, bias], grad_y, mode, "identity", scale=1.0)
+    assert dw[1].abs().sum() > 0 and db[1].abs().sum() > 0, "the zero factor's gradients must not vanish"
+    assert dw[[0, 2, 3]].abs().sum() == 0, "the other factors see the zero: their gradients are exactly 0"
+
+
+def test_emulated_one_row_with_any_stride(emulated):
+    """A contiguous (1, d) tensor may carry any row stride (PyTorch ignores the stride of a size-1 dim): the launchers
+    must not hand it to the kernels as the row stride."""
+    (x, weight, bias), grad_y = make_inputs(M=1, d=6, k=4, N=2)
+    x, grad_y = x.reshape(6, 1).t(), grad_y.reshape(4, 1).t()
+    assert x.is_contiguous() and x.stride(0) == 1 and grad_y.is_contiguous() and grad_y.stride(0) == 1
+    check_emulated([x, weight, bias], grad_y)
+
+
+def test_emulated_each_gradient_alone(emulated):
+    inputs, grad_y = make_inputs(M=10, d=12, k=7, N=2, dtype=torch.float16)
+    for which in range(3):
+        check_emulated(inputs, grad_y, "ccp", "relu", needs=tuple(i == which for i in range(3)))
+
+
+# ---------------------------------------------------------------- every launcher writes only its outputs
+def _exact_grad_z(x, weight, bias, mode, activation, scale, grad_y):
+    """dL/dz [M, N, k] in float64 by autograd through the reference forward's formula."""
+    N = weight.shape[0]
+    z = torch.stack([x.double() @ weight[n].double().T + (0 if bias is None else bias[n].double())
+                     for n in range(N)], 1).requires_grad_()
+    act = reference._ACTIVATIONS[activation]
+    factors = [scale * act(z[:, n]) + (0 if mode == "product" or n == 0 else 1) for n in range(N)]
+    return torch.autograd.grad(math.prod(factors), z, grad_y.double())[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d, row_pad", [(5, 3), (40, 8)])
+def test_emulated_launchers_stay_in_bounds(emulated_extension, dtype, d, row_pad):
+    """M 67 (the second row tile partial), k 70 (the second column tile partial), N 3; row-padded x, y and grad_y.
+    d = 40 with 8 padding columns takes the 16-byte loads, d = 5 the element loads."""
+    ext = emulated_extension
+    M, k, N = 67, 70, 3
+    mode, activation, scale = ("ccp", "tanh", 0.6) if d == 5 else ("product", "gelu", 1.2)
+    (x, weight, bias), grad_y = make_inputs(M=M, d=d, k=k, N=N, dtype=dtype)
+    gx = guarded_copy(x, name="x", row_pad=row_pad)
+    gw, gb = guarded_copy(weight, name="weight"), guarded_copy(bias, name="bias")
+    ggy = guarded_copy(grad_y, name="grad_y", row_pad=row_pad)
+    y = guard_buffer((M, k), dtype, name="y", row_pad=row_pad)
+    gz = guard_buffer((M, N, k), dtype, name="grad_z")
+    common = dict(x=gx.view.data_ptr(), weight=gw.view.data_ptr(), bias=gb.view.data_ptr(), M=M, d=d, k=k, N=N,
+                  x_row_stride=d + row_pad, y_row_stride=k + row_pad,
+                  dtype=ext.DTYPES.index(str(dtype).removeprefix("torch.")), activation=ACTIVATIONS.index(activation),
+                  mode=MODES.index(mode), scale=scale)
+    ext.poly_chain_fwd(ext.PolyChainParams(**common, y=y.view.data_ptr()), 0)
+    bwd = ext.PolyChainParams(**common, grad_y=ggy.view.data_ptr(), grad_z=gz.view.data_ptr())
+    workspace = guard_buffer((ext.poly_chain_bwd_workspace_bytes(bwd) // 4,), torch.float32, name="workspace")
+    bwd.workspace = workspace.view.data_ptr()
+    ext.poly_chain_bwd(bwd, 0)
+    check_guards(y, gz)
+    assert_guard_untouched(workspace)
+    for guard in (gx, gw, gb, ggy):
+        assert_guard_untouched(guard, f"input {guard.name}")
+    wide = [t.double() for t in (x, weight, bias)]
+    assert_close("y", y.view, reference.forward(*wide, mode, activation, scale), dtype)
+    assert_close("grad_z", gz.view, _exact_grad_z(x, weight, bias, mode, activation, scale, grad_y), dtype)
+
+
+def _bad_params(ext, **fields):
+    """Valid params for a 10 x 4 input, k 3, N 2 (pointers are never dereferenced: the launchers refuse)."""
+    base = dict(x=256, weight=256, bias=0, y=256, grad_y=256, grad_z=256, workspace=256, M=10, d=4, k=3, N=2,
+                x_row_stride=4, y_row_stride=3, dtype=0, activation=0, mode=0, scale=1.0)
+    return ext.PolyChainParams(**{**base, **fields})
+
+
+BAD = [dict(M=0), dict(d=0), dict(k=0), dict(N=0), dict(N=2 ** 31), dict(x=0), dict(weight=0), dict(x_row_stride=3),
+       dict(y_row_stride=2), dict(mode=2), dict(mode=-1), dict(activation=5), dict(activation=-1), dict(dtype=7)]
+
+
+@pytest.mark.parametrize("bad", BAD, ids=str)
+def test_emulated_launchers_refuse_bad_params(emulated_extension, bad):
+    """Refused before any launch, so this is safe on a GPU too; RuntimeError through the bindings."""
+    ext = emulated_extension
+    with pytest.raises(RuntimeError, match="poly_chain_fwd failed"):
+        ext.poly_chain_fwd(_bad_params(ext, **bad), 0)
+    with pytest.raises(RuntimeError, match="poly_chain_bwd failed"):
+        ext.poly_chain_bwd(_bad_params(ext, **bad), 0)
+
+
+def test_emulated_forward_refuses_bad_outputs(emulated_extension):
+    with pytest.raises(RuntimeError, match="poly_chain_fwd failed"):
+        emulated_extension.poly_chain_fwd(_bad_params(emulated_extension, y=0), 0)
+
+
+@pytest.mark.parametrize("bad", [dict(grad_y=0), dict(grad_z=0), dict(workspace=0), dict(workspace=257)], ids=str)
+def test_emulated_backward_refuses_bad_outputs(emulated_extension, bad):
+    with pytest.raises(RuntimeError, match="poly_chain_bwd failed"):
+        emulated_extension.poly_chain_bwd(_bad_params(emulated_extension, **bad), 0)
