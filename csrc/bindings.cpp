@@ -140,14 +140,13 @@ void bind_poly_chain(py::module_& m) {
   using P = hk::PolyChainParams;
   ParamsClass<P>(m, "PolyChainParams")
       .pointer("x", &P::x).pointer("weight", &P::weight).pointer("bias", &P::bias).pointer("y", &P::y)
-      .pointer("grad_y", &P::grad_y).pointer("grad_z", &P::grad_z).pointer("workspace", &P::workspace)
+      .pointer("z", &P::z).pointer("grad_y", &P::grad_y).pointer("grad_z", &P::grad_z)
       .value("M", &P::M).value("d", &P::d).value("k", &P::k).value("N", &P::N)
       .value("x_row_stride", &P::x_row_stride).value("y_row_stride", &P::y_row_stride)
       .value("dtype", &P::dtype).value("activation", &P::activation).value("mode", &P::mode)
       .value("scale", &P::scale);
   def_launcher(m, "poly_chain_fwd", &hk::launch_poly_chain_fwd);
   def_launcher(m, "poly_chain_bwd", &hk::launch_poly_chain_bwd);
-  m.def("poly_chain_bwd_workspace_bytes", &hk::poly_chain_bwd_workspace_bytes, py::arg("params"));
 }
 
 // ---- poly_ncp (csrc/poly_ncp.cu)

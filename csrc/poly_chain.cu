@@ -9,16 +9,13 @@
 namespace hadamard_kernels {
 namespace {
 
-using poly_chain_detail::kPerThread;
-using poly_chain_detail::kThreads;
+using poly_chain_detail::grad_z_blocks;
 using poly_chain_detail::num_tiles;
 
 // Host-side checks of what the kernels rely on; Python has already checked shapes and dtypes.
-bool valid(const PolyChainParams& p) {
-  if (p.M < 1 || p.d < 1 || p.k < 1 || p.N < 1 || p.N > INT_MAX) return false;
-  if (p.x == nullptr || p.weight == nullptr || p.x_row_stride < p.d || p.y_row_stride < p.k) return false;
-  if (p.mode != kModeCcp && p.mode != kModeProduct) return false;
-  return num_tiles(p) <= INT_MAX;  // one block per tile in a 1D grid
+bool valid_sizes(const PolyChainParams& p) {
+  if (p.M < 1 || p.d < 1 || p.k < 1 || p.N < 1 || p.N > INT_MAX || p.y_row_stride < p.k) return false;
+  return p.mode == kModeCcp || p.mode == kModeProduct;
 }
 
 template <bool BACKWARD>
@@ -28,19 +25,15 @@ cudaError_t dispatch(const PolyChainParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-int64_t poly_chain_bwd_workspace_bytes(const PolyChainParams& p) {
-  if (!valid(p)) return 0;
-  return num_tiles(p) * p.N * kPerThread * kThreads * static_cast<int64_t>(sizeof(float2));
-}
-
 cudaError_t launch_poly_chain_fwd(const PolyChainParams& p, cudaStream_t stream) {
-  if (!valid(p) || p.y == nullptr) return cudaErrorInvalidValue;
+  if (!valid_sizes(p) || p.x == nullptr || p.weight == nullptr || p.y == nullptr) return cudaErrorInvalidValue;
+  if (p.x_row_stride < p.d || num_tiles(p) > INT_MAX) return cudaErrorInvalidValue;  // one block per tile, 1D grid
   return dispatch<false>(p, stream);
 }
 
 cudaError_t launch_poly_chain_bwd(const PolyChainParams& p, cudaStream_t stream) {
-  if (!valid(p) || p.grad_y == nullptr || p.grad_z == nullptr) return cudaErrorInvalidValue;
-  if (p.workspace == nullptr || !is_aligned(p.workspace, sizeof(float2))) return cudaErrorInvalidValue;
+  if (!valid_sizes(p) || p.z == nullptr || p.grad_y == nullptr || p.grad_z == nullptr) return cudaErrorInvalidValue;
+  if (grad_z_blocks(p) > INT_MAX) return cudaErrorInvalidValue;
   return dispatch<true>(p, stream);
 }
 

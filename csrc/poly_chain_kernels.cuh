@@ -12,11 +12,10 @@
 // owns a 32 x 32 sub-tile = 2 x 4 MMA tiles of 16 x 8). float16/bfloat16 use mma.sync with fp32
 // accumulators; float32 uses exact fp32 FMAs in the same register layout, so one epilogue serves all dtypes.
 //
-// Backward. dL/du_n = dy * prod_{m != n} f_m = dy * prefix_n * suffix_n (no division, exact with zero
-// factors). One pass over n computes each z_n once and parks (prefix_n * scale * act'(z_n), f_n) per element
-// in an fp32 workspace laid out per thread (so each warp writes and reads 256 contiguous bytes and no
-// synchronisation is needed); a reverse pass over the workspace multiplies in dy and the suffix and writes
-// grad_z. dx, dweight and dbias are GEMMs on grad_z, done by cuBLAS from Python.
+// Backward. dL/dz_n = dy * prefix_n * suffix_n * scale * act'(z_n), with prefix_n / suffix_n the products of the
+// factors before / after degree n (no division: exact with zero factors). The caller supplies z [M, N, k] (saved by
+// the forward, which writes it when params.z is set, or recomputed by one cuBLAS GEMM) and one element-wise kernel
+// writes grad_z, in place over z if asked; dx, dweight and dbias are GEMMs on grad_z, done by cuBLAS from Python.
 
 #pragma once
 
@@ -279,13 +278,35 @@ __device__ __forceinline__ void load_bias(float (&b)[8], const PolyChainParams& 
 
 __device__ __forceinline__ int bias_index(int r) { return ((r / 4) % 4) * 2 + r % 2; }
 
+// Stores the values a, b of columns col, col + 1 (col even) of row `row` of a [M, k] matrix at `out` with row
+// stride `ld`; `pairs`: as one 2-element store (k, ld even and out aligned to 2 elements).
+template <typename T>
+__device__ __forceinline__ void store_output(T* out, int64_t ld, bool pairs, const PolyChainParams& p, int64_t row,
+                                             int64_t col, float a, float b) {
+  if (row >= p.M || col >= p.k) return;
+  T* dst = out + row * ld + col;
+  if (pairs) {
+    store_pair(dst, a, b);  // col even and k even: col + 1 < k
+  } else {
+    dst[0] = from_float<T>(a);
+    if (col + 1 < p.k) dst[1] = from_float<T>(b);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ bool pair_stores(const T* out, int64_t ld, const PolyChainParams& p) {
+  return p.k % 2 == 0 && ld % 2 == 0 && is_aligned(out, 2 * sizeof(T));
+}
+
 // f_1 = u_1; f_n = 1 + u_n (ccp) or u_n (product).
 template <bool PRODUCT>
-__device__ __forceinline__ float chain_factor(float u, int n) {
+HK_HOST_DEVICE inline float chain_factor(float u, int64_t n) {
   return (PRODUCT || n == 0) ? u : 1.f + u;
 }
 
-template <typename T, int ACT, bool PRODUCT, bool HAS_BIAS>
+// STORE_Z: also write z (params.z). A template flag, not a run-time branch: the stores' addressing inside the
+// projection loop took the bf16 kernels from 124-128 to 204-208 registers (ptxas -v, sm_80), also when not taken.
+template <typename T, int ACT, bool PRODUCT, bool HAS_BIAS, bool STORE_Z>
 __global__ void __launch_bounds__(kThreads) poly_chain_fwd_kernel(const PolyChainParams p) {
   __shared__ SharedTiles<T> smem;
   const TileOrigin tile = tile_origin(p);
@@ -295,113 +316,109 @@ __global__ void __launch_bounds__(kThreads) poly_chain_fwd_kernel(const PolyChai
 #pragma unroll
   for (int r = 0; r < kPerThread; ++r) y[r] = 1.f;
 
+  T* z_out = static_cast<T*>(p.z);  // optional: the projections for the backward, [M, N, k]
+  const bool z_pairs = pair_stores(z_out, p.N * p.k, p);
   for_each_projection<T>(p, tile, smem, [&](int n, const float (&acc)[kPerThread]) {
     float b[8];
     load_bias<T, HAS_BIAS>(b, p, frag, tile.col0, n);
 #pragma unroll
-    for (int r = 0; r < kPerThread; ++r) {
-      y[r] *= chain_factor<PRODUCT>(p.scale * activation<ACT>(acc[r] + b[bias_index(r)]), n);
+    for (int r = 0; r < kPerThread; r += 2) {  // r, r + 1: adjacent columns of one row
+      const float z0 = acc[r] + b[bias_index(r)], z1 = acc[r + 1] + b[bias_index(r + 1)];
+      y[r] *= chain_factor<PRODUCT>(p.scale * activation<ACT>(z0), n);
+      y[r + 1] *= chain_factor<PRODUCT>(p.scale * activation<ACT>(z1), n);
+      if constexpr (STORE_Z) {
+        store_output(z_out + n * p.k, p.N * p.k, z_pairs, p, tile.row0 + frag.row(r), tile.col0 + frag.col(r), z0, z1);
+      }
     }
   });
 
   T* out = static_cast<T*>(p.y);
-  const bool pairs = p.k % 2 == 0 && p.y_row_stride % 2 == 0 && is_aligned(out, 2 * sizeof(T));
+  const bool pairs = pair_stores(out, p.y_row_stride, p);
 #pragma unroll
-  for (int r = 0; r < kPerThread; r += 2) {  // r, r + 1: adjacent columns of one row
-    const int64_t row = tile.row0 + frag.row(r), col = tile.col0 + frag.col(r);
-    if (row >= p.M || col >= p.k) continue;
-    T* dst = out + row * p.y_row_stride + col;
-    if (pairs) {
-      store_pair(dst, y[r], y[r + 1]);  // col even and k even: col + 1 < k
-    } else {
-      dst[0] = from_float<T>(y[r]);
-      if (col + 1 < p.k) dst[1] = from_float<T>(y[r + 1]);
+  for (int r = 0; r < kPerThread; r += 2) {
+    store_output(out, p.y_row_stride, pairs, p, tile.row0 + frag.row(r), tile.col0 + frag.col(r), y[r], y[r + 1]);
+  }
+}
+
+// dL/dz_n of one (row, column) pair for n = 0..N-1, given its output gradient dy: z_at(n) reads z_n and
+// store(n, v) writes dL/dz_n, after which z_n is not read again (so grad_z may overwrite z). Registers hold BLOCK
+// degrees: for N > BLOCK the prefix is carried from block to block and the suffix of the later blocks is recomputed
+// from z, (N - BLOCK) N / (2 BLOCK) extra reads of z (none for N <= BLOCK), instead of a workspace.
+template <int ACT, bool PRODUCT, int BLOCK, class Load, class Store>
+HK_HOST_DEVICE inline void chain_grad(int64_t N, float dy, float scale, const Load& z_at, const Store& store) {
+  float prefix = 1.f;  // product of the factors before the current degree
+  for (int64_t lo = 0; lo < N; lo += BLOCK) {
+    const int64_t count = N - lo < BLOCK ? N - lo : BLOCK;
+    float f[BLOCK], g[BLOCK];  // factor, and prefix * scale * act'(z), of degree lo + i
+    for (int i = 0; i < BLOCK; ++i) {
+      if (i < count) {
+        const float z = z_at(lo + i);
+        f[i] = chain_factor<PRODUCT>(scale * activation<ACT>(z), lo + i);
+        g[i] = prefix * scale * activation_grad<ACT>(z);
+        prefix *= f[i];
+      }
+    }
+    float suffix = dy;  // dy times the product of the factors after the current degree
+    for (int64_t n = lo + count; n < N; ++n) suffix *= chain_factor<PRODUCT>(scale * activation<ACT>(z_at(n)), n);
+    for (int i = BLOCK - 1; i >= 0; --i) {
+      if (i < count) {
+        store(lo + i, g[i] * suffix);
+        suffix *= f[i];
+      }
     }
   }
 }
 
-template <typename T, int ACT, bool PRODUCT, bool HAS_BIAS>
-__global__ void __launch_bounds__(kThreads) poly_chain_bwd_kernel(const PolyChainParams p) {
-  __shared__ SharedTiles<T> smem;
-  const TileOrigin tile = tile_origin(p);
-  const Fragment frag;
+constexpr int kGradThreads = 256;
+constexpr int kDegreeBlock = 16;  // degrees per thread in registers (f and g: 32 floats)
 
-  // Workspace of this thread: entry (n, r) at ws[(n * 32 + r) * 128]; a warp touches 32 consecutive float2.
-  float2* ws = static_cast<float2*>(p.workspace) + static_cast<int64_t>(blockIdx.x) * p.N * kPerThread * kThreads +
-               threadIdx.x;
-
-  // Pass 1 (n ascending): park (prefix_n * scale * act'(z_n), f_n).
-  float prod[kPerThread];
-#pragma unroll
-  for (int r = 0; r < kPerThread; ++r) prod[r] = 1.f;
-  for_each_projection<T>(p, tile, smem, [&](int n, const float (&acc)[kPerThread]) {
-    float b[8];
-    load_bias<T, HAS_BIAS>(b, p, frag, tile.col0, n);
-#pragma unroll
-    for (int r = 0; r < kPerThread; ++r) {
-      const float z = acc[r] + b[bias_index(r)];
-      const float f = chain_factor<PRODUCT>(p.scale * activation<ACT>(z), n);
-      ws[(static_cast<int64_t>(n) * kPerThread + r) * kThreads] = make_float2(prod[r] * p.scale * activation_grad<ACT>(z), f);
-      prod[r] *= f;
-    }
-  });
-
-  // Pass 2 (n descending): grad_z_n = dy * (prefix_n * scale * act'(z_n)) * suffix_n; prod now holds the suffix.
-  const T* gy = static_cast<const T*>(p.grad_y);
-  float dy[kPerThread];
-#pragma unroll
-  for (int r = 0; r < kPerThread; ++r) {
-    const int64_t row = tile.row0 + frag.row(r), col = tile.col0 + frag.col(r);
-    dy[r] = (row < p.M && col < p.k) ? to_float(gy[row * p.y_row_stride + col]) : 0.f;
-    prod[r] = 1.f;
-  }
-  T* gz = static_cast<T*>(p.grad_z);
-  const bool pairs = p.k % 2 == 0 && is_aligned(gz, 2 * sizeof(T));
-  for (int64_t n = p.N - 1; n >= 0; --n) {
-    float g[kPerThread];
-#pragma unroll
-    for (int r = 0; r < kPerThread; ++r) {
-      const float2 s = ws[(n * kPerThread + r) * kThreads];
-      g[r] = dy[r] * s.x * prod[r];
-      prod[r] *= s.y;
-    }
-#pragma unroll
-    for (int r = 0; r < kPerThread; r += 2) {
-      const int64_t row = tile.row0 + frag.row(r), col = tile.col0 + frag.col(r);
-      if (row >= p.M || col >= p.k) continue;
-      T* dst = gz + (row * p.N + n) * p.k + col;
-      if (pairs) {
-        store_pair(dst, g[r], g[r + 1]);
-      } else {
-        dst[0] = from_float<T>(g[r]);
-        if (col + 1 < p.k) dst[1] = from_float<T>(g[r + 1]);
-      }
-    }
-  }
+// One thread per (row, column) pair of the [M, k] output: consecutive threads read consecutive columns of each z_n.
+template <typename T, int ACT, bool PRODUCT>
+__global__ void __launch_bounds__(kGradThreads) poly_chain_grad_z_kernel(const PolyChainParams p) {
+  const int64_t pair = static_cast<int64_t>(blockIdx.x) * kGradThreads + threadIdx.x;
+  if (pair >= p.M * p.k) return;
+  const int64_t row = pair / p.k, col = pair % p.k;
+  const int64_t at = row * p.N * p.k + col;  // z_n and dL/dz_n at [at + n * k]
+  const T* z = static_cast<const T*>(p.z) + at;
+  T* gz = static_cast<T*>(p.grad_z) + at;
+  const int64_t k = p.k;
+  chain_grad<ACT, PRODUCT, kDegreeBlock>(
+      p.N, to_float(static_cast<const T*>(p.grad_y)[row * p.y_row_stride + col]), p.scale,
+      [&](int64_t n) { return to_float(z[n * k]); }, [&](int64_t n, float v) { gz[n * k] = from_float<T>(v); });
 }
 
 inline int64_t num_tiles(const PolyChainParams& p) {
   return ((p.M + kTileM - 1) / kTileM) * ((p.k + kTileN - 1) / kTileN);
 }
 
-// Enqueues the forward (BACKWARD = false) or backward kernel instance for element type T that p asks for
-// (activation, mode, bias). p was checked by poly_chain.cu.
+inline int64_t grad_z_blocks(const PolyChainParams& p) { return (p.M * p.k + kGradThreads - 1) / kGradThreads; }
+
+template <class Kernel>
+cudaError_t run(Kernel kernel, int64_t blocks, int threads, const PolyChainParams& p, cudaStream_t stream) {
+#if defined(HK_CPU_EMULATION)
+  (void)stream;
+  return hk_emulation::launch(kernel, dim3(static_cast<unsigned>(blocks)), threads, 0, p);
+#else
+  kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(p);
+  return cudaGetLastError();
+#endif
+}
+
+// Enqueues the forward (BACKWARD = false) or grad_z kernel instance for element type T that p asks for
+// (activation, mode, bias, z). p was checked by poly_chain.cu.
 template <typename T, bool BACKWARD>
 cudaError_t launch(const PolyChainParams& p, cudaStream_t stream) {
   return HK_ACTIVATION_SWITCH(p.activation, ACT, [&] {
     return HK_BOOL_SWITCH(p.mode == kModeProduct, PRODUCT, [&] {
-      return HK_BOOL_SWITCH(p.bias != nullptr, HAS_BIAS, [&] {
-        auto* kernel = BACKWARD ? poly_chain_bwd_kernel<T, ACT, PRODUCT, HAS_BIAS>
-                                : poly_chain_fwd_kernel<T, ACT, PRODUCT, HAS_BIAS>;
-        const unsigned blocks = static_cast<unsigned>(num_tiles(p));
-#if defined(HK_CPU_EMULATION)
-        (void)stream;
-        return hk_emulation::launch(kernel, dim3(blocks), kThreads, 0, p);
-#else
-        kernel<<<blocks, kThreads, 0, stream>>>(p);
-        return cudaGetLastError();
-#endif
-      });
+      if constexpr (BACKWARD) {
+        return run(poly_chain_grad_z_kernel<T, ACT, PRODUCT>, grad_z_blocks(p), kGradThreads, p, stream);
+      } else {
+        return HK_BOOL_SWITCH(p.bias != nullptr, HAS_BIAS, [&] {
+          return HK_BOOL_SWITCH(p.z != nullptr, STORE_Z, [&] {
+            return run(poly_chain_fwd_kernel<T, ACT, PRODUCT, HAS_BIAS, STORE_Z>, num_tiles(p), kThreads, p, stream);
+          });
+        });
+      }
     });
   });
 }

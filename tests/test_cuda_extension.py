@@ -158,15 +158,6 @@ def test_launcher_errors_become_runtime_errors():
         EXT.poly_chain_fwd(params, 0)
     with pytest.raises(RuntimeError, match="poly_chain_bwd failed"):
         EXT.poly_chain_bwd(params, 0)
-    assert EXT.poly_chain_bwd_workspace_bytes(params) == 0
-
-
-@needs_ext
-def test_workspace_bytes():
-    # 2 x 3 tiles of 64 x 64, N = 5, one float2 per element.
-    params = EXT.PolyChainParams(x=16, weight=16, M=100, d=7, k=130, N=5, x_row_stride=7, y_row_stride=130,
-                                 dtype=2, activation=1, mode=1, scale=0.5)
-    assert EXT.poly_chain_bwd_workspace_bytes(params) == 2 * 3 * 5 * 64 * 64 * 8
 
 
 @needs_ext

@@ -68,7 +68,7 @@ def launch_chain_fwd(config, N, mode="ccp", activation="tanh", scale=0.7, bias=T
     """poly_chain.triton.forward with one explicit tile config, into a row-padded y."""
     kernel = kernel or raw_kernel(chain_triton._poly_chain_fwd_kernel)
     x, weight, bias = chain_inputs(N, dtype, bias)
-    _, _, _, _, flags = chain_triton._launch_args(x, weight, bias, mode, activation)
+    flags = chain_triton._flags(x, bias, mode, activation)
     # x and y row-padded (the kernel takes their row strides); weight and bias are indexed as contiguous.
     gx, gw = guarded_copy(x, name="x", row_pad=ROW_PAD), guarded_copy(weight, name="weight")
     gb = guarded_copy(bias, name="bias") if bias is not None else None
@@ -94,14 +94,14 @@ def launch_chain_grad_z(BR, N, mode="ccp", activation="gelu", scale=0.7, bias=Tr
     kernel = kernel or raw_kernel(chain_triton._poly_chain_grad_z_kernel)
     x, weight, bias = chain_inputs(N, dtype, bias)
     gy = randn(M, K, dtype=dtype, seed=3)
-    _, _, _, _, flags = chain_triton._launch_args(x, weight, bias, mode, activation)
-    z = guarded_copy(x @ weight.view(N * K, D).T, name="z")  # the kernel indexes z as contiguous [M, N, K]
-    b = guarded_copy(bias, name="bias") if bias is not None else None
+    flags = chain_triton._flags(x, bias, mode, activation)
+    # The kernel indexes z (bias included) as contiguous [M, N, K].
+    z = guarded_copy(x @ weight.view(N * K, D).T + (0 if bias is None else bias.view(N * K)), name="z")
     g = guarded_copy(gy, name="grad_y")  # no row stride argument: contiguous
     grad_z = guard_buffer((M, N, K), dtype, name=f"poly_chain grad_z BR={BR}")
     kernel[(triton.cdiv(M * K, BR),)](
-        z.view, (b or z).view, g.view, grad_z.view, M * K, K, N, scale, HAS_BIAS=flags["HAS_BIAS"],
-        MODE=flags["MODE"], ACT=flags["ACT"], ACC=flags["ACC"], NP=triton.next_power_of_2(N), BR=BR)
+        z.view, g.view, grad_z.view, M * K, K, N, scale, MODE=flags["MODE"], ACT=flags["ACT"], ACC=flags["ACC"],
+        NP=triton.next_power_of_2(N), BR=BR)
 
     def check_values():
         needs = (True, True, bias is not None)
@@ -112,7 +112,7 @@ def launch_chain_grad_z(BR, N, mode="ccp", activation="gelu", scale=0.7, bias=Tr
             if expected is not None:
                 assert_close(f"{grad_z.name} -> {name}", out, expected, dtype)
 
-    return Launch([grad_z], [t for t in (z, b, g) if t], check_values)
+    return Launch([grad_z], [z, g], check_values)
 
 
 # ---------------------------------------------------------------- poly_ncp

@@ -126,14 +126,28 @@ def test_emulated_each_gradient_alone(emulated):
         check_emulated(inputs, grad_y, "ccp", "relu", needs=tuple(i == which for i in range(3)))
 
 
+@pytest.mark.parametrize("N", [17, 35])
+def test_emulated_many_degrees(emulated, N):
+    """N past the grad_z kernel's 16 degrees in registers: the prefix carried across blocks of 16, the suffix of the
+    later blocks recomputed from z. Then one factor of exactly 0, in the first block or in the last: every other
+    degree's gradient is exactly 0, its own is not."""
+    (x, weight, bias), grad_y = make_inputs(M=5, d=6, k=3, N=N, seed=N)
+    check_emulated([x, weight, bias], grad_y, "ccp", "tanh", scale=0.3)
+    for zero in (2, N - 1):
+        w, b = weight.clone(), bias.clone()
+        w[zero], b[zero] = 0.0, 0.0  # product, identity: u = 0 is the factor
+        _, (_, dw, db) = check_emulated([x, w, b], grad_y, "product", "identity", scale=1.0)
+        others = [n for n in range(N) if n != zero]
+        assert dw[others].abs().sum() == 0 and db[others].abs().sum() == 0
+        assert dw[zero].abs().sum() > 0 and db[zero].abs().sum() > 0
+
+
 # ---------------------------------------------------------------- every launcher writes only its outputs
-def _exact_grad_z(x, weight, bias, mode, activation, scale, grad_y):
-    """dL/dz [M, N, k] in float64 by autograd through the reference forward's formula."""
-    N = weight.shape[0]
-    z = torch.stack([x.double() @ weight[n].double().T + (0 if bias is None else bias[n].double())
-                     for n in range(N)], 1).requires_grad_()
+def _exact_grad_z(z, mode, activation, scale, grad_y):
+    """dL/dz [M, N, k] in float64 by autograd through the reference forward's formula, at the given z."""
+    z = z.double().requires_grad_()
     act = reference._ACTIVATIONS[activation]
-    factors = [scale * act(z[:, n]) + (0 if mode == "product" or n == 0 else 1) for n in range(N)]
+    factors = [scale * act(z[:, n]) + (0 if mode == "product" or n == 0 else 1) for n in range(z.shape[1])]
     return torch.autograd.grad(math.prod(factors), z, grad_y.double())[0]
 
 
@@ -141,7 +155,8 @@ def _exact_grad_z(x, weight, bias, mode, activation, scale, grad_y):
 @pytest.mark.parametrize("d, row_pad", [(5, 3), (40, 8)])
 def test_emulated_launchers_stay_in_bounds(emulated_extension, dtype, d, row_pad):
     """M 67 (the second row tile partial), k 70 (the second column tile partial), N 3; row-padded x, y and grad_y.
-    d = 40 with 8 padding columns takes the 16-byte loads, d = 5 the element loads."""
+    d = 40 with 8 padding columns takes the 16-byte loads, d = 5 the element loads. The forward also writes z, the
+    backward reads it into a separate grad_z and then in place."""
     ext = emulated_extension
     M, k, N = 67, 70, 3
     mode, activation, scale = ("ccp", "tanh", 0.6) if d == 5 else ("product", "gelu", 1.2)
@@ -150,34 +165,44 @@ def test_emulated_launchers_stay_in_bounds(emulated_extension, dtype, d, row_pad
     gw, gb = guarded_copy(weight, name="weight"), guarded_copy(bias, name="bias")
     ggy = guarded_copy(grad_y, name="grad_y", row_pad=row_pad)
     y = guard_buffer((M, k), dtype, name="y", row_pad=row_pad)
+    z = guard_buffer((M, N, k), dtype, name="z")
     gz = guard_buffer((M, N, k), dtype, name="grad_z")
-    common = dict(x=gx.view.data_ptr(), weight=gw.view.data_ptr(), bias=gb.view.data_ptr(), M=M, d=d, k=k, N=N,
-                  x_row_stride=d + row_pad, y_row_stride=k + row_pad,
+    common = dict(M=M, d=d, k=k, N=N, x_row_stride=d + row_pad, y_row_stride=k + row_pad,
                   dtype=ext.DTYPES.index(str(dtype).removeprefix("torch.")), activation=ACTIVATIONS.index(activation),
                   mode=MODES.index(mode), scale=scale)
-    ext.poly_chain_fwd(ext.PolyChainParams(**common, y=y.view.data_ptr()), 0)
-    bwd = ext.PolyChainParams(**common, grad_y=ggy.view.data_ptr(), grad_z=gz.view.data_ptr())
-    workspace = guard_buffer((ext.poly_chain_bwd_workspace_bytes(bwd) // 4,), torch.float32, name="workspace")
-    bwd.workspace = workspace.view.data_ptr()
-    ext.poly_chain_bwd(bwd, 0)
-    check_guards(y, gz)
-    assert_guard_untouched(workspace)
-    for guard in (gx, gw, gb, ggy):
-        assert_guard_untouched(guard, f"input {guard.name}")
+    ext.poly_chain_fwd(ext.PolyChainParams(**common, x=gx.view.data_ptr(), weight=gw.view.data_ptr(),
+                                           bias=gb.view.data_ptr(), y=y.view.data_ptr(), z=z.view.data_ptr()), 0)
+    check_guards(y, z)
     wide = [t.double() for t in (x, weight, bias)]
     assert_close("y", y.view, reference.forward(*wide, mode, activation, scale), dtype)
-    assert_close("grad_z", gz.view, _exact_grad_z(x, weight, bias, mode, activation, scale, grad_y), dtype)
+    z_exact = torch.stack([wide[0] @ wide[1][n].T + wide[2][n] for n in range(N)], 1)
+    assert_close("z", z.view, z_exact, dtype)
+
+    z_in = guarded_copy(z.view, name="z (input)")
+    ext.poly_chain_bwd(ext.PolyChainParams(**common, z=z_in.view.data_ptr(), grad_y=ggy.view.data_ptr(),
+                                           grad_z=gz.view.data_ptr()), 0)
+    check_guards(gz)
+    for guard in (gx, gw, gb, ggy, z_in):
+        assert_guard_untouched(guard, f"input {guard.name}")
+    want = _exact_grad_z(z.view, mode, activation, scale, grad_y)
+    assert_close("grad_z", gz.view, want, dtype)
+    assert torch.equal(z_in.view, z.view), "the backward wrote into its input z"
+
+    ext.poly_chain_bwd(ext.PolyChainParams(**common, z=z_in.view.data_ptr(), grad_y=ggy.view.data_ptr(),
+                                           grad_z=z_in.view.data_ptr()), 0)
+    assert_guard_untouched(z_in, "grad_z in place over z")
+    assert torch.equal(z_in.view, gz.view), "in place over z differs from the separate output"
 
 
 def _bad_params(ext, **fields):
     """Valid params for a 10 x 4 input, k 3, N 2 (pointers are never dereferenced: the launchers refuse)."""
-    base = dict(x=256, weight=256, bias=0, y=256, grad_y=256, grad_z=256, workspace=256, M=10, d=4, k=3, N=2,
+    base = dict(x=256, weight=256, bias=0, y=256, z=256, grad_y=256, grad_z=256, M=10, d=4, k=3, N=2,
                 x_row_stride=4, y_row_stride=3, dtype=0, activation=0, mode=0, scale=1.0)
     return ext.PolyChainParams(**{**base, **fields})
 
 
-BAD = [dict(M=0), dict(d=0), dict(k=0), dict(N=0), dict(N=2 ** 31), dict(x=0), dict(weight=0), dict(x_row_stride=3),
-       dict(y_row_stride=2), dict(mode=2), dict(mode=-1), dict(activation=5), dict(activation=-1), dict(dtype=7)]
+BAD = [dict(M=0), dict(d=0), dict(k=0), dict(N=0), dict(N=2 ** 31), dict(y_row_stride=2), dict(mode=2),
+       dict(mode=-1), dict(activation=5), dict(activation=-1), dict(dtype=7)]
 
 
 @pytest.mark.parametrize("bad", BAD, ids=str)
@@ -190,12 +215,13 @@ def test_emulated_launchers_refuse_bad_params(emulated_extension, bad):
         ext.poly_chain_bwd(_bad_params(ext, **bad), 0)
 
 
-def test_emulated_forward_refuses_bad_outputs(emulated_extension):
+@pytest.mark.parametrize("bad", [dict(x=0), dict(weight=0), dict(y=0), dict(x_row_stride=3)], ids=str)
+def test_emulated_forward_refuses_bad_params(emulated_extension, bad):
     with pytest.raises(RuntimeError, match="poly_chain_fwd failed"):
-        emulated_extension.poly_chain_fwd(_bad_params(emulated_extension, y=0), 0)
+        emulated_extension.poly_chain_fwd(_bad_params(emulated_extension, **bad), 0)
 
 
-@pytest.mark.parametrize("bad", [dict(grad_y=0), dict(grad_z=0), dict(workspace=0), dict(workspace=257)], ids=str)
-def test_emulated_backward_refuses_bad_outputs(emulated_extension, bad):
+@pytest.mark.parametrize("bad", [dict(z=0), dict(grad_y=0), dict(grad_z=0)], ids=str)
+def test_emulated_backward_refuses_bad_params(emulated_extension, bad):
     with pytest.raises(RuntimeError, match="poly_chain_bwd failed"):
         emulated_extension.poly_chain_bwd(_bad_params(emulated_extension, **bad), 0)

@@ -21,9 +21,12 @@ struct PolyChainParams {
   const void* weight = nullptr;  // [N, k, d], contiguous
   const void* bias = nullptr;    // [N, k], contiguous, or null
   void* y = nullptr;             // forward output [M, k], rows y_row_stride apart
+  // [M, N, k], contiguous, z_n = x W_n^T + b_n at (m * N + n) * k + j (the pre-activation projections, bias
+  // included). Forward: an optional output (written when non-null, for a backward that skips its recompute GEMM).
+  // Backward: the input the grad_z kernel reads (saved by the forward, or recomputed by a GEMM).
+  void* z = nullptr;
   const void* grad_y = nullptr;  // backward input [M, k], rows y_row_stride apart
-  void* grad_z = nullptr;        // backward output [M, N, k], contiguous: dL/dz_n at (m * N + n) * k + j
-  void* workspace = nullptr;     // backward scratch of poly_chain_bwd_workspace_bytes(), 8-byte aligned
+  void* grad_z = nullptr;        // backward output [M, N, k] like z, dL/dz; may be z itself (in place)
   int64_t M = 0, d = 0, k = 0, N = 0;
   int64_t x_row_stride = 0;
   int64_t y_row_stride = 0;
@@ -33,10 +36,10 @@ struct PolyChainParams {
   float scale = 1.f;
 };
 
-// Bytes of fp32 scratch launch_poly_chain_bwd needs for these sizes (0 for invalid sizes).
-int64_t poly_chain_bwd_workspace_bytes(const PolyChainParams& params);
-
 // Enqueue the kernel on `stream`; return cudaErrorInvalidValue for bad params, else cudaGetLastError().
+// The forward reads x, weight, bias and writes y (and z when non-null). The backward is the element-wise grad_z
+// kernel: it reads z and grad_y and writes grad_z (x, weight, bias and d are not used; dx, dweight and dbias are
+// GEMMs on grad_z, done by the caller).
 cudaError_t launch_poly_chain_fwd(const PolyChainParams& params, cudaStream_t stream);
 cudaError_t launch_poly_chain_bwd(const PolyChainParams& params, cudaStream_t stream);
 

@@ -6,11 +6,11 @@ paths, both autotune candidates: the degree loop (one dot per degree into a [BM,
 (all degrees side by side in one [BM, BC] dot, product over the degree axis; for small k).
 
 Backward: y_N = prod_n f_n with f_1 = u_1 and f_n = 1 + u_n (ccp) or u_n (product), so
-dL/dz_n = dy * prod_{m != n} f_m * scale * act'(z_n). Only the inputs are saved by the forward; the backward
-recomputes all projections with one GEMM, z = x @ W.view(N*k, d)^T laid out [M, N, k] (transient), then one
-elementwise kernel holds the N factors of a block of (row, column) pairs in registers and forms the leave-one-out
-products as exclusive prefix * exclusive suffix scans (exact when a factor is 0, no division), writing
-grad_z [M, N, k]. Two GEMMs on grad_z give dx and dweight (ops/_projections.py).
+dL/dz_n = dy * prod_{m != n} f_m * scale * act'(z_n). The flow is common.backward (shared with the CUDA backend):
+one GEMM recomputes all projections, z = x @ W.view(N*k, d)^T + b laid out [M, N, k] (transient), then one
+elementwise kernel (here) holds the N factors of a block of (row, column) pairs in registers and forms the
+leave-one-out products as exclusive prefix * exclusive suffix scans (exact when a factor is 0, no division), writing
+grad_z [M, N, k] over z. Two GEMMs on grad_z give dx and dweight (ops/_projections.py).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from .._library import triton_autotune
-from .._projections import projection_grads
 from .._triton_lib import activation, activation_grad, stacked_projection
+from . import common
 from .common import ACTIVATIONS
 
 _ACT_CODE = {name: code for code, name in enumerate(ACTIVATIONS)}
@@ -95,33 +95,28 @@ _fwd_any = triton_autotune(_LOOP_CONFIGS + _GROUPED_CONFIGS, key=_FWD_KEY)(_poly
 
 
 @triton.jit
-def _chain_factor(z_ptr, b_ptr, p, o_n, mask, K, N, scale, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
-                  ACT: tl.constexpr, ACC: tl.constexpr):
+def _chain_factor(z_ptr, p, o_n, mask, scale, MODE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr):
     """Factor f_n at z offsets p, degree o_n; 1 where the degree is outside 0..N-1 (the identity of the scans)."""
     z = tl.load(z_ptr + p, mask=mask, other=0.0).to(ACC)
-    if HAS_BIAS:
-        z += tl.load(b_ptr + o_n * K + p % K, mask=mask, other=0.0).to(ACC)
     f = _factor(scale * activation(z, ACT), o_n, MODE)
     return tl.where(mask, f, 1.0), z
 
 
 @triton.jit
-def _poly_chain_grad_z_kernel(z_ptr, b_ptr, gy_ptr, gz_ptr, R, K, N, scale, HAS_BIAS: tl.constexpr,
-                              MODE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, NP: tl.constexpr,
-                              BR: tl.constexpr):
-    """grad_z[m, n, j] = dy[m, j] * (prod_{i<n} f_i) * (prod_{i>n} f_i) * scale * act'(z[m, n, j]).
+def _poly_chain_grad_z_kernel(z_ptr, gy_ptr, gz_ptr, R, K, N, scale, MODE: tl.constexpr, ACT: tl.constexpr,
+                              ACC: tl.constexpr, NP: tl.constexpr, BR: tl.constexpr):
+    """grad_z[m, n, j] = dy[m, j] * (prod_{i<n} f_i) * (prod_{i>n} f_i) * scale * act'(z[m, n, j]), z with the bias.
 
-    A program owns BR (row, column) pairs r = m*K + j and all N degrees ([BR, NP] block, NP = next pow2 of N)."""
+    A program owns BR (row, column) pairs r = m*K + j and all N degrees ([BR, NP] block, NP = next pow2 of N); it
+    loads all of them before it stores, so gz_ptr may be z_ptr (in place)."""
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     o_n = tl.arange(0, NP)[None, :]
     m_r = (o_r < R)[:, None]
     # Element (m, n, j) of the [M, N, K] tensors sits at (m*N + n)*K + j.
     p = ((o_r // K) * N * K + o_r % K)[:, None] + o_n * K
-    f_prev, _ = _chain_factor(z_ptr, b_ptr, p - K, o_n - 1, m_r & (o_n >= 1) & (o_n <= N), K, N, scale,
-                              HAS_BIAS, MODE, ACT, ACC)
-    f_next, _ = _chain_factor(z_ptr, b_ptr, p + K, o_n + 1, m_r & (o_n + 1 < N), K, N, scale,
-                              HAS_BIAS, MODE, ACT, ACC)
-    _, z = _chain_factor(z_ptr, b_ptr, p, o_n, m_r & (o_n < N), K, N, scale, HAS_BIAS, MODE, ACT, ACC)
+    f_prev, _ = _chain_factor(z_ptr, p - K, o_n - 1, m_r & (o_n >= 1) & (o_n <= N), scale, MODE, ACT, ACC)
+    f_next, _ = _chain_factor(z_ptr, p + K, o_n + 1, m_r & (o_n + 1 < N), scale, MODE, ACT, ACC)
+    _, z = _chain_factor(z_ptr, p, o_n, m_r & (o_n < N), scale, MODE, ACT, ACC)
     # Inclusive scans of the shifted factors are the exclusive prefix / suffix products.
     leave_one_out = tl.cumprod(f_prev, axis=1) * tl.cumprod(f_next, axis=1, reverse=True)
     dy = tl.load(gy_ptr + o_r, mask=o_r < R, other=0.0).to(ACC)[:, None]
@@ -129,14 +124,9 @@ def _poly_chain_grad_z_kernel(z_ptr, b_ptr, gy_ptr, gz_ptr, R, K, N, scale, HAS_
     tl.store(gz_ptr + p, dz.to(gz_ptr.dtype.element_ty), mask=m_r & (o_n < N))
 
 
-def _launch_args(x, weight, bias, mode, activation):
-    """Shared launch settings: contiguous 2D operands, sizes and constexpr flags."""
-    x2d = x.reshape(-1, x.shape[-1]).contiguous()
-    weight = weight.contiguous()
-    bias = bias.contiguous() if bias is not None else None
-    N, K, D = weight.shape
-    M = x2d.shape[0]
-    flags = dict(
+def _flags(x, bias, mode, activation):
+    """The kernels' constexpr flags."""
+    return dict(
         HAS_BIAS=bias is not None,
         MODE=_MODE_CCP if mode == "ccp" else _MODE_PRODUCT,
         ACT=_ACT_CODE[activation],
@@ -144,13 +134,14 @@ def _launch_args(x, weight, bias, mode, activation):
         IEEE=x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
         ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
     )
-    return x2d, weight, bias, (M, D, K, N), flags
 
 
 def forward(x, weight, bias, mode, activation, scale, *, kernel=None, **config):
     """kernel/config: a raw launch of _poly_chain_fwd_kernel with an explicit config (tests of every tile path);
     by default the autotuned entry point."""
-    x2d, weight, bias, (M, D, K, N), flags = _launch_args(x, weight, bias, mode, activation)
+    x2d, weight, bias = common.operands(x, weight, bias)
+    (M, D), (N, K) = x2d.shape, weight.shape[:2]
+    flags = _flags(x, bias, mode, activation)
     NP = triton.next_power_of_2(N)
     if kernel is None:
         kernel = _fwd_any if 1 < N and NP <= _MAX_GROUPED_NP else _fwd_loop
@@ -165,14 +156,15 @@ def forward(x, weight, bias, mode, activation, scale, *, kernel=None, **config):
     return y.view(*x.shape[:-1], K)
 
 
-def backward(grad_y, x, weight, bias, mode, activation, scale, needs):
-    x2d, weight, bias, (M, D, K, N), flags = _launch_args(x, weight, bias, mode, activation)
-    gy = grad_y.reshape(M, K).contiguous()
-    z = x2d @ weight.view(N * K, D).T  # [M, N*K]: every projection, recomputed (bias added in the kernel)
-    grad_z = torch.empty((M, N, K), device=x.device, dtype=x.dtype)
+def backward(grad_y, x, weight, bias, mode, activation, scale, needs, projections=None):
+    N, K = weight.shape[:2]
+    flags = _flags(x, bias, mode, activation)
     BR = 128 if N <= 8 else 64  # keep the [BR, NP] blocks of the three factor loads in registers
-    _poly_chain_grad_z_kernel[(triton.cdiv(M * K, BR),)](
-        z, bias if bias is not None else z, gy, grad_z, M * K, K, N, scale, HAS_BIAS=flags["HAS_BIAS"],
-        MODE=flags["MODE"], ACT=flags["ACT"], ACC=flags["ACC"], NP=triton.next_power_of_2(N), BR=BR)
-    dx, dw, db = projection_grads(grad_z, x2d, weight, bias is not None, needs)
-    return (dx.view(x.shape) if dx is not None else None), dw, db
+
+    def grad_z(z, gy, out):
+        R = gy.numel()
+        _poly_chain_grad_z_kernel[(triton.cdiv(R, BR),)](
+            z, gy, out, R, K, N, scale, MODE=flags["MODE"], ACT=flags["ACT"], ACC=flags["ACC"],
+            NP=triton.next_power_of_2(N), BR=BR)
+
+    return common.backward(grad_z, grad_y, x, weight, bias, needs, projections)
