@@ -56,15 +56,9 @@ def _assert_compiled(selected, arch):
     return results
 
 
-def _bf16(launches, every_config=False):
-    bf16 = [launch.as_bf16() for launch in launches]
-    return triton_targets.unique(config for launch in bf16
-                                 for config in (launch.every_config() if every_config else [launch.default_config()]))
-
-
 @pytest.mark.parametrize("arch", [90, 80])
 def test_bf16_default_configs_compile(launches, arch):
-    results = _assert_compiled(_bf16(launches), arch)
+    results = _assert_compiled(triton_targets.as_bf16(launches), arch)
     if arch == 90:  # the default tiles of the bf16 GEMM-like kernels run on Hopper's tensor cores
         assert any(r["wgmma"] for r in results), "no bf16 launch uses wgmma on sm_90"
 
@@ -78,7 +72,7 @@ complete = pytest.mark.skipif(os.environ.get("HADAMARD_KERNELS_COMPILE_CHECK") !
 
 @complete
 def test_bf16_every_autotune_config_compiles_for_sm90(launches):
-    _assert_compiled(_bf16(launches, every_config=True), 90)
+    _assert_compiled(triton_targets.as_bf16(launches, every_config=True), 90)
 
 
 @complete

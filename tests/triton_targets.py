@@ -8,8 +8,8 @@ TRITON_INTERPRET (there the @triton.jit functions are the compiler's, not the in
 registers and spill bytes.
 
 Command line (what the subprocesses run): `python tests/triton_targets.py specs.json` prints one JSON result per
-spec. `python tests/triton_targets.py --report [--arch 90]` prints registers, spills, shared memory and tensor-core
-instructions of every bfloat16 autotune config of every recorded launch.
+spec. `python tests/triton_targets.py --report [--arch 90] [--every-config]` prints registers, spill bytes, shared
+memory and tensor-core instructions of each recorded launch in bfloat16 (default config, or every autotune config).
 """
 
 from __future__ import annotations
@@ -269,7 +269,15 @@ def _forward_backward(fn, *inputs):
 
 def paths_beyond_the_cases(dtype):
     """Launches of the paths the small self-check cases leave out, in `dtype` (float16 or float32)."""
-    from hadamard_kernels import causal_linear_attention, causal_linear_attention_step, poly_gate, poly_ncp
+    from hadamard_kernels import (
+        causal_linear_attention,
+        causal_linear_attention_step,
+        lrnn_product,
+        poly_chain,
+        poly_gate,
+        poly_ncp,
+        poly_sa,
+    )
     from hadamard_kernels.ops.linear_attention import triton as la_triton
     from hadamard_kernels.ops.poly_gate import triton as gate_triton
     from hadamard_kernels.ops.poly_ncp import triton as ncp_triton
@@ -298,6 +306,19 @@ def paths_beyond_the_cases(dtype):
                 a, b = randn(2, 3, 3, channels), randn(2, 3, 3, channels)
                 w = [randn(channels) for _ in range(4)]
                 _forward_backward(lambda *t: poly_gate(*t, spatial_shift=True, backend="triton"), a, b, *w)
+        # Sizes and strides that are multiples of 16, as in production: the compiler then vectorises loads and
+        # pipelines them with cp.async, which changes register use (the self-check sizes are odd on purpose).
+        x, w, bias = randn(32, 64), randn(3, 64, 64) * 0.1, randn(3, 64)
+        _forward_backward(lambda *t: poly_chain(*t, backend="triton"), x, w, bias)
+        x, aw, sw = randn(32, 64), randn(3, 32, 64) * 0.1, randn(2, 32, 32) * 0.1
+        _forward_backward(lambda *t: poly_ncp(*t, backend="triton"), x, aw, randn(3, 32), sw, randn(2, 32))
+        z, ws = randn(2, 32, 64), [randn(64, 64) * 0.1 for _ in range(3)]
+        _forward_backward(lambda *t: poly_sa(*t, backend="triton"), z, *ws, randn(1), randn(1))
+        x, w = randn(32, 16), randn(32 * 4, 16) * 0.2
+        _forward_backward(lambda *t: lrnn_product(*t, rank=32, dbar=4, activation="sin", backend="triton"), x, w,
+                          randn(32 * 4))
+        q, k, v = randn(1, 64, 2, 64), randn(1, 64, 2, 64), randn(1, 64, 2, 64)
+        _forward_backward(lambda *t: causal_linear_attention(*t, backend="triton"), q, k, v)
     return recorded
 
 
@@ -306,23 +327,31 @@ def recorded_launches(dtype: str) -> list[Launch]:
     return unique(selfcheck_launches((dtype,)) + paths_beyond_the_cases(getattr(torch, dtype)))
 
 
-def _report(arch: int) -> None:
+def as_bf16(launches: list[Launch], every_config: bool = False) -> list[Launch]:
+    """The bfloat16 forms of float16 launches, with the default config or every autotune config."""
+    bf16 = [launch.as_bf16() for launch in launches]
+    return unique(c for launch in bf16 for c in (launch.every_config() if every_config else [launch.default_config()]))
+
+
+def _report(arch: int, every_config: bool) -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    every = unique(config for launch in recorded_launches("float16") for config in launch.as_bf16().every_config())
-    results = compile_launches(every, arch, usage=True)
-    print("| kernel | config | registers | spill bytes | smem | wgmma | cp.async |\n|---|---|---|---|---|---|---|")
-    for launch, r in zip(every, results):
-        config = ", ".join(f"{k}={v}" for k, v in launch.constexprs if k.isupper() and len(k) <= 3)
-        config += f", warps {launch.num_warps}, stages {launch.num_stages}"
+    selected = as_bf16(recorded_launches("float16"), every_config)
+    results = compile_launches(selected, arch, usage=True)
+    print("| kernel | constexprs | warps, stages | registers | spill bytes | smem | wgmma | cp.async |")
+    print("|---|---|---|---|---|---|---|---|")
+    for launch, r in zip(selected, results):
+        constexprs = ", ".join(f"{k}={v}" for k, v in launch.constexprs if not str(v).startswith("tl."))
+        row = f"| {launch.name} | {constexprs} | {launch.num_warps}, {launch.num_stages} | "
         if r["ok"]:
-            print(f"| {launch.name} | {config} | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} | "
-                  f"{r['wgmma']} | {r['cp_async']} |")
+            row += f"{r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} | {r['wgmma']} | {r['cp_async']} |"
         else:
-            print(f"| {launch.name} | {config} | failed: {r['error'][:200]} |")
+            row += f"failed: {r['error'][:200]} |"
+        print(row)
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "--report":
-        _report(int(sys.argv[sys.argv.index("--arch") + 1]) if "--arch" in sys.argv else 90)
+        _report(int(sys.argv[sys.argv.index("--arch") + 1]) if "--arch" in sys.argv else 90,
+                every_config="--every-config" in sys.argv)
     else:
         _main_compile(sys.argv[1])
