@@ -64,8 +64,8 @@ def chain_inputs(N, dtype, bias=True, seed=0):
 
 
 def launch_chain_fwd(config, N, mode="ccp", activation="tanh", scale=0.7, bias=True, dtype=torch.float64,
-                     kernel=None):
-    """poly_chain.triton.forward with one explicit tile config, into a row-padded y."""
+                     kernel=None, store_z=False):
+    """poly_chain.triton.forward with one explicit tile config, into a row-padded y (and z [M, N, K] with store_z)."""
     kernel = kernel or raw_kernel(chain_triton._poly_chain_fwd_kernel)
     x, weight, bias = chain_inputs(N, dtype, bias)
     flags = chain_triton._flags(x, bias, mode, activation)
@@ -73,18 +73,21 @@ def launch_chain_fwd(config, N, mode="ccp", activation="tanh", scale=0.7, bias=T
     gx, gw = guarded_copy(x, name="x", row_pad=ROW_PAD), guarded_copy(weight, name="weight")
     gb = guarded_copy(bias, name="bias") if bias is not None else None
     y = guard_buffer((M, K), dtype, name=f"poly_chain fwd y {config}", row_pad=ROW_PAD)
+    z = guard_buffer((M, N, K), dtype, name=f"poly_chain fwd z {config}") if store_z else None
     NP = triton.next_power_of_2(N)
     columns = config["BC"] // NP if config["GROUPED"] else config["BC"]
     grid = (triton.cdiv(M, config["BM"]), triton.cdiv(K, columns))
-    kernel[grid](gx.view, gw.view, (gb or gx).view, y.view, M, D, K, N, scale, gx.view.stride(0), y.view.stride(0),
-                 NP=NP, **flags, **config)
+    kernel[grid](gx.view, gw.view, (gb or gx).view, y.view, (z or y).view, M, D, K, N, scale, gx.view.stride(0),
+                 y.view.stride(0), STORE_Z=store_z, NP=NP, **flags, **config)
 
     def check_values():
         ref = chain_reference.forward(*(None if t is None else t.double() for t in (x, weight, bias)), mode,
-                                      activation, scale)
-        assert_close(y.name, y.view, ref, dtype)
+                                      activation, scale, save_projections=store_z)
+        assert_close(y.name, y.view, ref[0] if store_z else ref, dtype)
+        if store_z:
+            assert_close(z.name, z.view, ref[1], dtype)
 
-    return Launch([y], [g for g in (gx, gw, gb) if g], check_values)
+    return Launch([y] + ([z] if z else []), [g for g in (gx, gw, gb) if g], check_values)
 
 
 def launch_chain_grad_z(BR, N, mode="ccp", activation="gelu", scale=0.7, bias=True, dtype=torch.float64,
@@ -609,6 +612,9 @@ CASES = [
     pytest.param(launch_chain_fwd, dict(config=grouped(), N=2), id="chain_fwd-grouped-N2"),
     pytest.param(launch_chain_fwd, dict(config=grouped(), N=3, bias=False), id="chain_fwd-grouped-N3"),
     pytest.param(launch_chain_fwd, dict(config=grouped(), N=5, mode="product"), id="chain_fwd-grouped-N5"),
+    # ... and storing z (save_projections), both paths.
+    pytest.param(launch_chain_fwd, dict(config=loop(), N=3, store_z=True), id="chain_fwd-loop-N3-z"),
+    pytest.param(launch_chain_fwd, dict(config=grouped(), N=3, bias=False, store_z=True), id="chain_fwd-grouped-N3-z"),
     # poly_chain grad_z: the launcher's BR and a small one; N padded to NP degrees for N = 3, 5.
     pytest.param(launch_chain_grad_z, dict(BR=16, N=1), id="chain_grad_z-BR16-N1"),
     pytest.param(launch_chain_grad_z, dict(BR=16, N=3, mode="product", bias=False), id="chain_grad_z-BR16-N3"),
@@ -705,6 +711,10 @@ PLANTS = [
     pytest.param(launch_chain_fwd, dict(config=loop(), N=2), chain_triton._poly_chain_fwd_kernel,
                  _COLUMN_MASK, _COLUMN_MASK.replace("o_k < K", "o_k < K - 1"), "never written",
                  id="chain_fwd-column-1"),
+    pytest.param(launch_chain_fwd, dict(config=grouped(), N=3, store_z=True), chain_triton._poly_chain_fwd_kernel,
+                 "mask=m_m & m_c[None, :])", "mask=m_c[None, :])", "past the end", id="chain_fwd-grouped-z-no-rows"),
+    pytest.param(launch_chain_fwd, dict(config=loop(), N=3, store_z=True), chain_triton._poly_chain_fwd_kernel,
+                 "mask=m_m & (o_k < K)[None, :])", "mask=m_m)", "past the end", id="chain_fwd-loop-z-column-overrun"),
     pytest.param(launch_chain_grad_z, dict(BR=16, N=3), chain_triton._poly_chain_grad_z_kernel,
                  "mask=m_r & (o_n < N))", "mask=m_r)", "past the end", id="chain_grad_z-padding-degrees"),
     pytest.param(launch_chain_grad_z, dict(BR=16, N=3), chain_triton._poly_chain_grad_z_kernel,

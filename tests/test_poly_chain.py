@@ -10,6 +10,7 @@ import triton
 from utils import HAS_CUDA, assert_close, cpu_backends, cuda, forward_backward, gpu_backends, rel_err, requires_cuda
 
 import hadamard_kernels as hk
+from hadamard_kernels.ops.poly_chain import reference
 from hadamard_kernels.ops.poly_chain.common import ACTIVATIONS, MODES
 from hadamard_kernels.ops.poly_chain.op import poly_chain_op
 
@@ -192,14 +193,16 @@ def test_gradcheck(backend):
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_opcheck(backend):
     x, weight, bias = make_inputs(lead=(4,), d=5, k=3, N=2)
-    for b in (bias, None):
-        args = (x.requires_grad_(), weight.requires_grad_(), b, "ccp", "tanh", 0.5, backend)
+    for b, save in ((bias, False), (None, False), (bias, True)):
+        args = (x.requires_grad_(), weight.requires_grad_(), b, "ccp", "tanh", 0.5, save, backend)
         torch.library.opcheck(poly_chain_op, args)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("save_projections", [False, True])
+def test_torch_compile_fullgraph(save_projections):
     x, weight, bias = make_inputs(lead=(8,), d=6, k=4, N=3, dtype=torch.float32)
-    fn = lambda *t: hk.poly_chain(*t, activation="relu", scale=0.5).square().sum()  # noqa: E731
+    fn = lambda *t: hk.poly_chain(*t, activation="relu", scale=0.5,  # noqa: E731
+                                  save_projections=save_projections).square().sum()
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     compiled(*leaves).backward()
@@ -207,6 +210,100 @@ def test_torch_compile_fullgraph():
     fn(*expected).backward()
     for name, a, b in zip(("dx", "dweight", "dbias"), leaves, expected):
         assert_close(name, a.grad, b.grad.double())
+
+
+# ---------------------------------------------------------------- save_projections: keep z for the backward
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("mode, activation, bias", [("ccp", "gelu", True), ("product", "sigmoid", False)])
+def test_save_projections_matches_reference(backend, dtype, mode, activation, bias):
+    x, weight, b = make_inputs(lead=(2, 19), d=45, k=23, N=3, dtype=dtype, bias=bias)
+    check_against_reference(x, weight, b, backend, mode=mode, activation=activation, scale=0.7,
+                            save_projections=True)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_save_projections_gradcheck(backend):
+    x, weight, bias = make_inputs(lead=(4,), d=5, k=3, N=3)
+    fn = lambda *t: hk.poly_chain(*t, mode="product", activation="tanh", scale=0.9,  # noqa: E731
+                                  save_projections=True, backend=backend)
+    assert torch.autograd.gradcheck(fn, [t.requires_grad_() for t in (x, weight, bias)])
+
+
+def saved_by_autograd(fn, inputs, unpack=lambda t: t):
+    """(output, the tensors autograd saved for fn's backward); `unpack` replaces a saved tensor when the backward
+    reads it."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        y = fn(*inputs)
+    return y, saved
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("save_projections", [False, True])
+def test_save_projections_memory(backend, save_projections):
+    """False: autograd keeps the inputs only. True: exactly one tensor more, z [..., N, k] in x's dtype (N*M*k
+    elements), and it is the projections x W_n^T + b_n."""
+    x, weight, bias = make_inputs(lead=(3, 7), d=9, k=5, N=4, dtype=torch.float32)
+    leaves = [t.requires_grad_() for t in (x, weight, bias)]
+    _, saved = saved_by_autograd(lambda *t: hk.poly_chain(*t, activation="tanh", save_projections=save_projections,
+                                                          backend=backend), leaves)
+    inputs = {t.data_ptr() for t in leaves}
+    extra = [t for t in saved if t.data_ptr() not in inputs]
+    assert len(saved) == 3 + save_projections and len(extra) == save_projections, [tuple(t.shape) for t in saved]
+    if save_projections:
+        (z,) = extra
+        assert z.shape == (3, 7, 4, 5) and z.dtype == x.dtype
+        exact = torch.stack([x.double() @ weight[n].double().T + bias[n].double() for n in range(4)], -2)
+        assert_close("saved z", z, exact)
+    with torch.no_grad():  # nothing is recorded, so nothing is kept (and z is not computed)
+        _, saved = saved_by_autograd(lambda *t: hk.poly_chain(*t, save_projections=True, backend=backend), leaves)
+    assert saved == []
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_backward_reads_the_saved_projections(backend):
+    """The backward must use the z the forward kept, not recompute it: hand it a different z (through the unpack
+    hook) and the gradients must be the ones of that z."""
+    x, weight, bias = make_inputs(lead=(6,), d=8, k=5, N=3)
+    leaves = [t.requires_grad_() for t in (x, weight, bias)]
+    other = lambda t: t * 0.5 - 0.25 if t.shape == (6, 3, 5) else t  # noqa: E731
+    y, _ = saved_by_autograd(lambda *t: hk.poly_chain(*t, activation="gelu", save_projections=True, backend=backend),
+                             leaves, unpack=other)
+    grad_y = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, grad_y)
+    z = torch.stack([x @ weight[n].T + bias[n] for n in range(3)], -2)
+    expected = reference.backward(grad_y, x, weight, bias, "ccp", "gelu", 1.0, [True] * 3, projections=other(z))
+    for name, got, want in zip(("dx", "dweight", "dbias"), grads, expected):
+        assert_close(name, got, want)
+
+
+def test_ccp_module_save_projections():
+    """hk.nn.CCP(save_projections=True): the same outputs and gradients, and one [B, N, hidden] tensor more kept."""
+    torch.manual_seed(0)
+    images = torch.randn(5, 1, 4, 4)
+    grads, counts = [], []
+    for save in (False, True):
+        torch.manual_seed(1)
+        model = hk.nn.CCP(hidden_size=6, image_size=4, n_degree=3, save_projections=save)
+        out, saved = saved_by_autograd(model, [images])
+        out.square().sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+        counts.append([tuple(t.shape) for t in saved])
+    assert len(counts[1]) == len(counts[0]) + 1 and sorted(set(counts[1]) - set(counts[0])) == [(5, 3, 6)]
+    for a, b in zip(*grads):
+        assert_close("grad", a, b.double())
+
+
+def test_save_projections_must_be_a_bool():
+    x, weight, bias = make_inputs(lead=(2,), d=3, k=2, N=2)
+    with pytest.raises(ValueError, match="save_projections"):
+        hk.poly_chain(x, weight, bias, save_projections=1)
 
 
 def triton_forward_with(config, x, weight, bias, mode, activation, scale):

@@ -120,6 +120,27 @@ def test_emulated_one_row_with_any_stride(emulated):
     check_emulated([x, weight, bias], grad_y)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_save_projections(emulated, dtype):
+    """The forward also writes z (the STORE_Z kernels); the backward from that z (no recompute GEMM) matches the
+    reference and leaves z as it was (a second backward must find it intact)."""
+    inputs, grad_y = make_inputs(M=67, d=40, k=70, N=3, dtype=dtype, bias=dtype != torch.float16)
+    options = ("product", "gelu", 1.1)
+    wide = [None if t is None else t.double() for t in inputs]
+    y, z = chain_cuda.forward(*inputs, *options, save_projections=True)
+    ref_y, ref_z = reference.forward(*wide, *options, save_projections=True)
+    assert z.shape == (67, 3, 70) and z.dtype == dtype
+    assert_close("y", y, ref_y, dtype)
+    assert_close("z", z, ref_z, dtype)
+    kept = z.clone()
+    grads = chain_cuda.backward(grad_y, *inputs, *options, [True] * 3, projections=z)
+    assert torch.equal(z, kept), "the backward wrote into the saved z"
+    ref_grads = reference.backward(grad_y.double(), *wide, *options, [True] * 3)
+    for name, t, got, want in zip(GRAD_NAMES, inputs, grads, ref_grads):
+        if t is not None:
+            assert_close(name, got, want, dtype)
+
+
 def test_emulated_each_gradient_alone(emulated):
     inputs, grad_y = make_inputs(M=10, d=12, k=7, N=2, dtype=torch.float16)
     for which in range(3):

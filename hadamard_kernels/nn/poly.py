@@ -56,11 +56,14 @@ class CCP(_SurveyImageClassifier):
     h = z viewed as [B, channels_in * image_size**2];  y_1 = U_1 h,  y_n = (U_n h) * y_{n-1} + y_{n-1}
     for n = 2..n_degree;  returns fc_out(y_N) [B, n_classes]. Submodules `U1..U{n_degree}` (nn.Linear,
     d -> hidden_size, with bias when `bias`) and `fc_out` (hidden_size -> n_classes), as in the survey.
+    `save_projections`: poly_chain's memory/compute trade (keep U_n h for the backward instead of recomputing it).
     """
 
     def __init__(self, hidden_size: int = 16, image_size: int = 28, channels_in: int = 1, n_degree: int = 4,
-                 bias: bool = True, n_classes: int = 10, *, backend: str | None = None):
+                 bias: bool = True, n_classes: int = 10, *, backend: str | None = None,
+                 save_projections: bool = False):
         super().__init__(hidden_size, image_size, channels_in, n_degree, n_classes, backend)
+        self.save_projections = save_projections
         for i in range(1, n_degree + 1):
             setattr(self, f"U{i}", nn.Linear(self.total_image_size, hidden_size, bias=bias))
         self.fc_out = nn.Linear(hidden_size, n_classes, bias=True)
@@ -71,7 +74,8 @@ class CCP(_SurveyImageClassifier):
 
     def forward(self, z: Tensor) -> Tensor:
         h = z.reshape(-1, self.total_image_size)
-        y = poly_chain(h, *self.chain_parameters(), mode="ccp", backend=self.backend)
+        y = poly_chain(h, *self.chain_parameters(), mode="ccp", save_projections=self.save_projections,
+                       backend=self.backend)
         return self.fc_out(y)
 
 

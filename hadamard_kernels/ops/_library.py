@@ -82,21 +82,36 @@ def fake_backward(num_inputs: int, num_grads: int = 1) -> Callable:
     return fake
 
 
-def register_autograd(forward_op, backward_op, num_inputs: int) -> None:
+def register_autograd(forward_op, backward_op, num_inputs: int, saved_outputs: Sequence[int] = ()) -> None:
     """Autograd for `forward_op(*inputs[num_inputs], *options)`: saves the inputs (never intermediates) and calls
     `backward_op(*grads, *inputs, *options, needs)` with one gradient per output, which recomputes what it needs.
     The gradient of an extra output (after the first) that is None or empty (an empty placeholder) is passed as
-    None."""
+    None.
+
+    saved_outputs: indices of outputs that are intermediates the forward was asked to keep (poly_chain's
+    projections with save_projections=True), an empty placeholder otherwise. They are not differentiable and get no
+    gradient argument; each is saved when not empty (so the graph holds only what was asked for) and passed to
+    backward_op after the inputs: `backward_op(*grads, *inputs, *kept, *options, needs)`. Gradients are then not
+    materialized (no zeros the size of a kept output): the first output's gradient must be defined unless all are."""
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:num_inputs])
+        kept = [output[i] for i in saved_outputs]
+        if kept:
+            ctx.mark_non_differentiable(*kept)
+            ctx.set_materialize_grads(False)
+        ctx.kept = [t.numel() > 0 for t in kept]
+        ctx.save_for_backward(*inputs[:num_inputs], *[t for t in kept if t.numel() > 0])
         ctx.options = inputs[num_inputs:]
 
     def backward(ctx, *grads):
         needs = list(ctx.needs_input_grad[:num_inputs])
-        first, *rest = grads
+        first, *rest = [g for i, g in enumerate(grads) if i not in saved_outputs]
+        if first is None and all(g is None for g in rest):  # zero (undefined) gradients: not materialized
+            return (None,) * (num_inputs + len(ctx.options))
         grads = [first.contiguous(), *[g.contiguous() if g is not None and g.numel() > 0 else None for g in rest]]
-        input_grads = backward_op(*grads, *ctx.saved_tensors, *ctx.options, needs)
+        inputs, saved = ctx.saved_tensors[:num_inputs], iter(ctx.saved_tensors[num_inputs:])
+        kept = [next(saved) if was_saved else first.new_empty(0) for was_saved in ctx.kept]
+        input_grads = backward_op(*grads, *inputs, *kept, *ctx.options, needs)
         return (*[g if need else None for g, need in zip(input_grads, needs)], *[None] * len(ctx.options))
 
     forward_op.register_autograd(backward, setup_context=setup_context)

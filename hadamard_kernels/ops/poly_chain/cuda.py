@@ -1,9 +1,10 @@
 """CUDA C++ backend of poly_chain: launchers for the kernels in csrc/poly_chain.cu (module hadamard_kernels._C).
 
 Forward: one kernel computes y [M, k] with the N projections of each 64 x 64 output tile and the chain in
-registers. Backward (common.backward, shared with the Triton backend): z [M, N, k] recomputed by one cuBLAS GEMM,
-then one element-wise kernel writes grad_z = dL/dz over it with prefix/suffix products in fp32 registers (no
-workspace), then two cuBLAS GEMMs give dx and dweight (ops/_projections.py).
+registers (with save_projections it also writes them, z [M, N, k]). Backward (common.backward, shared with the
+Triton backend): z saved by the forward or recomputed by one cuBLAS GEMM, then one element-wise kernel writes
+grad_z = dL/dz with prefix/suffix products in fp32 registers (no workspace), then two cuBLAS GEMMs give dx and
+dweight (ops/_projections.py).
 """
 
 from __future__ import annotations
@@ -25,16 +26,20 @@ def _params(ext, M, shape, dtype, mode, activation, scale, **pointers):
         activation=ACTIVATIONS.index(activation), mode=MODES.index(mode), scale=float(scale), **pointers)
 
 
-def forward(x, weight, bias, mode, activation, scale):
+def forward(x, weight, bias, mode, activation, scale, *, save_projections=False):
+    """With save_projections, returns (y, z [..., N, k]): the kernel also writes z (params.z)."""
     ext = require_cuda_extension()
     x2d, weight, bias = common.operands(x, weight, bias)
-    K = weight.shape[1]
+    N, K = weight.shape[:2]
     y = torch.empty((x2d.shape[0], K), device=x.device, dtype=x.dtype)
+    z = torch.empty((x2d.shape[0], N, K), device=x.device, dtype=x.dtype) if save_projections else None
     with torch.cuda.device(x.device):
         params = _params(ext, x2d.shape[0], weight.shape, x.dtype, mode, activation, scale, x=x2d.data_ptr(),
-                         weight=weight.data_ptr(), bias=bias.data_ptr() if bias is not None else 0, y=y.data_ptr())
+                         weight=weight.data_ptr(), bias=bias.data_ptr() if bias is not None else 0, y=y.data_ptr(),
+                         z=z.data_ptr() if save_projections else 0)
         ext.poly_chain_fwd(params, torch.cuda.current_stream().cuda_stream)
-    return y.view(*x.shape[:-1], K)
+    y = y.view(*x.shape[:-1], K)
+    return (y, z.view(*x.shape[:-1], N, K)) if save_projections else y
 
 
 def backward(grad_y, x, weight, bias, mode, activation, scale, needs, projections=None):

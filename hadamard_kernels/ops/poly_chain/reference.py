@@ -43,14 +43,15 @@ def _factors(us, mode):
     return [u if (n == 0 or mode == "product") else 1 + u for n, u in enumerate(us)]
 
 
-def forward(x, weight, bias, mode, activation, scale):
-    """x [..., d], weight [N, k, d], bias [N, k] | None -> y_N [..., k].
+def forward(x, weight, bias, mode, activation, scale, *, save_projections=False):
+    """x [..., d], weight [N, k, d], bias [N, k] | None -> y_N [..., k], and with save_projections also
+    z [..., N, k] (z_n = x @ weight[n].T + bias[n], the pre-activation projections, in x's dtype).
 
-    u_n = scale * act(x @ weight[n].T + bias[n]);  ccp: y_1 = u_1, y_n = u_n * y_{n-1} + y_{n-1};
-    product: y_n = u_n * y_{n-1}."""
+    u_n = scale * act(z_n);  ccp: y_1 = u_1, y_n = u_n * y_{n-1} + y_{n-1};  product: y_n = u_n * y_{n-1}."""
     act = _ACTIVATIONS[activation]
+    zs = _projections(x, weight, bias)
     y = None
-    for n, z in enumerate(_projections(x, weight, bias)):
+    for z in zs:
         u = scale * act(z)
         if y is None:
             y = u
@@ -58,11 +59,15 @@ def forward(x, weight, bias, mode, activation, scale):
             y = u * y + y
         else:
             y = u * y
+    if save_projections:
+        return y.to(x.dtype), torch.stack(zs, -2).to(x.dtype)
     return y.to(x.dtype)
 
 
-def backward(grad_y, x, weight, bias, mode, activation, scale, needs):
-    zs = _projections(x, weight, bias)
+def backward(grad_y, x, weight, bias, mode, activation, scale, needs, projections=None):
+    """projections: z [..., N, k] saved by the forward (used instead of recomputing them), or None."""
+    zs = _projections(x, weight, bias) if projections is None else list(
+        projections.to(_compute_dtype(x)).unbind(-2))
     fs = _factors([scale * _ACTIVATIONS[activation](z) for z in zs], mode)
     g = grad_y.to(zs[0].dtype)
     grad_zs = []

@@ -3,7 +3,8 @@
 Forward: one program owns a tile of y and computes z_n = x W_n^T (+ b_n) over d with tl.dot, applies the
 activation and multiplies the factors, so the N intermediate [M, k] tensors never leave registers. Two tile
 paths, both autotune candidates: the degree loop (one dot per degree into a [BM, BC] tile) and the grouped path
-(all degrees side by side in one [BM, BC] dot, product over the degree axis; for small k).
+(all degrees side by side in one [BM, BC] dot, product over the degree axis; for small k). With save_projections
+(the STORE_Z constexpr) it also stores z [M, N, k], which the backward then reads instead of recomputing it.
 
 Backward: y_N = prod_n f_n with f_1 = u_1 and f_n = 1 + u_n (ccp) or u_n (product), so
 dL/dz_n = dy * prod_{m != n} f_m * scale * act'(z_n). The flow is common.backward (shared with the CUDA backend):
@@ -43,7 +44,7 @@ _GROUPED_CONFIGS = [
     for bm, bc, bd, w, s in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3)]
 ]
 _MAX_GROUPED_NP = 16  # the grouped configs need BC // NP >= 1 output columns; 16 keeps >= 8
-_FWD_KEY = ["D", "K", "N", "HAS_BIAS", "MODE", "ACT"]
+_FWD_KEY = ["D", "K", "N", "HAS_BIAS", "MODE", "ACT", "STORE_Z"]
 
 
 @triton.jit
@@ -60,13 +61,15 @@ def _multiply(a, b):
 
 
 @triton.jit
-def _poly_chain_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, D, K, N, scale, stride_xm, stride_ym,
+def _poly_chain_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, M, D, K, N, scale, stride_xm, stride_ym,
                            HAS_BIAS: tl.constexpr, MODE: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
-                           ACC: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
-                           BD: tl.constexpr, GROUPED: tl.constexpr):
-    """y [M, K] = prod_n f_n(x W_n^T + b_n) for a [BM, BC] (degree loop) or [BM, BC // NP] (grouped) tile."""
+                           ACC: tl.constexpr, STORE_Z: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr,
+                           BC: tl.constexpr, BD: tl.constexpr, GROUPED: tl.constexpr):
+    """y [M, K] = prod_n f_n(x W_n^T + b_n) for a [BM, BC] (degree loop) or [BM, BC // NP] (grouped) tile; with
+    STORE_Z also z [M, N, K] = x W_n^T + b_n (for a backward without its recompute GEMM)."""
     i_m, i_k = tl.program_id(0), tl.program_id(1)
     o_m = i_m.to(tl.int64) * BM + tl.arange(0, BM)
+    m_m = (o_m < M)[:, None]
     if GROUPED:
         # Column c of the dot is degree c // BK, output column i_k * BK + c % BK (BK = BC // NP).
         o_c = tl.arange(0, BC)
@@ -75,6 +78,9 @@ def _poly_chain_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, D, K, N, scale, stride
         m_c = (c_n < N) & (c_k < K)
         z = stacked_projection(x_ptr, w_ptr, b_ptr, 0, o_m, c_n * K + c_k, M, D, K, stride_xm, HAS_BIAS, IEEE, ACC,
                                BM, BC, BD, m_c)
+        if STORE_Z:
+            tl.store(z_ptr + o_m[:, None] * N * K + (c_n * K + c_k)[None, :], z.to(z_ptr.dtype.element_ty),
+                     mask=m_m & m_c[None, :])
         f = tl.where(m_c[None, :], _factor(scale * activation(z, ACT), c_n[None, :], MODE), 1.0)
         y = tl.reduce(tl.reshape(f, (BM, NP, BC // NP)), 1, _multiply)
         o_k = i_k * (BC // NP) + tl.arange(0, BC // NP)
@@ -84,6 +90,9 @@ def _poly_chain_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, D, K, N, scale, stride
         for n in range(N):
             z = stacked_projection(x_ptr, w_ptr, b_ptr, n, o_m, o_k, M, D, K, stride_xm, HAS_BIAS, IEEE, ACC,
                                    BM, BC, BD, o_k < K)
+            if STORE_Z:
+                tl.store(z_ptr + o_m[:, None] * N * K + n * K + o_k[None, :], z.to(z_ptr.dtype.element_ty),
+                         mask=m_m & (o_k < K)[None, :])
             y *= _factor(scale * activation(z, ACT), n, MODE)
     mask = (o_m < M)[:, None] & (o_k < K)[None, :]
     tl.store(y_ptr + o_m[:, None] * stride_ym + o_k[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -136,9 +145,9 @@ def _flags(x, bias, mode, activation):
     )
 
 
-def forward(x, weight, bias, mode, activation, scale, *, kernel=None, **config):
-    """kernel/config: a raw launch of _poly_chain_fwd_kernel with an explicit config (tests of every tile path);
-    by default the autotuned entry point."""
+def forward(x, weight, bias, mode, activation, scale, *, save_projections=False, kernel=None, **config):
+    """With save_projections, returns (y, z [..., N, k]). kernel/config: a raw launch of _poly_chain_fwd_kernel with
+    an explicit config (tests of every tile path); by default the autotuned entry point."""
     x2d, weight, bias = common.operands(x, weight, bias)
     (M, D), (N, K) = x2d.shape, weight.shape[:2]
     flags = _flags(x, bias, mode, activation)
@@ -151,9 +160,11 @@ def forward(x, weight, bias, mode, activation, scale, *, kernel=None, **config):
         return triton.cdiv(M, meta["BM"]), triton.cdiv(K, columns)
 
     y = torch.empty((M, K), device=x.device, dtype=x.dtype)
-    kernel[grid](x2d, weight, bias if bias is not None else x2d, y, M, D, K, N, scale, x2d.stride(0), y.stride(0),
-                 NP=NP, **flags, **config)
-    return y.view(*x.shape[:-1], K)
+    z = torch.empty((M, N, K), device=x.device, dtype=x.dtype) if save_projections else y
+    kernel[grid](x2d, weight, bias if bias is not None else x2d, y, z, M, D, K, N, scale, x2d.stride(0), y.stride(0),
+                 STORE_Z=save_projections, NP=NP, **flags, **config)
+    y = y.view(*x.shape[:-1], K)
+    return (y, z.view(*x.shape[:-1], N, K)) if save_projections else y
 
 
 def backward(grad_y, x, weight, bias, mode, activation, scale, needs, projections=None):
