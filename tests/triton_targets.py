@@ -303,7 +303,7 @@ def paths_beyond_the_cases(dtype):
             _forward_backward(lambda *t: poly_ncp(*t, backend="triton"), x, aw, randn(3, 12), sw, randn(2, 12))
         for channels in (576, 40):  # MONet's hidden width (a [rows, 1024] tile), and C past MAX_C (wide kernels)
             with _patched(gate_triton, MAX_C=32 if channels == 40 else gate_triton.MAX_C):
-                a, b = randn(2, 3, 3, channels), randn(2, 3, 3, channels)
+                a, b = randn(1, 8, 8, channels), randn(1, 8, 8, channels)  # 8 x 8: 2 x 2 pixel tiles, as 28 x 28
                 w = [randn(channels) for _ in range(4)]
                 _forward_backward(lambda *t: poly_gate(*t, spatial_shift=True, backend="triton"), a, b, *w)
         # Sizes and strides that are multiples of 16, as in production: the compiler then vectorises loads and
