@@ -312,6 +312,7 @@ class Case(_Timed):
     scale: float = 1.0
     channels: int = 1  # modules: images of `channels` x sqrt(d / channels)^2
     n_classes: int = 10
+    save_projections: bool = False  # poly_chain's fused providers keep z for the backward (no recompute GEMM)
 
     COUNTING: ClassVar[str] = ("poly_chain / poly_ncp / CCP / NCP: model FLOPs are the matmuls, forward 2·M·N·k·d "
                                "(+ 2·M·(N−1)·k² for NCP, + the classifier for the modules), backward 2× forward; "
@@ -328,6 +329,8 @@ class Case(_Timed):
         options.append("bias" if self.bias else "no bias")
         if chain and self.scale != 1.0:
             options.append(f"scale {self.scale:.4g}")
+        if self.save_projections:
+            options.append("save_projections")
         return ", ".join(options)
 
     def _sweep_value(self) -> int:
@@ -338,7 +341,7 @@ class Case(_Timed):
         chain = self.op == "poly_chain"
         return dict(self._common(), M=self.M, d=self.d, k=self.k, N=self.N, bias=self.bias,
                     mode=self.mode if chain else None, activation=self.activation if chain else None,
-                    scale=self.scale if chain else None)
+                    scale=self.scale if chain else None, save_projections=self.save_projections)
 
     @property
     def image_size(self) -> int:
@@ -647,6 +650,9 @@ def poly_chain_cases(quick: bool = False) -> list[Case]:
              scale=math.sqrt(2)),
         Case("poly_chain", "mlp-bilinear", M=16384, d=1024, k=1024, N=2, mode="product"),
         Case("poly_chain", "mlp-ccp3", M=16384, d=1024, k=1024, N=3),  # the H100 probe's shape
+        # save_projections=True (z kept, no recompute GEMM) against the rows above of the same shape.
+        *(Case("poly_chain", f"M65536-d{d}-k{k}-N{N}-save-z", M=65536, d=d, k=k, N=N, save_projections=True)
+          for d, k, N in POLY_SHAPES[:3]),
     ]
 
 
@@ -911,8 +917,8 @@ def _poly_workload(case: Case, provider: str, device, dtype: torch.dtype) -> Wor
         bias = _randn(g, (case.N, case.k), 0.1, device, case.dtype) if case.bias else None
         if case.op == "poly_chain":
             inputs = [cast(t) for t in (x, weight, bias)]
-            fn = _op(poly_chain_eager, hk.poly_chain, provider, mode=case.mode, activation=case.activation,
-                     scale=case.scale)
+            fused = functools.partial(hk.poly_chain, save_projections=case.save_projections)
+            fn = _op(poly_chain_eager, fused, provider, mode=case.mode, activation=case.activation, scale=case.scale)
         else:
             s_weight = _randn(g, (case.N - 1, case.k, case.k), case.k ** -0.5, device, case.dtype)
             s_bias = _randn(g, (case.N - 1, case.k), 0.1, device, case.dtype) if case.bias else None
