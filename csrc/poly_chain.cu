@@ -10,7 +10,7 @@ namespace hadamard_kernels {
 namespace {
 
 using poly_chain_detail::grad_z_blocks;
-using poly_chain_detail::num_tiles;
+using poly_chain_detail::forward::num_tiles;
 
 // Host-side checks of what the kernels rely on; Python has already checked shapes and dtypes.
 bool valid_sizes(const PolyChainParams& p) {

@@ -1,4 +1,4 @@
-// poly_chain forward kernel (DESIGN.md §1), included by poly_chain_kernels.cuh after the chain helpers.
+// poly_chain forward kernel (DESIGN.md §1), included by poly_chain_kernels.cuh.
 //
 // The block's work is one GEMM tile, x rows [128] x "slots" [128] over d, whose epilogue forms the chain: a slot is a
 // (degree, output column) pair, so W is read through a permutation of its N * k rows and the N [M, k] projections
@@ -25,6 +25,9 @@
 
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include <cstdint>
 #include <type_traits>
 
@@ -37,6 +40,13 @@
 
 namespace hadamard_kernels {
 namespace poly_chain_detail {
+
+// f_1 = u_1; f_n = 1 + u_n (ccp) or u_n (product). The backward's chain_grad uses it too.
+template <bool PRODUCT>
+HK_HOST_DEVICE inline float chain_factor(float u, int64_t n) {
+  return (PRODUCT || n == 0) ? u : 1.f + u;
+}
+
 namespace forward {
 
 constexpr int kWarpGridRows = 4, kWarpGridSlots = 2;  // warps of the block
@@ -165,11 +175,15 @@ __device__ __forceinline__ void multiply_chunk(const Bits<T>* xs, const Bits<T>*
 // aligned, so col < k implies col + 1 < k.
 template <typename T>
 __device__ __forceinline__ void store_two(T* dst, int64_t col, int64_t k, bool pairs, float a, float b) {
-  if (pairs) {
-    store_pair(dst, a, b);
-  } else {
+  if (!pairs) {
     dst[0] = from_float<T>(a);
     if (col + 1 < k) dst[1] = from_float<T>(b);
+  } else if constexpr (std::is_same_v<T, float>) {
+    *reinterpret_cast<float2*>(dst) = make_float2(a, b);
+  } else if constexpr (std::is_same_v<T, __half>) {
+    *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(a, b);
+  } else {
+    *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(a, b);
   }
 }
 
