@@ -15,10 +15,12 @@ loaded tiles. With Q = phi(q), K = phi(k), dN = d(num) = scale * do (/ den):
     dv      K        Q          dN rev   G                dv = out                -
 
 (G, g_z: gradients of the final state and key sum; dden = -(do . o) / den.) The final R of the o pass is the final
-state S_T, of the dv pass d S_0; the extra row of the dk pass ends as d z_0. With normalize the backward first
-reruns the o pass to get o and den (fp32, [B*T, H]). A pass costs about one forward: it reads its three operands
-and writes one output, so the backward is three passes (four with normalize); the per-chunk states are never
-written (only per-segment sums, when sequences are split as below).
+state S_T, of the dv pass d S_0; the extra row of the dk pass ends as d z_0. dN enters dq and dk as the loaded do
+tile, its row weights (scale / den) applied to the products (see `_operands`). With normalize the backward first
+reruns the o pass to get o and den (fp32, [B*T, H]), then `_den_grad_kernel` computes dden once per row. A pass
+costs about one forward: it reads its three operands and writes one output, so the backward is three passes (four
+with normalize); the per-chunk states are never written (only per-segment sums, when sequences are split as
+below).
 
 Parallelism: programs = sequences x heads x cdiv(DC, BC). When that is below the SM count (small batch x heads,
 long T), every sequence is cut into segments of L chunks: `_segment_sum_kernel` computes each segment's b^T c (a
@@ -68,7 +70,7 @@ _CHUNK_CONFIGS_MID = [  # DA = 128
 ]
 _CHUNK_CONFIGS_WIDE = [  # DA = 256
     triton.Config({"BC": bc}, num_warps=w, num_stages=s)
-    for bc, w, s in [(32, 8, 2), (16, 8, 1), (16, 8, 2)]
+    for bc, w, s in [(16, 8, 2), (32, 8, 2)]
 ]
 _SUM_CONFIGS = {  # segment sums, by DA
     da: [triton.Config({"BC": bc}, num_warps=w, num_stages=s) for bc, w, s in configs]
@@ -112,31 +114,30 @@ def _load(ptr, o_t, m_t, o_d, m_d, H, D, i_h, PHI: tl.constexpr, ACC: tl.constex
             x = x.to(tl.float64)
         if PHI == 1:
             x = tl.where(x > 0, x + 1.0, tl.exp(x.to(ACC)).to(x.dtype))
-            # The padding (loaded as 0) became 1: zero it by 0/1 row and column factors. A 2D mask used after the
-            # load would stay live through the software pipeline, a register per element.
-            x = x * tl.where(m_t, 1.0, 0.0).to(x.dtype)[:, None] * tl.where(m_d, 1.0, 0.0).to(x.dtype)[None, :]
         else:
             x = tl.where(x < 0, 0.0, x)
+        # elu1 made the padding (loaded as 0) 1: zero it by 0/1 row and column factors (a 2D mask used after the
+        # load would stay live through the software pipeline, a register per element). relu needs no zeroing, but
+        # the factors also keep phi in the load's layout: phi(x) is stored to shared memory once and read by each
+        # dot, while a phi of constants only would be moved past the conversion to each dot's operand layout, the
+        # tile held in registers in two layouts (ptxas -v of an sm_90 build at head dim 256: 136 bytes of spills).
+        x = x * tl.where(m_t, 1.0, 0.0).to(x.dtype)[:, None] * tl.where(m_d, 1.0, 0.0).to(x.dtype)[None, :]
     return x.to(OUT)
 
 
 @triton.jit
-def _grad_num(do_ptr, o_ptr, den_ptr, o_t, m_t, o_d, m_d, H, V, i_h, scale, NORMALIZE: tl.constexpr,
-              WITH_DDEN: tl.constexpr, ACC: tl.constexpr, OUT: tl.constexpr):
-    """d(num) = scale * do (/ den) [BT, BD] as OUT and, when WITH_DDEN (o_d spans all of V), d(den) =
-    -(do . o) / den [BT] (ACC)."""
-    m = m_t[:, None] & m_d[None, :]
-    p = (o_t[:, None] * H + i_h) * V + o_d[None, :]
-    do = tl.load(do_ptr + p, mask=m, other=0.0).to(ACC)
+def _grad_num(do_ptr, dden_ptr, den_ptr, o_t, m_t, o_d, m_d, H, V, i_h, scale, NORMALIZE: tl.constexpr,
+              WITH_DDEN: tl.constexpr, ACC: tl.constexpr):
+    """The do tile [BT, BD] as loaded and the row weights w [BT] (ACC) of d(num) = w * do: w = scale (/ den);
+    when WITH_DDEN also d(den) [BT] (ACC, from `_den_grad_kernel`)."""
+    do = tl.load(do_ptr + (o_t[:, None] * H + i_h) * V + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
     dden = tl.zeros(o_t.shape, ACC)
+    w = tl.zeros(o_t.shape, ACC) + scale
     if NORMALIZE:
-        den = tl.load(den_ptr + o_t * H + i_h, mask=m_t, other=1.0).to(ACC)
+        w = scale / tl.load(den_ptr + o_t * H + i_h, mask=m_t, other=1.0).to(ACC)
         if WITH_DDEN:
-            dden = -tl.sum(do * tl.load(o_ptr + p, mask=m, other=0.0).to(ACC), 1) / den
-        do = do * (scale / den)[:, None]
-    else:
-        do = do * scale
-    return do.to(OUT), dden
+            dden = tl.load(dden_ptr + o_t * H + i_h, mask=m_t, other=0.0).to(ACC)
+    return do, w, dden
 
 
 @triton.jit
@@ -212,42 +213,54 @@ def _sequence(g, cu_ptr, seg_seq_ptr, seg_off_ptr, T, NSEG, L, VARLEN: tl.conste
 
 # ----------------------------------------------------------------------------------------------- the passes
 @triton.jit
-def _operands(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, den_ptr, o_t, m_t, o_a, m_a, o_c, m_c, H, K, V, i_h, scale,
+def _operands(q_ptr, k_ptr, v_ptr, do_ptr, dden_ptr, den_ptr, o_t, m_t, o_a, m_a, o_c, m_c, H, K, V, i_h, scale,
               MODE: tl.constexpr, FMAP: tl.constexpr, NORMALIZE: tl.constexpr, WITH_A: tl.constexpr,
               ACC: tl.constexpr, DT: tl.constexpr):
-    """The pass's a [BT, DA] (when WITH_A), b [BT, DA], c [BT, BC] tiles of one chunk (DT) and the extra columns
-    ea, eb [BT] (ACC) of a and b (the dq and dk passes with normalize; zeros otherwise)."""
+    """The pass's a [BT, DA] (when WITH_A), b [BT, DA], c [BT, BC] tiles of one chunk (DT), c as it enters the
+    state update (cs), the extra columns ea, eb [BT] (ACC) of a and b (the dq and dk passes with normalize; zeros
+    otherwise) and the row weights w [BT] (ACC) of d(num) = w * do.
+
+    dN = w * do enters the dq and dk passes as the do tile itself, its weights applied to the [BT, BT] and [BT, BC]
+    products instead (rows of a @ b^T and a @ R in dq, columns of a @ b^T and rows of cs in dk): a tile computed in
+    registers is a wgmma operand only through registers, [BT, DA] of them per warp group (at head dim 256 the
+    passes spilled), while a loaded tile stays in shared memory. The dv pass scales its small c tile."""
     a = tl.zeros((o_t.shape[0], o_a.shape[0]), DT)
     ea = tl.zeros(o_t.shape, ACC)
     eb = tl.zeros(o_t.shape, ACC)
+    w = tl.zeros(o_t.shape, ACC)
     valid = tl.where(m_t, 1.0, 0.0).to(ACC)
     if MODE == 0:
         if WITH_A:
             a = _load(q_ptr, o_t, m_t, o_a, m_a, H, K, i_h, FMAP, ACC, DT)
         b = _load(k_ptr, o_t, m_t, o_a, m_a, H, K, i_h, FMAP, ACC, DT)
         c = _load(v_ptr, o_t, m_t, o_c, m_c, H, V, i_h, -1, ACC, DT)
+        cs = c
     elif MODE == 1:
         b = _load(v_ptr, o_t, m_t, o_a, m_a, H, V, i_h, -1, ACC, DT)
         c = _load(k_ptr, o_t, m_t, o_c, m_c, H, K, i_h, FMAP, ACC, DT)
+        cs = c
         if WITH_A:
-            a, ea = _grad_num(do_ptr, o_ptr, den_ptr, o_t, m_t, o_a, m_a, H, V, i_h, scale, NORMALIZE, True, ACC, DT)
+            a, w, ea = _grad_num(do_ptr, dden_ptr, den_ptr, o_t, m_t, o_a, m_a, H, V, i_h, scale, NORMALIZE, True, ACC)
         eb = valid
     elif MODE == 2:
         if WITH_A:
             a = _load(v_ptr, o_t, m_t, o_a, m_a, H, V, i_h, -1, ACC, DT)
-        b, eb = _grad_num(do_ptr, o_ptr, den_ptr, o_t, m_t, o_a, m_a, H, V, i_h, scale, NORMALIZE, True, ACC, DT)
+        b, w, eb = _grad_num(do_ptr, dden_ptr, den_ptr, o_t, m_t, o_a, m_a, H, V, i_h, scale, NORMALIZE, True, ACC)
         c = _load(q_ptr, o_t, m_t, o_c, m_c, H, K, i_h, FMAP, ACC, DT)
+        cs = (c.to(ACC) * w[:, None]).to(DT)
         ea = valid
     else:
         if WITH_A:
             a = _load(k_ptr, o_t, m_t, o_a, m_a, H, K, i_h, FMAP, ACC, DT)
         b = _load(q_ptr, o_t, m_t, o_a, m_a, H, K, i_h, FMAP, ACC, DT)
-        c, _ = _grad_num(do_ptr, o_ptr, den_ptr, o_t, m_t, o_c, m_c, H, V, i_h, scale, NORMALIZE, False, ACC, DT)
-    return a, b, c, ea, eb
+        c, w, _ = _grad_num(do_ptr, dden_ptr, den_ptr, o_t, m_t, o_c, m_c, H, V, i_h, scale, NORMALIZE, False, ACC)
+        c = (c.to(ACC) * w[:, None]).to(DT)
+        cs = c
+    return a, b, c, cs, ea, eb, w
 
 
 @triton.jit
-def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, den_ptr, out_ptr, r0_ptr, e0_ptr, rT_ptr, eT_ptr, seg_ptr,
+def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dden_ptr, den_ptr, out_ptr, r0_ptr, e0_ptr, rT_ptr, eT_ptr, seg_ptr,
                   sege_ptr, cu_ptr, seg_seq_ptr, seg_off_ptr, T, H, K, V, NSEG, L, scale, scale_lo, eps,
                   eps_lo, stride_ra, stride_rc, MODE: tl.constexpr, FMAP: tl.constexpr, NORMALIZE: tl.constexpr,
                   HAS_R0: tl.constexpr, HAS_E0: tl.constexpr, STORE_R: tl.constexpr, STORE_E: tl.constexpr,
@@ -312,18 +325,27 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, den_ptr, out_ptr, r0_ptr, 
             ci = i
         o_t = bos + ci * BT + o_i
         m_t = o_t < eos
-        a, b, c, ea, eb = _operands(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, den_ptr, o_t, m_t, o_a, m_a, o_c, m_c, H,
-                                    K, V, i_h, scale, MODE, FMAP, NORMALIZE, True, ACC, DT)
+        a, b, c, cs, ea, eb, w = _operands(q_ptr, k_ptr, v_ptr, do_ptr, dden_ptr, den_ptr, o_t, m_t, o_a, m_a, o_c,
+                                           m_c, H, K, V, i_h, scale, MODE, FMAP, NORMALIZE, True, ACC, DT)
         b_t = tl.trans(b)
         A = tl.dot(a, b_t, input_precision=PREC, out_dtype=ACC)
+        if MODE == 1:
+            A = A * w[:, None]
+        elif MODE == 2:
+            A = A * w[None, :]
         if EXTRA_AB:
             A += ea[:, None] * eb[None, :]
         A = tl.where(causal, A, 0.0)
-        acc = tl.dot(A.to(DT), c, input_precision=PREC, out_dtype=ACC)
         if TF32:  # fp16 inputs: fp16 cannot hold the state's range
-            acc += tl.dot(a.to(tl.float32), R, input_precision="tf32", out_dtype=ACC)
+            inter = tl.dot(a.to(tl.float32), R, input_precision="tf32", out_dtype=ACC)
         else:
-            acc += tl.dot(a, R.to(DT), input_precision=PREC, out_dtype=ACC)
+            inter = tl.dot(a, R.to(DT), input_precision=PREC, out_dtype=ACC)
+        if MODE == 1:
+            inter = inter * w[:, None]
+        acc = tl.dot(A.to(DT), c, input_precision=PREC, out_dtype=ACC) + inter
+        # The state update before the epilogue, not after the store: at head dim 256 the o pass spilled otherwise
+        # (ptxas -v of an sm_90 build).
+        R += tl.dot(b_t, cs, input_precision=PREC, out_dtype=ACC)
         if EXTRA_AB:
             acc += ea[:, None] * e[None, :]
             e += tl.sum(eb[:, None] * c.to(ACC), 0)
@@ -343,7 +365,6 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, den_ptr, out_ptr, r0_ptr, 
             acc = _times_phi_grad(acc, _load(k_ptr, o_t, m_t, o_c, m_c, H, K, i_h, -1, ACC, ACC), FMAP)
         p_out = out_ptr + (o_t[:, None] * H + i_h) * DIM_C + o_c[None, :]
         tl.store(p_out, acc.to(out_ptr.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
-        R += tl.dot(b_t, c, input_precision=PREC, out_dtype=ACC)
 
     if not SPLIT:  # with SPLIT the scan kernel writes the final state
         if STORE_R:
@@ -356,7 +377,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, den_ptr, out_ptr, r0_ptr, 
 
 
 @triton.jit
-def _segment_sum_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, den_ptr, seg_ptr, sege_ptr, cu_ptr, seg_seq_ptr,
+def _segment_sum_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dden_ptr, den_ptr, seg_ptr, sege_ptr, cu_ptr, seg_seq_ptr,
                         seg_off_ptr, T, H, K, V, NSEG, L, scale, scale_lo, MODE: tl.constexpr, FMAP: tl.constexpr,
                         NORMALIZE: tl.constexpr, VARLEN: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                         DA: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
@@ -390,9 +411,9 @@ def _segment_sum_kernel(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, den_ptr, seg_ptr, se
     for ci in range(c0, c1):
         o_t = bos + ci * BT + o_i
         m_t = o_t < eos
-        _, b, c, _, eb = _operands(q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, den_ptr, o_t, m_t, o_a, m_a, o_c, m_c, H,
-                                   K, V, i_h, scale, MODE, FMAP, NORMALIZE, False, ACC, DT)
-        R += tl.dot(tl.trans(b), c, input_precision=PREC, out_dtype=ACC)
+        _, b, c, cs, _, eb, _ = _operands(q_ptr, k_ptr, v_ptr, do_ptr, dden_ptr, den_ptr, o_t, m_t, o_a, m_a, o_c, m_c,
+                                          H, K, V, i_h, scale, MODE, FMAP, NORMALIZE, False, ACC, DT)
+        R += tl.dot(tl.trans(b), cs, input_precision=PREC, out_dtype=ACC)
         if EXTRA_AB:
             e += tl.sum(eb[:, None] * c.to(ACC), 0)
         if KEY_SUM:
@@ -467,6 +488,20 @@ def _segment_scan_kernel(seg_ptr, sege_ptr, r0_ptr, e0_ptr, rT_ptr, eT_ptr, seg_
         tl.store(p_r, R.to(rT_ptr.dtype.element_ty), mask=m_r)
     if STORE_E:
         tl.store(eT_ptr + nh * K + o_e, e.to(eT_ptr.dtype.element_ty), mask=m_e)
+
+
+@triton.jit
+def _den_grad_kernel(do_ptr, o_ptr, den_ptr, dden_ptr, ROWS, V, ACC: tl.constexpr, BR: tl.constexpr,
+                     BV: tl.constexpr):
+    """d(den) = -(do . o) / den for BR rows of do, o [ROWS, V] (ROWS = B*T*H) into dden [ROWS]. Once per row: the
+    dq and dk passes read it, instead of each of their column blocks loading o's full rows to recompute it."""
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    m_r = o_r < ROWS
+    o_v = tl.arange(0, BV)
+    p = o_r[:, None] * V + o_v[None, :]
+    m = m_r[:, None] & (o_v < V)[None, :]
+    dot = tl.sum(tl.load(do_ptr + p, mask=m, other=0.0).to(ACC) * tl.load(o_ptr + p, mask=m, other=0.0).to(ACC), 1)
+    tl.store(dden_ptr + o_r, -dot / tl.load(den_ptr + o_r, mask=m_r, other=1.0).to(ACC), mask=m_r)
 
 
 @triton.jit
@@ -582,9 +617,10 @@ class _Plan:
         return (self.cu if self.varlen else like), self.seg_seq, self.seg_off
 
 
-def _pass(mode, q, k, v, do, o, den, out, r0, e0, rT, eT, *, feature_map, normalize, scale, eps, plan,
+def _pass(mode, q, k, v, do, dden, den, out, r0, e0, rT, eT, *, feature_map, normalize, scale, eps, plan,
           store_den=False, config=None):
-    """One pass (module docstring) over every sequence and head, writing out [B, T, H, DC].
+    """One pass (module docstring) over every sequence and head, writing out [B, T, H, DC]. do, dden (`_den_grad`),
+    den: the backward's inputs (None in the forward).
 
     r0 / rT: [N, H, K, V] state in / final state out (None: zeros / not stored), read transposed by the dq and dk
     passes; e0 / eT: [N, H, K] extra vector in / out. config: a raw launch with these kernel settings (tests of
@@ -597,7 +633,7 @@ def _pass(mode, q, k, v, do, o, den, out, r0, e0, rT, eT, *, feature_map, normal
                  **_dtype_flags(q.dtype))
     extra = normalize and mode != _MODE_DV
     seg = sege = None
-    do, o, den = (t if t is not None else q for t in (do, o, den))  # unread by passes that do not need them
+    do, dden, den = (t if t is not None else q for t in (do, dden, den))  # unread by passes that do not need them
 
     def grid(meta):
         return (triton.cdiv(DC_, meta["BC"]) * H * plan.G,)
@@ -607,7 +643,7 @@ def _pass(mode, q, k, v, do, o, den, out, r0, e0, rT, eT, *, feature_map, normal
         seg = torch.empty((plan.G, H, DA_, DC_), device=q.device, dtype=sdt)
         sege = torch.empty((plan.G, H, K), device=q.device, dtype=sdt) if extra else seg
         kernel, kwargs = (_segment_sum[max(DA, 64)], {}) if config is None else (_segment_sum_kernel, dict(config))
-        kernel[grid](q, k, v, do, o, den, seg, sege, *plan.args(q), plan.T, H, K, V, plan.nseg,
+        kernel[grid](q, k, v, do, dden, den, seg, sege, *plan.args(q), plan.T, H, K, V, plan.nseg,
                      plan.L, *_hi_lo(scale), DA=DA, BT=BT, **flags, **kwargs)
         BS = 32 if DA >= 256 else 64
         _segment_scan_kernel[(triton.cdiv(DC_, BS) * H * plan.N,)](
@@ -621,11 +657,19 @@ def _pass(mode, q, k, v, do, o, den, out, r0, e0, rT, eT, *, feature_map, normal
     else:
         kernel, kwargs = _chunk_kernel, dict(config)
     dummy = seg if seg is not None else q
-    kernel[grid](q, k, v, do, o, den, out, *(t if t is not None else dummy for t in (r0, e0, rT, eT, seg, sege)),
+    kernel[grid](q, k, v, do, dden, den, out, *(t if t is not None else dummy for t in (r0, e0, rT, eT, seg, sege)),
                  *plan.args(q), plan.T, H, K, V, plan.nseg, plan.L, *_hi_lo(scale),
                  *_hi_lo(eps), *strides, HAS_R0=r0 is not None, HAS_E0=e0 is not None,
                  STORE_R=rT is not None, STORE_E=eT is not None, STORE_DEN=store_den, SPLIT=plan.split, DA=DA,
                  BT=BT, **flags, **kwargs)
+
+
+def _den_grad(do, o, den, out):
+    """out [B, T, H] = d(den) = -(do . o) / den (`_den_grad_kernel`)."""
+    rows, V = den.numel(), do.shape[-1]
+    BR = 16
+    _den_grad_kernel[(triton.cdiv(rows, BR),)](do, o, den, out, rows, V, ACC=_dtype_flags(do.dtype)["ACC"], BR=BR,
+                                              BV=triton.next_power_of_2(V), num_warps=4)
 
 
 def _contiguous(*tensors):
@@ -684,26 +728,28 @@ def backward(grad_o, grad_final_state, grad_final_key_sum, q, k, v, initial_stat
     N, H, K, V = _num_sequences(q, cu_seqlens), q.shape[2], q.shape[3], v.shape[3]
     sdt = state_dtype(q.dtype)
     options = dict(feature_map=feature_map, normalize=normalize, scale=scale, eps=eps, config=config)
-    o = den = None
+    dden = den = None
     if normalize and (need_q or need_k or need_v or need_state or need_key_sum):
         # o and den of the forward (recomputed): d num = scale * do / den, d den = -(do . o) / den.
         o = torch.empty_like(v, dtype=q.dtype)
         den = torch.empty(q.shape[:3], device=q.device, dtype=sdt)
         _pass(_MODE_O, q, k, v, None, None, den, o, initial_state, initial_key_sum, None, None, store_den=True,
               plan=_Plan(q, cu_seqlens, N, H, V, segment), **options)
+        dden = torch.empty_like(den)
+        _den_grad(do, o, den, dden)
     dq = dk = dv = d_state = d_key_sum = None
     if need_q:
         dq = torch.empty_like(q)
-        _pass(_MODE_DQ, q, k, v, do, o, den, dq, initial_state, initial_key_sum, None, None,
+        _pass(_MODE_DQ, q, k, v, do, dden, den, dq, initial_state, initial_key_sum, None, None,
               plan=_Plan(q, cu_seqlens, N, H, K, segment), **options)
     if need_k or need_key_sum:
         dk = torch.empty_like(k)
         d_key_sum = torch.empty((N, H, K), device=q.device, dtype=sdt) if need_key_sum else None
-        _pass(_MODE_DK, q, k, v, do, o, den, dk, G, g_z if normalize else None, None, d_key_sum,
+        _pass(_MODE_DK, q, k, v, do, dden, den, dk, G, g_z if normalize else None, None, d_key_sum,
               plan=_Plan(q, cu_seqlens, N, H, K, segment), **options)
     if need_v or need_state:
         dv = torch.empty_like(v)
         d_state = torch.empty((N, H, K, V), device=q.device, dtype=sdt) if need_state else None
-        _pass(_MODE_DV, q, k, v, do, o, den, dv, G, None, d_state, None,
+        _pass(_MODE_DV, q, k, v, do, dden, den, dv, G, None, d_state, None,
               plan=_Plan(q, cu_seqlens, N, H, V, segment), **options)
     return (dq if need_q else None, dk if need_k else None, dv if need_v else None, d_state, d_key_sum)
