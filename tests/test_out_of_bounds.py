@@ -76,7 +76,7 @@ def launch_chain_fwd(config, N, mode="ccp", activation="tanh", scale=0.7, bias=T
     z = guard_buffer((M, N, K), dtype, name=f"poly_chain fwd z {config}") if store_z else None
     NP = triton.next_power_of_2(N)
     columns = config["BC"] // NP if config["GROUPED"] else config["BC"]
-    grid = (triton.cdiv(M, config["BM"]), triton.cdiv(K, columns))
+    grid = (triton.cdiv(M, config["BM"]) * triton.cdiv(K, columns),)
     kernel[grid](gx.view, gw.view, (gb or gx).view, y.view, (z or y).view, M, D, K, N, scale, gx.view.stride(0),
                  y.view.stride(0), STORE_Z=store_z, NP=NP, **flags, **config)
 
@@ -593,12 +593,12 @@ def launch_lrnn_grad_z(BM, BN, BD, rows, dbar, activation="spder", bias=True, dt
 
 
 # ---------------------------------------------------------------- the cases
-def loop(BM=16, BC=32, BD=16):
-    return dict(BM=BM, BC=BC, BD=BD, GROUPED=False)
+def loop(BM=16, BC=32, BD=16, GROUP_M=2):  # 3 row tiles of M = 37: groups of 2 and 1
+    return dict(BM=BM, BC=BC, BD=BD, GROUPED=False, GROUP_M=GROUP_M)
 
 
-def grouped(BM=16, BC=64, BD=16):
-    return dict(BM=BM, BC=BC, BD=BD, GROUPED=True)
+def grouped(BM=16, BC=64, BD=16, GROUP_M=1):  # one row tile per group: the order row tiles outermost
+    return dict(BM=BM, BC=BC, BD=BD, GROUPED=True, GROUP_M=GROUP_M)
 
 
 CASES = [

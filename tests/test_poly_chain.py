@@ -320,9 +320,12 @@ def triton_forward_with(config, x, weight, bias, mode, activation, scale):
 @pytest.mark.parametrize("N", [2, 3, 5])  # padded to NP = 2, 4, 8 degrees in the grouped path
 @pytest.mark.parametrize("mode", MODES)
 def test_triton_forward_tile_paths(grouped, N, mode):
-    """Both forward paths (degree loop, degrees grouped side by side) with small tiles that leave ragged edges."""
-    config = triton.Config({"BM": 16, "BC": 32 if not grouped else 64, "BD": 16, "GROUPED": grouped})
-    x, weight, bias = make_inputs(lead=(37,), d=45, k=23, N=N)
+    """Both forward paths (degree loop, degrees grouped side by side) with small tiles that leave ragged edges, and
+    program orders: 5 row tiles in groups of 2 (the last group of 1) or 8 (one partial group), one or several
+    column tiles."""
+    config = triton.Config({"BM": 16, "BC": 32 if not grouped else 64, "BD": 16, "GROUPED": grouped,
+                            "GROUP_M": 2 if N != 3 else 8})
+    x, weight, bias = make_inputs(lead=(67,), d=45, k=23 if N != 5 else 33, N=N)
     y = triton_forward_with(config, x, weight, bias, mode, "tanh", 0.7)
     assert_close("y", y, hk.poly_chain(x, weight, bias, mode=mode, activation="tanh", scale=0.7, backend="reference"))
 
