@@ -1,0 +1,77 @@
+"""The CUDA poly_chain forward (csrc/poly_chain_forward.cuh) on the CPU emulation, through the launcher, in the cases
+its tiling has that the backend tests (tests/test_poly_chain_cuda.py) do not reach: N > 8 (several passes over d with
+the partial product carried), N = 1 and 8 (the slot layout's extremes), more than one band of row tiles and several
+column tiles (the L2 swizzle), d of more chunks than pipeline stages with a ragged last chunk (the cp.async zero-fill
+bound), x or W not 16-byte aligned (the synchronous loads), row-padded x and y, and the optional z output. Every
+tensor sits in a guard buffer: a copy past a row or a store past a tile fails. With the emulation's cp.async (a copy
+lands only at the wait that covers it, its destination NaN until then), a pipeline that reads a stage early fails."""
+
+from __future__ import annotations
+
+import math
+
+import emulated_kernels
+import pytest
+import torch
+from guard import assert_guard_untouched, check_guards, guard_buffer, guarded_copy
+from utils import assert_close
+
+from hadamard_kernels.ops.poly_chain import reference
+from hadamard_kernels.ops.poly_chain.common import ACTIVATIONS, MODES
+
+
+@pytest.fixture(scope="module")
+def ext():
+    return emulated_kernels.build("hk_poly_chain_emulated", "poly_chain_module.cpp",
+                                  sorted(emulated_kernels.CSRC.glob("poly_chain*")), flags=("-Werror",))
+
+
+def run_forward(ext, M, d, k, N, dtype, *, mode="ccp", activation="tanh", scale=0.7, bias=True, row_pad=0,
+                x_shift=0, store_z=True, seed=0):
+    """The forward launcher on guarded inputs (x with row_pad + x_shift padding columns and x_shift elements off
+    its buffer's alignment), y and z checked against the float64 reference."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, d, generator=g, dtype=torch.float64)
+    weight = torch.randn(N, k, d, generator=g, dtype=torch.float64) / math.sqrt(d)
+    b = 0.5 * torch.randn(N, k, generator=g, dtype=torch.float64) if bias else None
+    inputs = [None if t is None else t.to(dtype) for t in (x, weight, b)]
+    gx = guarded_copy(inputs[0], name="x", row_pad=row_pad + x_shift, pad=1024 + x_shift)
+    gw = guarded_copy(inputs[1], name="weight")
+    gb = guarded_copy(inputs[2], name="bias") if bias else None
+    y = guard_buffer((M, k), dtype, name="y", row_pad=row_pad)
+    z = guard_buffer((M, N, k), dtype, name="z") if store_z else None
+    params = ext.PolyChainParams(
+        x=gx.view.data_ptr(), weight=gw.view.data_ptr(), bias=gb.view.data_ptr() if bias else 0,
+        y=y.view.data_ptr(), z=z.view.data_ptr() if store_z else 0, M=M, d=d, k=k, N=N,
+        x_row_stride=d + row_pad + x_shift, y_row_stride=k + row_pad,
+        dtype=ext.DTYPES.index(str(dtype).removeprefix("torch.")), activation=ACTIVATIONS.index(activation),
+        mode=MODES.index(mode), scale=scale)
+    ext.poly_chain_fwd(params, 0)
+    check_guards(y, *([z] if store_z else []))
+    for guard in (gx, gw, gb):
+        if guard is not None:
+            assert_guard_untouched(guard, f"input {guard.name}")
+    wide = [None if t is None else t.double() for t in inputs]
+    assert_close("y", y.view, reference.forward(*wide, mode, activation, scale), dtype)
+    if store_z:
+        ref_z = torch.stack([wide[0] @ wide[1][n].T + (wide[2][n] if bias else 0) for n in range(N)], 1)
+        assert_close("z", z.view, ref_z, dtype)
+
+
+CASES = [
+    # d 200: 7 chunks of 32 halves (13 of 16 floats), more than the 4 stages, the last ragged; 2 row tiles
+    dict(M=130, d=200, k=40, N=5, row_pad=8),
+    dict(M=20, d=72, k=33, N=9),                                   # 2 passes of 5 degrees, the last with 4
+    dict(M=9, d=40, k=21, N=17, scale=0.3, store_z=False),         # 3 passes of 6 (the last 5)
+    dict(M=20, d=40, k=150, N=1, activation="sigmoid"),            # 8 runs per warp: 128 columns, 2 column tiles
+    dict(M=7, d=64, k=50, N=8, mode="product", scale=1.3),        # one run of 8 degrees per warp, 4 column tiles
+    dict(M=1100, d=16, k=150, N=2, bias=False),                    # 9 row tiles: a full band of 8 and a band of 1
+    dict(M=20, d=32, k=16, N=3, x_shift=1, activation="gelu"),     # x unaligned: x synchronous, W by cp.async
+    dict(M=67, d=45, k=23, N=3, row_pad=3, activation="relu"),     # d odd: x and W both synchronous
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_forward_tiling_cases(ext, case, dtype):
+    run_forward(ext, **case, dtype=dtype)
