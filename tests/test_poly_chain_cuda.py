@@ -2,9 +2,10 @@
 tests/emulation/cuda_emulation.h (blocks run as fibers, ldmatrix and mma.sync emulated) and driven by
 hadamard_kernels/ops/poly_chain/cuda.py on CPU tensors, against the float64 reference in float32 (the exact-FMA path),
 float16 and bfloat16 (the tensor-core path): every activation and mode, bias or none, odd sizes (M, d, k not multiples
-of the 64 x 64 tile, of the 32-wide d slice or of 8), N = 1..5, unaligned x (no 16-byte loads), exact zero factors,
-every launcher into guard buffers (no store outside its outputs) and launchers refusing bad params. On a GPU,
-tests/test_poly_chain.py runs the built extension itself."""
+of the tile, of the d slice or of 8), N = 1..5 and past the grad_z kernel's 16 degrees in registers, unaligned x
+(no 16-byte loads), exact zero factors, the forward's optional z output and the backward from it (save_projections),
+every launcher into guard buffers (no store outside its outputs; grad_z also in place over z) and launchers refusing
+bad params. On a GPU, tests/test_poly_chain.py runs the built extension itself."""
 
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def check_emulated(inputs, grad_y, mode="ccp", activation="tanh", scale=0.7, nee
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_emulated_matches_reference(emulated, dtype, activation):
-    """M 67 (two row tiles, the second of 3 rows), d 45 (two d slices, the second ragged), k 23; ccp with bias and
+    """M 67, d 45, k 23 (multiples of no tile, d slice or 8: ragged edges everywhere); ccp with bias and
     product without, at once."""
     for i, mode in enumerate(MODES):
         inputs, grad_y = make_inputs(dtype=dtype, bias=i == 0, seed=i)
@@ -80,9 +81,9 @@ def test_emulated_matches_reference(emulated, dtype, activation):
 
 @pytest.mark.parametrize("size", [
     dict(M=1, d=1, k=1, N=1),      # one element: d = 1 is a padded slice, N = 1 is y = u_1
-    dict(M=5, d=16, k=70, N=2),    # two column tiles (64 + 6); d = 16 takes the 16-byte loads (8 for fp32: 4)
-    dict(M=130, d=8, k=9, N=4),    # three row tiles; one 8-wide slice
-    dict(M=3, d=64, k=23, N=5),    # two whole d slices, N = 5
+    dict(M=5, d=16, k=70, N=2),    # k past 64; d = 16 takes the 16-byte loads
+    dict(M=130, d=8, k=9, N=4),    # M past 128; one 8-wide slice
+    dict(M=3, d=64, k=23, N=5),    # whole d slices, N = 5
 ], ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_emulated_sizes(emulated, size, dtype):
@@ -175,7 +176,7 @@ def _exact_grad_z(z, mode, activation, scale, grad_y):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("d, row_pad", [(5, 3), (40, 8)])
 def test_emulated_launchers_stay_in_bounds(emulated_extension, dtype, d, row_pad):
-    """M 67 (the second row tile partial), k 70 (the second column tile partial), N 3; row-padded x, y and grad_y.
+    """M 67, k 70, N 3 (partial row and column tiles); row-padded x, y and grad_y.
     d = 40 with 8 padding columns takes the 16-byte loads, d = 5 the element loads. The forward also writes z, the
     backward reads it into a separate grad_z and then in place."""
     ext = emulated_extension
