@@ -11,7 +11,8 @@
 // pipeline runs without a break between degrees. N <= 8 takes one pass (per_pass = N; the 8 % N spare n-tiles read
 // zeros: N = 3, 5, 6, 7 waste 25, 37.5, 25, 12.5% of the MMAs); larger N takes ceil(N / 8) passes over d of
 // per_pass = ceil(N / passes) degrees and one run per warp, the partial product carried in 8 registers. A block
-// covers 16 * groups output columns, so x traffic is N * k / 128 tile reads per row tile whatever N is.
+// covers 16 * groups output columns, so a row tile of x is read passes * k / (16 * groups) times: N * k / 128 when
+// N divides 8, as often as a loop over degrees would, but in `passes` trips over d per block instead of N.
 //
 // Pipeline. d is staged in chunks of 64 bytes (32 halves, 16 floats) in a ring of kStages slots of dynamic shared
 // memory, each x and W row padded to 80 bytes (the 8 rows an ldmatrix phase reads land in 8 distinct 16-byte bank
@@ -75,7 +76,7 @@ struct SlotMap {
   int passes, per_pass, groups;
   int64_t cols;  // output columns per block tile
 
-  __host__ __device__ explicit SlotMap(int64_t N)
+  HK_HOST_DEVICE explicit SlotMap(int64_t N)
       : passes(N <= kNTiles ? 1 : static_cast<int>((N + kNTiles - 1) / kNTiles)),
         per_pass(static_cast<int>((N + passes - 1) / passes)),
         groups(kNTiles / per_pass),
@@ -92,8 +93,8 @@ struct SlotMap {
   }
 };
 
-__host__ __device__ inline int64_t row_tiles(const PolyChainParams& p) { return (p.M + kTileRows - 1) / kTileRows; }
-__host__ __device__ inline int64_t col_tiles(const PolyChainParams& p) {
+HK_HOST_DEVICE inline int64_t row_tiles(const PolyChainParams& p) { return (p.M + kTileRows - 1) / kTileRows; }
+HK_HOST_DEVICE inline int64_t col_tiles(const PolyChainParams& p) {
   const int64_t cols = SlotMap(p.N).cols;
   return (p.k + cols - 1) / cols;
 }
@@ -150,7 +151,9 @@ __device__ __forceinline__ void multiply_chunk(const Bits<T>* xs, const Bits<T>*
       // A: lanes 0-15 address rows 0-15 at k = ks, lanes 16-31 the same rows at ks + 8.
       uint32_t a[kMTiles][4];
 #pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) ldmatrix_x4(a[mt], xs + (mt * 16 + lane % 16) * kPitch + ks + (lane / 16) * 8, false);
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        ldmatrix_x4(a[mt], xs + (mt * 16 + lane % 16) * kPitch + ks + (lane / 16) * 8, false);
+      }
       // B of two n-tiles per ldmatrix: matrix q = lane / 8 covers slots (q / 2) * 8.. at k = ks + (q % 2) * 8.
       uint32_t b[kNTiles][2];
 #pragma unroll
@@ -283,8 +286,8 @@ __global__ void __launch_bounds__(kThreads) poly_chain_fwd_kernel(const PolyChai
         if (z != nullptr && row < p.M && col < p.k) {
           store_two(z + (row * p.N + n) * p.k + col, col, p.k, z_pairs, z0, z1);
         }
-        const float f0 = chain_factor<PRODUCT>(p.scale * activation<ACT>(z0), static_cast<int>(n));
-        const float f1 = chain_factor<PRODUCT>(p.scale * activation<ACT>(z1), static_cast<int>(n));
+        const float f0 = chain_factor<PRODUCT>(p.scale * activation<ACT>(z0), n);
+        const float f1 = chain_factor<PRODUCT>(p.scale * activation<ACT>(z1), n);
         const int before = j > 0 ? a - 4 : a;
         acc[a] = first ? f0 : f0 * acc[before];
         acc[a + 1] = first ? f1 : f1 * acc[before + 1];
