@@ -1,7 +1,8 @@
 """CUDA C++ backend of poly_chain: launchers for the kernels in csrc/poly_chain.cu (module hadamard_kernels._C).
 
-Forward: one kernel computes y [M, k] with the N projections of each 64 x 64 output tile and the chain in
-registers (with save_projections it also writes them, z [M, N, k]). Backward (common.backward, shared with the
+Forward: one kernel computes y [M, k]: each block a 128-row tile of 128 (degree, output column) slots, d streamed
+through a cp.async ring, the N projections and the chain in registers (with save_projections it also writes them,
+z [M, N, k]). Backward (common.backward, shared with the
 Triton backend): z saved by the forward or recomputed by one cuBLAS GEMM, then one element-wise kernel writes
 grad_z = dL/dz with prefix/suffix products in fp32 registers (no workspace), then two cuBLAS GEMMs give dx and
 dweight (ops/_projections.py).
