@@ -147,6 +147,12 @@ def test_odd_head_dims(K, V):
     run_case(*make_inputs(T=70, H=3 if K * V < 100 else 1, K=K, V=V, normalize=normalize), "elu1", normalize)
 
 
+@pytest.mark.parametrize("feature_map, normalize", [("elu1", True), ("relu", False)])
+def test_wide_head_dims(feature_map, normalize):
+    """Dk = 200, Dv = 136: every pass on the 256-wide a, b tiles (padded), in 16-column blocks of c."""
+    run_case(*make_inputs(T=70, K=200, V=136, normalize=normalize), feature_map, normalize)
+
+
 def test_batch_and_heads_without_states():
     """B > 1, odd H, no initial state (zeros) and no final-state gradients."""
     run_case(*make_inputs(B=2, T=66, H=3, K=8, V=12, states=False), "relu", False, final_grads=False)
@@ -309,7 +315,7 @@ def test_key_sum_beyond_fp16_range():
 @pytest.mark.parametrize("varlen", [False, True])
 def test_stores_stay_in_bounds(segment, varlen):
     """Every pass launched into guard buffers (tests/guard.py), with ragged column blocks (BC = 16 over Dk = 20,
-    Dv = 36), a ragged last chunk and, for varlen, an empty sequence: each output (o, den, dden, dq, dk, dv, the final
+    Dv = 36), a ragged last chunk and, for varlen, an empty sequence: each output (o, den, x, dq, dk, dv, the final
     states and the initial-state gradients) is fully written, nothing past it is, and no masked-off load reads an
     input's guard (its NaN would reach the values, which match the formula)."""
     cu = torch.tensor([0, 5, 5, 70], dtype=torch.int32) if varlen else None
@@ -323,7 +329,7 @@ def test_stores_stay_in_bounds(segment, varlen):
     ins = {name: guarded_copy(t, name=name).view for name, t in
            dict(q=q, k=k, v=v, S0=S0, z0=z0, do=go, G=G, g_z=g_z).items()}
     outs = {name: guard_buffer(shape, torch.float64, name=name) for name, shape in
-            dict(o=v.shape, den=q.shape[:3], dden=q.shape[:3], S_T=S0.shape, z_T=z0.shape, dq=q.shape, dk=k.shape,
+            dict(o=v.shape, den=q.shape[:3], x=q.shape[:3], S_T=S0.shape, z_T=z0.shape, dq=q.shape, dk=k.shape,
                  dv=v.shape, dS0=S0.shape, dz0=z0.shape).items()}
     o_ = {name: guard.view for name, guard in outs.items()}
     options = dict(feature_map="elu1", normalize=True, scale=SCALE, eps=EPS, config=dict(BC=16))
@@ -331,12 +337,12 @@ def test_stores_stay_in_bounds(segment, varlen):
     plan = lambda DC: la_triton._Plan(qg, cu, N, H, DC, segment)  # noqa: E731
     la_triton._pass(la_triton._MODE_O, qg, kg, vg, None, None, o_["den"], o_["o"], ins["S0"], ins["z0"], o_["S_T"],
                     o_["z_T"], plan=plan(V), store_den=True, **options)
-    la_triton._den_grad(ins["do"], o_["o"], o_["den"], o_["dden"])
-    la_triton._pass(la_triton._MODE_DQ, qg, kg, vg, ins["do"], o_["dden"], o_["den"], o_["dq"], ins["S0"], ins["z0"],
+    la_triton._den_grad(ins["do"], o_["o"], SCALE, o_["x"])
+    la_triton._pass(la_triton._MODE_DQ, qg, kg, vg, ins["do"], o_["x"], o_["den"], o_["dq"], ins["S0"], ins["z0"],
                     None, None, plan=plan(K), **options)
-    la_triton._pass(la_triton._MODE_DK, qg, kg, vg, ins["do"], o_["dden"], o_["den"], o_["dk"], ins["G"], ins["g_z"],
+    la_triton._pass(la_triton._MODE_DK, qg, kg, vg, ins["do"], o_["x"], o_["den"], o_["dk"], ins["G"], ins["g_z"],
                     None, o_["dz0"], plan=plan(K), **options)
-    la_triton._pass(la_triton._MODE_DV, qg, kg, vg, ins["do"], o_["dden"], o_["den"], o_["dv"], ins["G"], None,
+    la_triton._pass(la_triton._MODE_DV, qg, kg, vg, ins["do"], o_["x"], o_["den"], o_["dv"], ins["G"], None,
                     o_["dS0"], None, plan=plan(V), **options)
     check_guards(*outs.values())
 

@@ -6,21 +6,22 @@ the intra-chunk masked product (a_c b_c^T ∘ M) c_c and the inter-chunk term a_
 state R [DA, BC] in fp32 registers (fp64 for fp64 inputs), never in memory. A program owns one sequence (or one
 segment of it, below), one head and BC columns of c, and walks its chunks in order (the backward's dk, dv passes
 walk them in reverse, with the mask transposed: s >= t). Feature maps and their derivatives are applied to the
-loaded tiles. With Q = phi(q), K = phi(k), dN = d(num) = scale * do (/ den):
+loaded tiles. With Q = phi(q), K = phi(k) and the row weights w = scale (/ den), d(num) = dN = w * do:
 
-    pass    a        b          c        R (start)        out                    extra (normalize)
-    o       Q        K          v        S_0              o = scale * out (/den)  den = rowsum(A) + Q.z + eps, z += K
-    dq      dN       v          K        S_0^T            dq = phi'(q) * out      a, b get a column dden, 1; R a row z
-    dk      v        dN         Q  rev   G^T              dk = phi'(k) * out      a, b get a column 1, dden; R a row g_z
-    dv      K        Q          dN rev   G                dv = out                -
+    pass    a        b          c         R (start)    out                        extra (normalize)
+    o       Q        K          v         S_0          o = scale * out (/den)     den = rowsum(A) + Q.z + eps, z += K
+    dq      do       v          K         S_0^T        dq = phi'(q) * w * out     a, b get a column x, 1; R a row z
+    dk      v        do         w Q  rev  G^T          dk = phi'(k) * out         a, b get a column 1, x; R a row g_z
+    dv      K        Q          dN   rev  G            dv = out                   -
 
-(G, g_z: gradients of the final state and key sum; dden = -(do . o) / den.) The final R of the o pass is the final
-state S_T, of the dv pass d S_0; the extra row of the dk pass ends as d z_0. dN enters dq and dk as the loaded do
-tile, its row weights (scale / den) applied to the products (see `_operands`). With normalize the backward first
-reruns the o pass to get o and den (fp32, [B*T, H]), then `_den_grad_kernel` computes dden once per row. A pass
-costs about one forward: it reads its three operands and writes one output, so the backward is three passes (four
-with normalize); the per-chunk states are never written (only per-segment sums, when sequences are split as
-below).
+(G, g_z: gradients of the final state and key sum.) With normalize, d(den) = -(do . o) / den = w * x, x = -(do . o)
+/ scale: dN's row with its extra column is w * [do, x], so dq and dk take the loaded do tile (in shared memory, not
+a [BT, DA] tile computed in registers) and apply w to dq's output rows and to the rows of dk's small c tile. The
+final R of the o pass is the final state S_T, of the dv pass d S_0; the extra row of the dk pass ends as d z_0.
+With normalize the backward first reruns the o pass to get o and den (fp32, [B*T, H]), then `_den_grad_kernel`
+computes x once per row. A pass costs about one forward: it reads its three operands and writes one output, so the
+backward is three passes (four with normalize); the per-chunk states are never written (only per-segment sums,
+when sequences are split as below).
 
 Parallelism: programs = sequences x heads x cdiv(DC, BC). When that is below the SM count (small batch x heads,
 long T), every sequence is cut into segments of L chunks: `_segment_sum_kernel` computes each segment's b^T c (a
@@ -57,9 +58,9 @@ _DC_BLOCK_PLAN = 64  # the BC the segment plan assumes (the autotuner may pick a
 
 # Chunk kernel configs (BC: state columns per program, R is [DA, BC] fp32), one list per width DA of the a/b tiles
 # (the head dim padded to a power of 2). First config = the default when autotuning is off; the interpreter takes
-# the smallest. Kept: configs that compile for sm_90 (bf16) to wgmma with no register spills, except DA = 256 with
-# a feature map in the o and dv passes, where every config tried spills 40-220 bytes (both a and b are phi'd tiles
-# held in registers as dot operands).
+# the smallest. Kept: configs that compile for sm_90 (bf16) to wgmma with no register spills (ptxas -v) in any pass,
+# feature map or normalize, except DA = 256 at BC = 32, whose o pass with elu1 or relu and no normalize spills 12
+# bytes: it stays for the autotuner, as BC = 16 computes each chunk's a b^T for twice as many column blocks.
 _CHUNK_CONFIGS = [  # DA <= 64
     triton.Config({"BC": bc}, num_warps=w, num_stages=s)
     for bc, w, s in [(64, 4, 2), (64, 8, 2), (64, 4, 3), (128, 8, 2)]
@@ -126,18 +127,18 @@ def _load(ptr, o_t, m_t, o_d, m_d, H, D, i_h, PHI: tl.constexpr, ACC: tl.constex
 
 
 @triton.jit
-def _grad_num(do_ptr, dden_ptr, den_ptr, o_t, m_t, o_d, m_d, H, V, i_h, scale, NORMALIZE: tl.constexpr,
-              WITH_DDEN: tl.constexpr, ACC: tl.constexpr):
-    """The do tile [BT, BD] as loaded and the row weights w [BT] (ACC) of d(num) = w * do: w = scale (/ den);
-    when WITH_DDEN also d(den) [BT] (ACC, from `_den_grad_kernel`)."""
+def _grad_num(do_ptr, x_ptr, den_ptr, o_t, m_t, o_d, m_d, H, V, i_h, scale, NORMALIZE: tl.constexpr,
+              WITH_X: tl.constexpr, ACC: tl.constexpr):
+    """The do tile [BT, BD] as loaded, the row weights w [BT] (ACC) of d(num) = w * do (w = scale (/ den)) and,
+    when WITH_X, x [BT] (ACC, `_den_grad_kernel`'s) of d(den) = w * x."""
     do = tl.load(do_ptr + (o_t[:, None] * H + i_h) * V + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
-    dden = tl.zeros(o_t.shape, ACC)
+    x = tl.zeros(o_t.shape, ACC)
     w = tl.zeros(o_t.shape, ACC) + scale
     if NORMALIZE:
         w = scale / tl.load(den_ptr + o_t * H + i_h, mask=m_t, other=1.0).to(ACC)
-        if WITH_DDEN:
-            dden = tl.load(dden_ptr + o_t * H + i_h, mask=m_t, other=0.0).to(ACC)
-    return do, w, dden
+        if WITH_X:
+            x = tl.load(x_ptr + o_t * H + i_h, mask=m_t, other=0.0).to(ACC)
+    return do, w, x
 
 
 @triton.jit
@@ -156,9 +157,9 @@ def _first_block(mask, i_c):
 
 
 @triton.jit
-def _dot_key_sum(a, z, DT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, TF32: tl.constexpr):
-    """a [BT, DA] (DT) . z [DA] (ACC) -> [BT] on tensor cores: z split into hi + lo, the columns 0 and 1 of a
-    [DA, 16] operand (bf16 hi + lo keep 16 bits; tf32 hi + lo (the low 13 bits masked off) about 21)."""
+def _matvec(a, z, DT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, TF32: tl.constexpr):
+    """a [M, N] (DT) . z [N] (ACC) -> [M] on tensor cores: z split into hi + lo, the columns 0 and 1 of a [N, 16]
+    operand (bf16 hi + lo keep 16 bits; tf32 hi + lo (the low 13 bits masked off) about 21)."""
     o_z = tl.arange(0, 16)[None, :]
     if ACC == tl.float64:
         z_hi = z
@@ -213,17 +214,14 @@ def _sequence(g, cu_ptr, seg_seq_ptr, seg_off_ptr, T, NSEG, L, VARLEN: tl.conste
 
 # ----------------------------------------------------------------------------------------------- the passes
 @triton.jit
-def _operands(q_ptr, k_ptr, v_ptr, do_ptr, dden_ptr, den_ptr, o_t, m_t, o_a, m_a, o_c, m_c, H, K, V, i_h, scale,
+def _operands(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, o_t, m_t, o_a, m_a, o_c, m_c, H, K, V, i_h, scale,
               MODE: tl.constexpr, FMAP: tl.constexpr, NORMALIZE: tl.constexpr, WITH_A: tl.constexpr,
               ACC: tl.constexpr, DT: tl.constexpr):
-    """The pass's a [BT, DA] (when WITH_A), b [BT, DA], c [BT, BC] tiles of one chunk (DT), c as it enters the
-    state update (cs), the extra columns ea, eb [BT] (ACC) of a and b (the dq and dk passes with normalize; zeros
-    otherwise) and the row weights w [BT] (ACC) of d(num) = w * do.
-
-    dN = w * do enters the dq and dk passes as the do tile itself, its weights applied to the [BT, BT] and [BT, BC]
-    products instead (rows of a @ b^T and a @ R in dq, columns of a @ b^T and rows of cs in dk): a tile computed in
-    registers is a wgmma operand only through registers, [BT, DA] of them per warp group (at head dim 256 the
-    passes spilled), while a loaded tile stays in shared memory. The dv pass scales its small c tile."""
+    """The pass's a [BT, DA] (when WITH_A), b [BT, DA], c [BT, BC] tiles of one chunk (DT), the extra columns
+    ea, eb [BT] (ACC) of a and b (the dq and dk passes with normalize; zeros otherwise) and the row weights w [BT]
+    (ACC) of dN = w * do, which the dq pass applies to its output. a and b are loaded tiles, or phi of one: a tile
+    computed in registers (as dN was) is a wgmma operand only from registers, [BT, DA] of them per warp group (at
+    head dim 256 the dq and dk passes spilled), a loaded one from shared memory."""
     a = tl.zeros((o_t.shape[0], o_a.shape[0]), DT)
     ea = tl.zeros(o_t.shape, ACC)
     eb = tl.zeros(o_t.shape, ACC)
@@ -234,33 +232,29 @@ def _operands(q_ptr, k_ptr, v_ptr, do_ptr, dden_ptr, den_ptr, o_t, m_t, o_a, m_a
             a = _load(q_ptr, o_t, m_t, o_a, m_a, H, K, i_h, FMAP, ACC, DT)
         b = _load(k_ptr, o_t, m_t, o_a, m_a, H, K, i_h, FMAP, ACC, DT)
         c = _load(v_ptr, o_t, m_t, o_c, m_c, H, V, i_h, -1, ACC, DT)
-        cs = c
     elif MODE == 1:
         b = _load(v_ptr, o_t, m_t, o_a, m_a, H, V, i_h, -1, ACC, DT)
         c = _load(k_ptr, o_t, m_t, o_c, m_c, H, K, i_h, FMAP, ACC, DT)
-        cs = c
         if WITH_A:
-            a, w, ea = _grad_num(do_ptr, dden_ptr, den_ptr, o_t, m_t, o_a, m_a, H, V, i_h, scale, NORMALIZE, True, ACC)
+            a, w, ea = _grad_num(do_ptr, x_ptr, den_ptr, o_t, m_t, o_a, m_a, H, V, i_h, scale, NORMALIZE, True, ACC)
         eb = valid
     elif MODE == 2:
         if WITH_A:
             a = _load(v_ptr, o_t, m_t, o_a, m_a, H, V, i_h, -1, ACC, DT)
-        b, w, eb = _grad_num(do_ptr, dden_ptr, den_ptr, o_t, m_t, o_a, m_a, H, V, i_h, scale, NORMALIZE, True, ACC)
-        c = _load(q_ptr, o_t, m_t, o_c, m_c, H, K, i_h, FMAP, ACC, DT)
-        cs = (c.to(ACC) * w[:, None]).to(DT)
+        b, w, eb = _grad_num(do_ptr, x_ptr, den_ptr, o_t, m_t, o_a, m_a, H, V, i_h, scale, NORMALIZE, True, ACC)
+        c = (_load(q_ptr, o_t, m_t, o_c, m_c, H, K, i_h, FMAP, ACC, ACC) * w[:, None]).to(DT)
         ea = valid
     else:
         if WITH_A:
             a = _load(k_ptr, o_t, m_t, o_a, m_a, H, K, i_h, FMAP, ACC, DT)
         b = _load(q_ptr, o_t, m_t, o_a, m_a, H, K, i_h, FMAP, ACC, DT)
-        c, w, _ = _grad_num(do_ptr, dden_ptr, den_ptr, o_t, m_t, o_c, m_c, H, V, i_h, scale, NORMALIZE, False, ACC)
+        c, w, _ = _grad_num(do_ptr, x_ptr, den_ptr, o_t, m_t, o_c, m_c, H, V, i_h, scale, NORMALIZE, False, ACC)
         c = (c.to(ACC) * w[:, None]).to(DT)
-        cs = c
-    return a, b, c, cs, ea, eb, w
+    return a, b, c, ea, eb, w
 
 
 @triton.jit
-def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dden_ptr, den_ptr, out_ptr, r0_ptr, e0_ptr, rT_ptr, eT_ptr, seg_ptr,
+def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, out_ptr, r0_ptr, e0_ptr, rT_ptr, eT_ptr, seg_ptr,
                   sege_ptr, cu_ptr, seg_seq_ptr, seg_off_ptr, T, H, K, V, NSEG, L, scale, scale_lo, eps,
                   eps_lo, stride_ra, stride_rc, MODE: tl.constexpr, FMAP: tl.constexpr, NORMALIZE: tl.constexpr,
                   HAS_R0: tl.constexpr, HAS_E0: tl.constexpr, STORE_R: tl.constexpr, STORE_E: tl.constexpr,
@@ -325,42 +319,36 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dden_ptr, den_ptr, out_ptr, r0_pt
             ci = i
         o_t = bos + ci * BT + o_i
         m_t = o_t < eos
-        a, b, c, cs, ea, eb, w = _operands(q_ptr, k_ptr, v_ptr, do_ptr, dden_ptr, den_ptr, o_t, m_t, o_a, m_a, o_c,
-                                           m_c, H, K, V, i_h, scale, MODE, FMAP, NORMALIZE, True, ACC, DT)
+        a, b, c, ea, eb, w = _operands(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, o_t, m_t, o_a, m_a, o_c, m_c,
+                                       H, K, V, i_h, scale, MODE, FMAP, NORMALIZE, True, ACC, DT)
         b_t = tl.trans(b)
         A = tl.dot(a, b_t, input_precision=PREC, out_dtype=ACC)
-        if MODE == 1:
-            A = A * w[:, None]
-        elif MODE == 2:
-            A = A * w[None, :]
         if EXTRA_AB:
             A += ea[:, None] * eb[None, :]
         A = tl.where(causal, A, 0.0)
+        acc = tl.dot(A.to(DT), c, input_precision=PREC, out_dtype=ACC)
         if TF32:  # fp16 inputs: fp16 cannot hold the state's range
-            inter = tl.dot(a.to(tl.float32), R, input_precision="tf32", out_dtype=ACC)
+            acc += tl.dot(a.to(tl.float32), R, input_precision="tf32", out_dtype=ACC)
         else:
-            inter = tl.dot(a, R.to(DT), input_precision=PREC, out_dtype=ACC)
-        if MODE == 1:
-            inter = inter * w[:, None]
-        acc = tl.dot(A.to(DT), c, input_precision=PREC, out_dtype=ACC) + inter
+            acc += tl.dot(a, R.to(DT), input_precision=PREC, out_dtype=ACC)
         # The state update before the epilogue, not after the store: at head dim 256 the o pass spilled otherwise
         # (ptxas -v of an sm_90 build).
-        R += tl.dot(b_t, cs, input_precision=PREC, out_dtype=ACC)
+        R += tl.dot(b_t, c, input_precision=PREC, out_dtype=ACC)
         if EXTRA_AB:
             acc += ea[:, None] * e[None, :]
-            e += tl.sum(eb[:, None] * c.to(ACC), 0)
+            e += _matvec(tl.trans(c), eb, DT, ACC, PREC, TF32)  # a dot, as the key sum's below
         if MODE == 0:
             if NORMALIZE:
                 # Q.z and the key sum's update as small dots (elementwise forms keep fp32 copies of the a, b tiles
                 # in registers): z enters as hi + lo columns, so the dot loses none of its fp32 precision.
-                den = tl.sum(A, 1) + _dot_key_sum(a, e, DT, ACC, PREC, TF32) + eps
+                den = tl.sum(A, 1) + _matvec(a, e, DT, ACC, PREC, TF32) + eps
                 acc = acc / den[:, None]
                 if STORE_DEN:
                     tl.store(den_ptr + o_t * H + i_h, den, mask=_first_block(m_t, i_c))
                 e += _column_sum(b, PREC, ACC)
             acc = acc * scale
         elif MODE == 1:
-            acc = _times_phi_grad(acc, _load(q_ptr, o_t, m_t, o_c, m_c, H, K, i_h, -1, ACC, ACC), FMAP)
+            acc = _times_phi_grad(acc * w[:, None], _load(q_ptr, o_t, m_t, o_c, m_c, H, K, i_h, -1, ACC, ACC), FMAP)
         elif MODE == 2:
             acc = _times_phi_grad(acc, _load(k_ptr, o_t, m_t, o_c, m_c, H, K, i_h, -1, ACC, ACC), FMAP)
         p_out = out_ptr + (o_t[:, None] * H + i_h) * DIM_C + o_c[None, :]
@@ -377,10 +365,10 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dden_ptr, den_ptr, out_ptr, r0_pt
 
 
 @triton.jit
-def _segment_sum_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dden_ptr, den_ptr, seg_ptr, sege_ptr, cu_ptr, seg_seq_ptr,
+def _segment_sum_kernel(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, seg_ptr, sege_ptr, cu_ptr, seg_seq_ptr,
                         seg_off_ptr, T, H, K, V, NSEG, L, scale, scale_lo, MODE: tl.constexpr, FMAP: tl.constexpr,
                         NORMALIZE: tl.constexpr, VARLEN: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                        DA: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+                        TF32: tl.constexpr, DA: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """seg[g, h] = sum over the chunks of segment g of b^T c [DA_, DC_] (fp32), and its extra vector sege[g, h]:
     sum of b (the o pass with normalize, over a's dims) or sum of eb * c (dq, dk with normalize, over c's dims)."""
     EXTRA_AB: tl.constexpr = NORMALIZE and (MODE == 1 or MODE == 2)
@@ -411,11 +399,11 @@ def _segment_sum_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dden_ptr, den_ptr, seg_ptr,
     for ci in range(c0, c1):
         o_t = bos + ci * BT + o_i
         m_t = o_t < eos
-        _, b, c, cs, _, eb, _ = _operands(q_ptr, k_ptr, v_ptr, do_ptr, dden_ptr, den_ptr, o_t, m_t, o_a, m_a, o_c, m_c,
-                                          H, K, V, i_h, scale, MODE, FMAP, NORMALIZE, False, ACC, DT)
-        R += tl.dot(tl.trans(b), cs, input_precision=PREC, out_dtype=ACC)
+        _, b, c, _, eb, _ = _operands(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, o_t, m_t, o_a, m_a, o_c, m_c, H,
+                                      K, V, i_h, scale, MODE, FMAP, NORMALIZE, False, ACC, DT)
+        R += tl.dot(tl.trans(b), c, input_precision=PREC, out_dtype=ACC)
         if EXTRA_AB:
-            e += tl.sum(eb[:, None] * c.to(ACC), 0)
+            e += _matvec(tl.trans(c), eb, DT, ACC, PREC, TF32)
         if KEY_SUM:
             e += _column_sum(b, PREC, ACC)
     gh = g.to(tl.int64) * H + i_h
@@ -491,17 +479,19 @@ def _segment_scan_kernel(seg_ptr, sege_ptr, r0_ptr, e0_ptr, rT_ptr, eT_ptr, seg_
 
 
 @triton.jit
-def _den_grad_kernel(do_ptr, o_ptr, den_ptr, dden_ptr, ROWS, V, ACC: tl.constexpr, BR: tl.constexpr,
+def _den_grad_kernel(do_ptr, o_ptr, x_ptr, ROWS, V, scale, scale_lo, ACC: tl.constexpr, BR: tl.constexpr,
                      BV: tl.constexpr):
-    """d(den) = -(do . o) / den for BR rows of do, o [ROWS, V] (ROWS = B*T*H) into dden [ROWS]. Once per row: the
-    dq and dk passes read it, instead of each of their column blocks loading o's full rows to recompute it."""
+    """x = -(do . o) / scale (d(den) = w * x, module docstring; 0 for scale 0, where w = 0) for BR rows of do, o
+    [ROWS, V] (ROWS = B*T*H) into x [ROWS]. Once per row: the dq and dk passes read it, instead of each of their
+    column blocks loading o's full rows to recompute it."""
+    scale = _scalar(scale, scale_lo, ACC)
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     m_r = o_r < ROWS
     o_v = tl.arange(0, BV)
     p = o_r[:, None] * V + o_v[None, :]
     m = m_r[:, None] & (o_v < V)[None, :]
     dot = tl.sum(tl.load(do_ptr + p, mask=m, other=0.0).to(ACC) * tl.load(o_ptr + p, mask=m, other=0.0).to(ACC), 1)
-    tl.store(dden_ptr + o_r, -dot / tl.load(den_ptr + o_r, mask=m_r, other=1.0).to(ACC), mask=m_r)
+    tl.store(x_ptr + o_r, tl.where(scale == 0, 0.0, -dot / scale), mask=m_r)
 
 
 @triton.jit
@@ -617,9 +607,9 @@ class _Plan:
         return (self.cu if self.varlen else like), self.seg_seq, self.seg_off
 
 
-def _pass(mode, q, k, v, do, dden, den, out, r0, e0, rT, eT, *, feature_map, normalize, scale, eps, plan,
+def _pass(mode, q, k, v, do, x, den, out, r0, e0, rT, eT, *, feature_map, normalize, scale, eps, plan,
           store_den=False, config=None):
-    """One pass (module docstring) over every sequence and head, writing out [B, T, H, DC]. do, dden (`_den_grad`),
+    """One pass (module docstring) over every sequence and head, writing out [B, T, H, DC]. do, x (`_den_grad`),
     den: the backward's inputs (None in the forward).
 
     r0 / rT: [N, H, K, V] state in / final state out (None: zeros / not stored), read transposed by the dq and dk
@@ -633,7 +623,7 @@ def _pass(mode, q, k, v, do, dden, den, out, r0, e0, rT, eT, *, feature_map, nor
                  **_dtype_flags(q.dtype))
     extra = normalize and mode != _MODE_DV
     seg = sege = None
-    do, dden, den = (t if t is not None else q for t in (do, dden, den))  # unread by passes that do not need them
+    do, x, den = (t if t is not None else q for t in (do, x, den))  # unread by passes that do not need them
 
     def grid(meta):
         return (triton.cdiv(DC_, meta["BC"]) * H * plan.G,)
@@ -643,7 +633,7 @@ def _pass(mode, q, k, v, do, dden, den, out, r0, e0, rT, eT, *, feature_map, nor
         seg = torch.empty((plan.G, H, DA_, DC_), device=q.device, dtype=sdt)
         sege = torch.empty((plan.G, H, K), device=q.device, dtype=sdt) if extra else seg
         kernel, kwargs = (_segment_sum[max(DA, 64)], {}) if config is None else (_segment_sum_kernel, dict(config))
-        kernel[grid](q, k, v, do, dden, den, seg, sege, *plan.args(q), plan.T, H, K, V, plan.nseg,
+        kernel[grid](q, k, v, do, x, den, seg, sege, *plan.args(q), plan.T, H, K, V, plan.nseg,
                      plan.L, *_hi_lo(scale), DA=DA, BT=BT, **flags, **kwargs)
         BS = 32 if DA >= 256 else 64
         _segment_scan_kernel[(triton.cdiv(DC_, BS) * H * plan.N,)](
@@ -657,19 +647,19 @@ def _pass(mode, q, k, v, do, dden, den, out, r0, e0, rT, eT, *, feature_map, nor
     else:
         kernel, kwargs = _chunk_kernel, dict(config)
     dummy = seg if seg is not None else q
-    kernel[grid](q, k, v, do, dden, den, out, *(t if t is not None else dummy for t in (r0, e0, rT, eT, seg, sege)),
+    kernel[grid](q, k, v, do, x, den, out, *(t if t is not None else dummy for t in (r0, e0, rT, eT, seg, sege)),
                  *plan.args(q), plan.T, H, K, V, plan.nseg, plan.L, *_hi_lo(scale),
                  *_hi_lo(eps), *strides, HAS_R0=r0 is not None, HAS_E0=e0 is not None,
                  STORE_R=rT is not None, STORE_E=eT is not None, STORE_DEN=store_den, SPLIT=plan.split, DA=DA,
                  BT=BT, **flags, **kwargs)
 
 
-def _den_grad(do, o, den, out):
-    """out [B, T, H] = d(den) = -(do . o) / den (`_den_grad_kernel`)."""
-    rows, V = den.numel(), do.shape[-1]
+def _den_grad(do, o, scale, out):
+    """out [B, T, H] = x = -(do . o) / scale (`_den_grad_kernel`)."""
+    rows, V = out.numel(), do.shape[-1]
     BR = 16
-    _den_grad_kernel[(triton.cdiv(rows, BR),)](do, o, den, out, rows, V, ACC=_dtype_flags(do.dtype)["ACC"], BR=BR,
-                                              BV=triton.next_power_of_2(V), num_warps=4)
+    _den_grad_kernel[(triton.cdiv(rows, BR),)](do, o, out, rows, V, *_hi_lo(scale), ACC=_dtype_flags(do.dtype)["ACC"],
+                                              BR=BR, BV=triton.next_power_of_2(V), num_warps=4)
 
 
 def _contiguous(*tensors):
@@ -728,28 +718,28 @@ def backward(grad_o, grad_final_state, grad_final_key_sum, q, k, v, initial_stat
     N, H, K, V = _num_sequences(q, cu_seqlens), q.shape[2], q.shape[3], v.shape[3]
     sdt = state_dtype(q.dtype)
     options = dict(feature_map=feature_map, normalize=normalize, scale=scale, eps=eps, config=config)
-    dden = den = None
+    x = den = None
     if normalize and (need_q or need_k or need_v or need_state or need_key_sum):
-        # o and den of the forward (recomputed): d num = scale * do / den, d den = -(do . o) / den.
+        # o and den of the forward (recomputed): d num = scale * do / den, d den = -(do . o) / den = w * x.
         o = torch.empty_like(v, dtype=q.dtype)
         den = torch.empty(q.shape[:3], device=q.device, dtype=sdt)
         _pass(_MODE_O, q, k, v, None, None, den, o, initial_state, initial_key_sum, None, None, store_den=True,
               plan=_Plan(q, cu_seqlens, N, H, V, segment), **options)
-        dden = torch.empty_like(den)
-        _den_grad(do, o, den, dden)
+        x = torch.empty_like(den)
+        _den_grad(do, o, scale, x)
     dq = dk = dv = d_state = d_key_sum = None
     if need_q:
         dq = torch.empty_like(q)
-        _pass(_MODE_DQ, q, k, v, do, dden, den, dq, initial_state, initial_key_sum, None, None,
+        _pass(_MODE_DQ, q, k, v, do, x, den, dq, initial_state, initial_key_sum, None, None,
               plan=_Plan(q, cu_seqlens, N, H, K, segment), **options)
     if need_k or need_key_sum:
         dk = torch.empty_like(k)
         d_key_sum = torch.empty((N, H, K), device=q.device, dtype=sdt) if need_key_sum else None
-        _pass(_MODE_DK, q, k, v, do, dden, den, dk, G, g_z if normalize else None, None, d_key_sum,
+        _pass(_MODE_DK, q, k, v, do, x, den, dk, G, g_z if normalize else None, None, d_key_sum,
               plan=_Plan(q, cu_seqlens, N, H, K, segment), **options)
     if need_v or need_state:
         dv = torch.empty_like(v)
         d_state = torch.empty((N, H, K, V), device=q.device, dtype=sdt) if need_state else None
-        _pass(_MODE_DV, q, k, v, do, dden, den, dv, G, None, d_state, None,
+        _pass(_MODE_DV, q, k, v, do, x, den, dv, G, None, d_state, None,
               plan=_Plan(q, cu_seqlens, N, H, V, segment), **options)
     return (dq if need_q else None, dk if need_k else None, dv if need_v else None, d_state, d_key_sum)
