@@ -59,8 +59,8 @@ _DC_BLOCK_PLAN = 64  # the BC the segment plan assumes (the autotuner may pick a
 # Chunk kernel configs (BC: state columns per program, R is [DA, BC] fp32), one list per width DA of the a/b tiles
 # (the head dim padded to a power of 2). First config = the default when autotuning is off; the interpreter takes
 # the smallest. Kept: configs that compile for sm_90 (bf16) to wgmma with no register spills (ptxas -v) in any pass,
-# feature map or normalize, except DA = 256 at BC = 32, whose o pass with elu1 or relu and no normalize spills 12
-# bytes: it stays for the autotuner, as BC = 16 computes each chunk's a b^T for twice as many column blocks.
+# feature map or normalize, except DA = 256 at BC = 32, whose o pass with elu1 or relu spills 12 bytes (16 with
+# normalize): it stays for the autotuner, as BC = 16 computes each chunk's a b^T for twice as many column blocks.
 _CHUNK_CONFIGS = [  # DA <= 64
     triton.Config({"BC": bc}, num_warps=w, num_stages=s)
     for bc, w, s in [(64, 4, 2), (64, 8, 2), (64, 4, 3), (128, 8, 2)]
@@ -157,10 +157,11 @@ def _first_block(mask, i_c):
 
 
 @triton.jit
-def _matvec(a, z, DT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, TF32: tl.constexpr):
-    """a [M, N] (DT) . z [N] (ACC) -> [M] on tensor cores: z split into hi + lo, the columns 0 and 1 of a [N, 16]
-    operand (bf16 hi + lo keep 16 bits; tf32 hi + lo (the low 13 bits masked off) about 21)."""
-    o_z = tl.arange(0, 16)[None, :]
+def _matvec(a, z, DT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, TF32: tl.constexpr, W: tl.constexpr):
+    """a [M, N] (DT) . z [N] (ACC) -> [M] on tensor cores: z split into hi + lo, the columns 0 and 1 of a [N, W]
+    operand (bf16 hi + lo keep 16 bits; tf32 hi + lo (the low 13 bits masked off) about 21). W: the width of
+    another dot of a (a @ R's BC), so both take a in one operand layout."""
+    o_z = tl.arange(0, W)[None, :]
     if ACC == tl.float64:
         z_hi = z
         z_lo = z * 0.0
@@ -179,12 +180,14 @@ def _matvec(a, z, DT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, TF32:
 
 
 @triton.jit
-def _column_sum(b, PREC: tl.constexpr, ACC: tl.constexpr):
-    """sum over rows of b [BT, DA] -> [DA] (ACC), as a [16, BT] x [BT, DA] dot with one row of ones."""
-    o_r = tl.arange(0, 16)[:, None]
-    o_t = tl.arange(0, b.shape[0])[None, :]
-    ones = tl.where((o_r == 0) & (o_t >= 0), 1.0, 0.0).to(b.dtype)
-    return tl.sum(tl.dot(ones, b, input_precision=PREC, out_dtype=ACC), 0)
+def _column_sum(b_t, PREC: tl.constexpr, ACC: tl.constexpr, W: tl.constexpr):
+    """sum over the columns of b_t [DA, BT] -> [DA] (ACC), as a [DA, BT] x [BT, W] dot with one column of ones: the
+    operand of the state update b^T c, W its BC (a [16, BT] x [BT, DA] dot held b in registers in another layout,
+    and spilled at DA = 256)."""
+    o_w = tl.arange(0, W)[None, :]
+    o_t = tl.arange(0, b_t.shape[1])[:, None]
+    ones = tl.where((o_w == 0) & (o_t >= 0), 1.0, 0.0).to(b_t.dtype)
+    return tl.sum(tl.dot(b_t, ones, input_precision=PREC, out_dtype=ACC), 1)
 
 
 @triton.jit
@@ -336,16 +339,16 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, out_ptr, r0_ptr, 
         R += tl.dot(b_t, c, input_precision=PREC, out_dtype=ACC)
         if EXTRA_AB:
             acc += ea[:, None] * e[None, :]
-            e += _matvec(tl.trans(c), eb, DT, ACC, PREC, TF32)  # a dot, as the key sum's below
+            e += _matvec(tl.trans(c), eb, DT, ACC, PREC, TF32, 16)  # a dot, as the key sum's below
         if MODE == 0:
             if NORMALIZE:
                 # Q.z and the key sum's update as small dots (elementwise forms keep fp32 copies of the a, b tiles
                 # in registers): z enters as hi + lo columns, so the dot loses none of its fp32 precision.
-                den = tl.sum(A, 1) + _matvec(a, e, DT, ACC, PREC, TF32) + eps
+                den = tl.sum(A, 1) + _matvec(a, e, DT, ACC, PREC, TF32, BC) + eps
                 acc = acc / den[:, None]
                 if STORE_DEN:
                     tl.store(den_ptr + o_t * H + i_h, den, mask=_first_block(m_t, i_c))
-                e += _column_sum(b, PREC, ACC)
+                e += _column_sum(b_t, PREC, ACC, BC)
             acc = acc * scale
         elif MODE == 1:
             acc = _times_phi_grad(acc * w[:, None], _load(q_ptr, o_t, m_t, o_c, m_c, H, K, i_h, -1, ACC, ACC), FMAP)
@@ -403,9 +406,9 @@ def _segment_sum_kernel(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, seg_ptr, se
                                       K, V, i_h, scale, MODE, FMAP, NORMALIZE, False, ACC, DT)
         R += tl.dot(tl.trans(b), c, input_precision=PREC, out_dtype=ACC)
         if EXTRA_AB:
-            e += _matvec(tl.trans(c), eb, DT, ACC, PREC, TF32)
+            e += _matvec(tl.trans(c), eb, DT, ACC, PREC, TF32, 16)
         if KEY_SUM:
-            e += _column_sum(b, PREC, ACC)
+            e += _column_sum(tl.trans(b), PREC, ACC, BC)
     gh = g.to(tl.int64) * H + i_h
     tl.store(seg_ptr + (gh * DIM_A + o_a[:, None]) * DIM_C + o_c[None, :], R, mask=m_a[:, None] & m_c[None, :])
     if KEY_SUM:  # the first column block writes the key sum
