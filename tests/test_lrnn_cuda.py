@@ -18,7 +18,7 @@ import emulated_kernels
 import pytest
 import torch
 from guard import assert_guard_untouched, check_guards, guard_buffer, guarded_copy
-from utils import assert_close, cuda, forward_backward, requires_cuda
+from utils import assert_close, check_backend_module, cuda, forward_backward, requires_cuda
 
 import hadamard_kernels as hk
 from hadamard_kernels import _backend
@@ -155,22 +155,9 @@ def emulated(emulated_extension, monkeypatch):
 def check_emulated(inputs, rank, dbar, activation, omega, gamma, *, needs=(True,) * 4, grad_phi=None, **backward):
     """cuda.forward / cuda.backward (the emulated kernels) against reference.forward / backward on float64 copies,
     with the backend modules' signatures (what op.py calls). Returns (phi, gradients)."""
-    dtype = inputs[0].dtype
-    options = (rank, dbar, activation, omega, gamma)
-    wide = [None if t is None else t.double() for t in inputs]
-    grad_phi = grad_output(inputs[0].shape[0], rank, dtype) if grad_phi is None else grad_phi
-    phi = lrnn_cuda.forward(*inputs, *options)
-    assert phi.dtype == dtype
-    assert_close("phi", phi, reference.forward(*wide, *options), dtype)
-    grads = lrnn_cuda.backward(grad_phi, *inputs, *options, list(needs), **backward)
-    ref_grads = reference.backward(grad_phi.double(), *wide, *options, list(needs))
-    for name, need, t, grad, ref in zip(GRAD_NAMES, needs, inputs, grads, ref_grads):
-        if need and t is not None:
-            assert grad is not None and grad.dtype == t.dtype, f"{name}: missing or {grad.dtype}"
-            assert_close(name, grad, ref, dtype)
-        else:
-            assert grad is None, f"{name} computed but not asked for (or its input is None)"
-    return phi, grads
+    grad_phi = grad_output(inputs[0].shape[0], rank, inputs[0].dtype) if grad_phi is None else grad_phi
+    return check_backend_module(lrnn_cuda, reference, inputs, (rank, dbar, activation, omega, gamma), grad_phi, needs,
+                                GRAD_NAMES, **backward)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -15,7 +15,7 @@ import emulated_kernels
 import pytest
 import torch
 from guard import assert_guard_untouched, check_guards, guard_buffer, guarded_copy
-from utils import assert_close
+from utils import assert_close, check_backend_module
 
 from hadamard_kernels.ops.poly_chain import cuda as chain_cuda
 from hadamard_kernels.ops.poly_chain import reference
@@ -52,21 +52,7 @@ def make_inputs(M=67, d=45, k=23, N=3, *, bias=True, dtype=torch.float32, seed=0
 def check_emulated(inputs, grad_y, mode="ccp", activation="tanh", scale=0.7, needs=(True,) * 3):
     """cuda.forward / cuda.backward (the emulated kernels) against the reference on float64 copies, with the backend
     modules' signatures (what op.py calls). Returns (y, gradients)."""
-    dtype = inputs[0].dtype
-    options = (mode, activation, scale)
-    wide = [None if t is None else t.double() for t in inputs]
-    y = chain_cuda.forward(*inputs, *options)
-    assert y.dtype == dtype
-    assert_close("y", y, reference.forward(*wide, *options), dtype)
-    grads = chain_cuda.backward(grad_y, *inputs, *options, list(needs))
-    ref_grads = reference.backward(grad_y.double(), *wide, *options, list(needs))
-    for name, need, t, grad, ref in zip(GRAD_NAMES, needs, inputs, grads, ref_grads):
-        if need and t is not None:
-            assert grad is not None and grad.dtype == t.dtype, f"{name}: missing or {grad.dtype}"
-            assert_close(name, grad, ref, dtype)
-        else:
-            assert grad is None, f"{name} computed but not asked for (or its input is None)"
-    return y, grads
+    return check_backend_module(chain_cuda, reference, inputs, (mode, activation, scale), grad_y, needs, GRAD_NAMES)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -43,6 +43,26 @@ def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.d
     assert err < tol, f"{name}: relative error {err:.3e} >= {tol:.1e} ({dtype})"
 
 
+def check_backend_module(backend, reference, inputs, options, grad_out, needs, grad_names, **backward_kwargs):
+    """A backend module's forward / backward (what op.py calls, e.g. an emulated cuda.py) against the reference
+    module's on float64 copies: the output and every gradient asked for; a gradient not asked for (or of a None
+    input) must be None. Returns (output, gradients)."""
+    dtype = inputs[0].dtype
+    wide = [None if t is None else t.double() for t in inputs]
+    out = backend.forward(*inputs, *options)
+    assert out.dtype == dtype
+    assert_close("output", out, reference.forward(*wide, *options), dtype)
+    grads = backend.backward(grad_out, *inputs, *options, list(needs), **backward_kwargs)
+    ref_grads = reference.backward(grad_out.double(), *wide, *options, list(needs))
+    for name, need, t, grad, ref in zip(grad_names, needs, inputs, grads, ref_grads):
+        if need and t is not None:
+            assert grad is not None and grad.dtype == t.dtype, f"{name}: missing or {grad.dtype}"
+            assert_close(name, grad, ref, dtype)
+        else:
+            assert grad is None, f"{name} computed but not asked for (or its input is None)"
+    return out, grads
+
+
 def cpu_backends(dtype: torch.dtype = torch.float64) -> list[str]:
     """Backends that run CPU tensors of `dtype` here (triton only under TRITON_INTERPRET=1)."""
     return [b for b, why in hk.available_backends("cpu", dtype).items() if why is None]
