@@ -245,7 +245,10 @@ def _operands(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, o_t, m_t, o_a, m_a, o
         if WITH_A:
             a = _load(v_ptr, o_t, m_t, o_a, m_a, H, V, i_h, -1, ACC, DT)
         b, w, eb = _grad_num(do_ptr, x_ptr, den_ptr, o_t, m_t, o_a, m_a, H, V, i_h, scale, NORMALIZE, True, ACC)
-        c = (_load(q_ptr, o_t, m_t, o_c, m_c, H, K, i_h, FMAP, ACC, ACC) * w[:, None]).to(DT)
+        c = _load(q_ptr, o_t, m_t, o_c, m_c, H, K, i_h, FMAP, ACC, DT)
+        # w on the state update's c only: the intra-chunk product weights A's columns before the causal mask, so a
+        # NaN weight (a NaN in q_t) reaches only the dk rows that token t feeds, as in the reference.
+        cs = (c.to(ACC) * w[:, None]).to(DT)
         ea = valid
     else:
         if WITH_A:
@@ -253,7 +256,9 @@ def _operands(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, o_t, m_t, o_a, m_a, o
         b = _load(q_ptr, o_t, m_t, o_a, m_a, H, K, i_h, FMAP, ACC, DT)
         c, w, _ = _grad_num(do_ptr, x_ptr, den_ptr, o_t, m_t, o_c, m_c, H, V, i_h, scale, NORMALIZE, False, ACC)
         c = (c.to(ACC) * w[:, None]).to(DT)
-    return a, b, c, ea, eb, w
+    if MODE != 2:
+        cs = c  # c as it enters the state update
+    return a, b, c, cs, ea, eb, w
 
 
 @triton.jit
@@ -322,12 +327,14 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, out_ptr, r0_ptr, 
             ci = i
         o_t = bos + ci * BT + o_i
         m_t = o_t < eos
-        a, b, c, ea, eb, w = _operands(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, o_t, m_t, o_a, m_a, o_c, m_c,
-                                       H, K, V, i_h, scale, MODE, FMAP, NORMALIZE, True, ACC, DT)
+        a, b, c, cs, ea, eb, w = _operands(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, o_t, m_t, o_a, m_a, o_c,
+                                           m_c, H, K, V, i_h, scale, MODE, FMAP, NORMALIZE, True, ACC, DT)
         b_t = tl.trans(b)
         A = tl.dot(a, b_t, input_precision=PREC, out_dtype=ACC)
         if EXTRA_AB:
             A += ea[:, None] * eb[None, :]
+        if MODE == 2:
+            A = A * w[None, :]  # dN's weights (see _operands)
         A = tl.where(causal, A, 0.0)
         acc = tl.dot(A.to(DT), c, input_precision=PREC, out_dtype=ACC)
         if TF32:  # fp16 inputs: fp16 cannot hold the state's range
@@ -336,10 +343,10 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, out_ptr, r0_ptr, 
             acc += tl.dot(a, R.to(DT), input_precision=PREC, out_dtype=ACC)
         # The state update before the epilogue, not after the store: at head dim 256 the o pass spilled otherwise
         # (ptxas -v of an sm_90 build).
-        R += tl.dot(b_t, c, input_precision=PREC, out_dtype=ACC)
+        R += tl.dot(b_t, cs, input_precision=PREC, out_dtype=ACC)
         if EXTRA_AB:
             acc += ea[:, None] * e[None, :]
-            e += _matvec(tl.trans(c), eb, DT, ACC, PREC, TF32, 16)  # a dot, as the key sum's below
+            e += _matvec(tl.trans(cs), eb, DT, ACC, PREC, TF32, 16)  # a dot, as the key sum's below
         if MODE == 0:
             if NORMALIZE:
                 # Q.z and the key sum's update as small dots (elementwise forms keep fp32 copies of the a, b tiles
@@ -402,11 +409,11 @@ def _segment_sum_kernel(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, seg_ptr, se
     for ci in range(c0, c1):
         o_t = bos + ci * BT + o_i
         m_t = o_t < eos
-        _, b, c, _, eb, _ = _operands(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, o_t, m_t, o_a, m_a, o_c, m_c, H,
-                                      K, V, i_h, scale, MODE, FMAP, NORMALIZE, False, ACC, DT)
-        R += tl.dot(tl.trans(b), c, input_precision=PREC, out_dtype=ACC)
+        _, b, _, cs, _, eb, _ = _operands(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, o_t, m_t, o_a, m_a, o_c, m_c,
+                                          H, K, V, i_h, scale, MODE, FMAP, NORMALIZE, False, ACC, DT)
+        R += tl.dot(tl.trans(b), cs, input_precision=PREC, out_dtype=ACC)
         if EXTRA_AB:
-            e += _matvec(tl.trans(c), eb, DT, ACC, PREC, TF32, 16)
+            e += _matvec(tl.trans(cs), eb, DT, ACC, PREC, TF32, 16)
         if KEY_SUM:
             e += _column_sum(tl.trans(b), PREC, ACC, BC)
     gh = g.to(tl.int64) * H + i_h
