@@ -147,3 +147,21 @@ def fused_backward(kernels, grad_y, z, w1, w2, w3, alpha, beta, mask, needs):
         dz, dw1, dw2 = pool_gradient_gemms(grad_p, z, w1, w2, needs[:3], dz=dz)
     return (dz, dw1, dw2, dw3, dalpha.reshape(alpha.shape).to(alpha.dtype) if needs[4] else None,
             dbeta.reshape(beta.shape).to(beta.dtype) if needs[5] else None)
+
+
+def fused_entry_points(kernels):
+    """(pool_forward, pool_backward, forward, backward): the backend interface of a fused backend module, built on
+    its four kernel launchers (`pool_sum`, `pool_gradient`, `out_forward`, `out_backward`)."""
+    def pool_forward(z, w1, w2, mask):
+        return kernels.pool_sum(z, w1, w2, mask).to(z.dtype)
+
+    def pool_backward(grad_m, z, w1, w2, mask, needs):
+        return fused_pool_backward(kernels, grad_m, z, w1, w2, mask, needs)
+
+    def forward(z, w1, w2, w3, alpha, beta, mask):
+        return kernels.out_forward(z, kernels.pool_sum(z, w1, w2, mask), w3, alpha, beta)
+
+    def backward(grad_y, z, w1, w2, w3, alpha, beta, mask, needs):
+        return fused_backward(kernels, grad_y, z, w1, w2, w3, alpha, beta, mask, needs)
+
+    return pool_forward, pool_backward, forward, backward

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from ..._backend import require_cuda_extension
-from .common import fused_backward, fused_pool_backward, pool_mean, row_stride, rows, token_split
+from .common import fused_entry_points, pool_mean, row_stride, rows, token_split
 
 
 def _params(ext, z, **fields):
@@ -87,20 +87,4 @@ def out_backward(grad_y, z, m, w3, alpha, beta):
     return dz, u, part[0].sum(1), part[1].sum()
 
 
-_KERNELS = sys.modules[__name__]
-
-
-def pool_forward(z, w1, w2, mask):
-    return pool_sum(z, w1, w2, mask).to(z.dtype)
-
-
-def pool_backward(grad_m, z, w1, w2, mask, needs):
-    return fused_pool_backward(_KERNELS, grad_m, z, w1, w2, mask, needs)
-
-
-def forward(z, w1, w2, w3, alpha, beta, mask):
-    return out_forward(z, pool_sum(z, w1, w2, mask), w3, alpha, beta)
-
-
-def backward(grad_y, z, w1, w2, w3, alpha, beta, mask, needs):
-    return fused_backward(_KERNELS, grad_y, z, w1, w2, w3, alpha, beta, mask, needs)
+pool_forward, pool_backward, forward, backward = fused_entry_points(sys.modules[__name__])

@@ -34,8 +34,7 @@ import triton.language as tl
 from .._library import triton_autotune
 from .common import (
     accumulate_dtype,
-    fused_backward,
-    fused_pool_backward,
+    fused_entry_points,
     pool_mean,
     rows,
     token_split,
@@ -310,20 +309,4 @@ def out_backward(grad_y, z, m, w3, alpha, beta, *, tokens_per_split=None, **conf
     return dz, u, part[0].sum(1), part[1].sum()
 
 
-_KERNELS = sys.modules[__name__]
-
-
-def pool_forward(z, w1, w2, mask):
-    return pool_sum(z, w1, w2, mask).to(z.dtype)
-
-
-def pool_backward(grad_m, z, w1, w2, mask, needs):
-    return fused_pool_backward(_KERNELS, grad_m, z, w1, w2, mask, needs)
-
-
-def forward(z, w1, w2, w3, alpha, beta, mask):
-    return out_forward(z, pool_sum(z, w1, w2, mask), w3, alpha, beta)
-
-
-def backward(grad_y, z, w1, w2, w3, alpha, beta, mask, needs):
-    return fused_backward(_KERNELS, grad_y, z, w1, w2, w3, alpha, beta, mask, needs)
+pool_forward, pool_backward, forward, backward = fused_entry_points(sys.modules[__name__])
