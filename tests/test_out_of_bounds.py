@@ -276,18 +276,20 @@ def _gate_dims(shape, spatial):
     return (shape[1], shape[2]) if spatial else (1, 1)
 
 
-def launch_gate_fwd(BM, shape, spatial, dtype=torch.float64, kernel=None):
-    """poly_gate.triton.forward with BM rows per program, into a row-padded y."""
-    kernel = kernel or raw_kernel(gate_triton._poly_gate_fwd_kernel)
+def launch_gate_fwd(BM, shape, spatial, dtype=torch.float64, kernel=None, BC=None):
+    """poly_gate.triton's forward with BM rows per program, into a row-padded y: the whole-row kernel, or with BC
+    the wide kernel (rows in chunks of BC channels)."""
+    wide = BC is not None
+    kernel = kernel or raw_kernel(gate_triton._poly_gate_wide_fwd_kernel if wide else gate_triton._poly_gate_fwd_kernel)
     inputs = gate_inputs(shape, dtype)
     (a, b), params = _gate_operands(inputs)
     M, C = a.view.shape
-    BC = triton.next_power_of_2(C)
-    y = guard_buffer((M, C), dtype, name=f"poly_gate fwd y BM={BM} spatial={spatial}", row_pad=ROW_PAD)
+    name = f"poly_gate {'wide ' if wide else ''}fwd y BM={BM}{f' BC={BC}' if wide else ''} spatial={spatial}"
+    y = guard_buffer((M, C), dtype, name=name, row_pad=ROW_PAD)
     kernel[(triton.cdiv(M, BM),)](
         a.view, b.view, *(g.view for g in params), y.view, M, C, *_gate_dims(shape, spatial),
         *gate_common.shift_groups(C), a.view.stride(0), b.view.stride(0), y.view.stride(0), 1, 1e-6,
-        SPATIAL=spatial, HAS_ALPHA=True, ACC=gate_triton._acc(dtype), BM=BM, BC=BC)
+        SPATIAL=spatial, HAS_ALPHA=True, ACC=gate_triton._acc(dtype), BM=BM, BC=BC or triton.next_power_of_2(C))
 
     def check_values():
         ref = gate_reference.forward(*(t.double() for t in inputs), 1e-6, spatial)
@@ -328,25 +330,6 @@ def launch_gate_bwd(TW, TH, programs, shape, spatial, dtype=torch.float64, kerne
             assert_close(f"poly_gate bwd -> {name}", out, expected, dtype)
 
     return Launch([da, db, part], [a, b, g, *params], check_values)
-
-
-def launch_gate_wide_fwd(BM, BC, shape, spatial, dtype=torch.float64, kernel=None):
-    """poly_gate.triton's wide forward (rows in chunks of BC channels), into a row-padded y."""
-    kernel = kernel or raw_kernel(gate_triton._poly_gate_wide_fwd_kernel)
-    inputs = gate_inputs(shape, dtype)
-    (a, b), params = _gate_operands(inputs)
-    M, C = a.view.shape
-    y = guard_buffer((M, C), dtype, name=f"poly_gate wide fwd y BM={BM} BC={BC} spatial={spatial}", row_pad=ROW_PAD)
-    kernel[(triton.cdiv(M, BM),)](
-        a.view, b.view, *(g.view for g in params), y.view, M, C, *_gate_dims(shape, spatial),
-        *gate_common.shift_groups(C), a.view.stride(0), b.view.stride(0), y.view.stride(0), 1, 1e-6,
-        SPATIAL=spatial, HAS_ALPHA=True, ACC=gate_triton._acc(dtype), BM=BM, BC=BC)
-
-    def check_values():
-        ref = gate_reference.forward(*(t.double() for t in inputs), 1e-6, spatial)
-        assert_close(y.name, y.view, ref.reshape(M, C), dtype)
-
-    return Launch([y], [a, b, *params], check_values)
 
 
 def launch_gate_wide_bwd(BM, BC, programs, shape, spatial, dtype=torch.float64, kernel=None):
@@ -649,8 +632,8 @@ CASES = [
     pytest.param(launch_gate_bwd, dict(TW=4, TH=2, programs=2, shape=(1, 3, 2, 21), spatial=True,
                                        dtype=torch.float32), id="gate_bwd-spatial-W3-fp32"),
     # poly_gate's wide path (C > 8192), at C = 45: 16- and 32-channel chunks (the last ragged), ragged row tiles.
-    pytest.param(launch_gate_wide_fwd, dict(BM=8, BC=16, shape=(37, 45), spatial=False), id="gate_wide_fwd-flat"),
-    pytest.param(launch_gate_wide_fwd, dict(BM=4, BC=32, shape=(2, 5, 7, 45), spatial=True, dtype=torch.float16),
+    pytest.param(launch_gate_fwd, dict(BM=8, BC=16, shape=(37, 45), spatial=False), id="gate_wide_fwd-flat"),
+    pytest.param(launch_gate_fwd, dict(BM=4, BC=32, shape=(2, 5, 7, 45), spatial=True, dtype=torch.float16),
                  id="gate_wide_fwd-spatial-fp16"),
     pytest.param(launch_gate_wide_bwd, dict(BM=8, BC=16, programs=3, shape=(37, 45), spatial=False),
                  id="gate_wide_bwd-flat"),
@@ -737,7 +720,7 @@ PLANTS = [
     pytest.param(launch_gate_bwd, dict(TW=2, TH=2, programs=3, shape=(2, 5, 7, 45), spatial=True),
                  gate_triton._poly_gate_bwd_kernel, "t1 = tl.where(px_w <= W - 2, r + H, r - (W - 1) * H)",
                  "t1 = r + H", "past the end", id="gate_bwd-shift-target-unwrapped"),
-    pytest.param(launch_gate_wide_fwd, dict(BM=8, BC=16, shape=(37, 45), spatial=False),
+    pytest.param(launch_gate_fwd, dict(BM=8, BC=16, shape=(37, 45), spatial=False),
                  gate_triton._poly_gate_wide_fwd_kernel, "y.to(y_ptr.dtype.element_ty), mask=mask)",
                  "y.to(y_ptr.dtype.element_ty), mask=m_m)", "past the end of row", id="gate_wide_fwd-no-column-mask"),
     pytest.param(launch_gate_wide_bwd, dict(BM=8, BC=16, programs=3, shape=(37, 45), spatial=False),
