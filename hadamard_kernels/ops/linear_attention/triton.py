@@ -267,7 +267,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, out_ptr, r0_ptr, 
                   eps_lo, stride_ra, stride_rc, MODE: tl.constexpr, FMAP: tl.constexpr, NORMALIZE: tl.constexpr,
                   HAS_R0: tl.constexpr, HAS_E0: tl.constexpr, STORE_R: tl.constexpr, STORE_E: tl.constexpr,
                   STORE_DEN: tl.constexpr, VARLEN: tl.constexpr, SPLIT: tl.constexpr, ACC: tl.constexpr,
-                  PREC: tl.constexpr, TF32: tl.constexpr, DA: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+                  PREC: tl.constexpr, DA: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """One pass (see the module docstring) for one segment, one head and BC columns of c.
 
     out [rows, H, DC]. r0, rT [N, H, K, V] read/written with strides (stride_ra, stride_rc) over (a, c) dims;
@@ -277,6 +277,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, out_ptr, r0_ptr, 
     EXTRA_AB: tl.constexpr = NORMALIZE and (MODE == 1 or MODE == 2)
     KEY_SUM: tl.constexpr = NORMALIZE and MODE == 0
     DT: tl.constexpr = q_ptr.dtype.element_ty
+    TF32: tl.constexpr = DT == tl.float16  # fp16 inputs: the dot against the state in tf32 (module docstring)
     scale = _scalar(scale, scale_lo, ACC)
     eps = _scalar(eps, eps_lo, ACC)
     if MODE == 0 or MODE == 3:
@@ -378,12 +379,13 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, out_ptr, r0_ptr, 
 def _segment_sum_kernel(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, seg_ptr, sege_ptr, cu_ptr, seg_seq_ptr,
                         seg_off_ptr, T, H, K, V, NSEG, L, scale, scale_lo, MODE: tl.constexpr, FMAP: tl.constexpr,
                         NORMALIZE: tl.constexpr, VARLEN: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                        TF32: tl.constexpr, DA: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+                        DA: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """seg[g, h] = sum over the chunks of segment g of b^T c [DA_, DC_] (fp32), and its extra vector sege[g, h]:
     sum of b (the o pass with normalize, over a's dims) or sum of eb * c (dq, dk with normalize, over c's dims)."""
     EXTRA_AB: tl.constexpr = NORMALIZE and (MODE == 1 or MODE == 2)
     KEY_SUM: tl.constexpr = NORMALIZE and MODE == 0
     DT: tl.constexpr = q_ptr.dtype.element_ty
+    TF32: tl.constexpr = DT == tl.float16
     scale = _scalar(scale, scale_lo, ACC)
     if MODE == 0 or MODE == 3:
         DIM_A = K
@@ -577,7 +579,6 @@ def _dtype_flags(dtype):
         ACC=tl.float64 if dtype == torch.float64 else tl.float32,
         # fp32 inputs honour torch's TF32 switch; fp64 (interpreter) accumulates in fp64.
         PREC="ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32",
-        TF32=dtype == torch.float16,
     )
 
 
