@@ -280,8 +280,9 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, out_ptr, r0_ptr, 
     KEY_SUM: tl.constexpr = NORMALIZE and MODE == 0
     DT: tl.constexpr = q_ptr.dtype.element_ty
     TF32: tl.constexpr = DT == tl.float16  # fp16 inputs: the dot against the state in tf32 (module docstring)
-    K = K // ALIGN * ALIGN  # the same K, V, known to the compiler as multiples of ALIGN
-    V = V // ALIGN * ALIGN
+    if ALIGN < 16:  # the same K, V, known to the compiler as multiples of ALIGN (16 it knows itself)
+        K = K // ALIGN * ALIGN
+        V = V // ALIGN * ALIGN
     scale = _scalar(scale, scale_lo, ACC)
     eps = _scalar(eps, eps_lo, ACC)
     if MODE == 0 or MODE == 3:
@@ -371,8 +372,11 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, out_ptr, r0_ptr, 
 
     if not SPLIT:  # with SPLIT the scan kernel writes the final state
         if STORE_R:
-            p_r = rT_ptr + nh * K * V + o_a[:, None] * stride_ra + o_c[None, :] * stride_rc
-            tl.store(p_r, R.to(rT_ptr.dtype.element_ty), mask=m_r)
+            if MODE == 0 or MODE == 3:
+                p_r = rT_ptr + nh * K * V + o_a[:, None] * V + o_c[None, :]
+            else:
+                p_r = rT_ptr + nh * K * V + o_a[:, None] + o_c[None, :] * V
+            tl.store(p_r, R.to(rT_ptr.dtype.element_ty), mask=(o_a[:, None] < DIM_A) & (o_c[None, :] < DIM_C))
         if STORE_E:
             if KEY_SUM:  # the first column block writes the key sum
                 m_e = _first_block(m_e, i_c)
@@ -390,8 +394,9 @@ def _segment_sum_kernel(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, seg_ptr, se
     KEY_SUM: tl.constexpr = NORMALIZE and MODE == 0
     DT: tl.constexpr = q_ptr.dtype.element_ty
     TF32: tl.constexpr = DT == tl.float16
-    K = K // ALIGN * ALIGN
-    V = V // ALIGN * ALIGN
+    if ALIGN < 16:
+        K = K // ALIGN * ALIGN
+        V = V // ALIGN * ALIGN
     scale = _scalar(scale, scale_lo, ACC)
     if MODE == 0 or MODE == 3:
         DIM_A = K
