@@ -372,6 +372,8 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, out_ptr, r0_ptr, 
 
     if not SPLIT:  # with SPLIT the scan kernel writes the final state
         if STORE_R:
+            # Offsets and mask of its own (the strides the launcher passes, as V): the initial state's load's stayed
+            # live through the chunk loop (sm_90, head dim 256: 32-88 B of spills in the o pass).
             if MODE == 0 or MODE == 3:
                 p_r = rT_ptr + nh * K * V + o_a[:, None] * V + o_c[None, :]
             else:
