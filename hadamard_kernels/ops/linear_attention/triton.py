@@ -60,8 +60,8 @@ _DC_BLOCK_PLAN = 64  # the BC the segment plan assumes (the autotuner may pick a
 # Chunk kernel configs (BC: state columns per program, R is [DA, BC] fp32), one list per width DA of the a/b tiles
 # (the head dim padded to a power of 2). First config = the default when autotuning is off; the interpreter takes
 # the smallest. Kept: configs that compile for sm_90 (bf16) to wgmma with no register spills (ptxas -v) in any pass,
-# feature map or normalize, except DA = 256 at BC = 32, whose o pass with elu1 or relu spills 12 bytes (16 with
-# normalize): it stays for the autotuner, as BC = 16 computes each chunk's a b^T for twice as many column blocks.
+# feature map or normalize, except DA = 256 at BC = 32, whose o pass with elu1 or relu spills 32-48 bytes: it stays
+# for the autotuner, as BC = 16 computes each chunk's a b^T for twice as many column blocks.
 _CHUNK_CONFIGS = [  # DA <= 64
     triton.Config({"BC": bc}, num_warps=w, num_stages=s)
     for bc, w, s in [(64, 4, 2), (64, 8, 2), (64, 4, 3), (128, 8, 2)]
@@ -74,6 +74,11 @@ _CHUNK_CONFIGS_WIDE = [  # DA = 256
     triton.Config({"BC": bc}, num_warps=w, num_stages=s)
     for bc, w, s in [(16, 8, 2), (32, 8, 2)]
 ]
+# DA = 256 where two stages exceed a block's shared memory (`_lean`): fp32 inputs (the o and dv passes take 270 KB,
+# the segment sums 245 KB at 3 stages), GPUs with less than Hopper's 227 KB (A100's 163 KB: the bf16 o pass with
+# elu1/relu and normalize takes 164 KB). One stage: 135-147 KB in fp32, 100 KB in bf16 (sm_80).
+_CHUNK_CONFIGS_LEAN = [triton.Config({"BC": bc}, num_warps=w, num_stages=s) for bc, w, s in [(16, 8, 1), (32, 8, 1)]]
+_SUM_CONFIGS_LEAN = [triton.Config({"BC": bc}, num_warps=w, num_stages=s) for bc, w, s in [(64, 8, 2), (32, 8, 2)]]
 _SUM_CONFIGS = {  # segment sums, by DA
     da: [triton.Config({"BC": bc}, num_warps=w, num_stages=s) for bc, w, s in configs]
     for da, configs in [(64, [(64, 4, 3), (64, 8, 3), (128, 8, 3)]), (128, [(64, 8, 3), (128, 8, 3), (32, 8, 3)]),
@@ -559,9 +564,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, s0_ptr, z0_ptr, sT_ptr, zT_ptr, H
 
 _chunk = {64: triton_autotune(_CHUNK_CONFIGS, key=_KEY)(_chunk_kernel),
           128: triton_autotune(_CHUNK_CONFIGS_MID, key=_KEY)(_chunk_kernel),
-          256: triton_autotune(_CHUNK_CONFIGS_WIDE, key=_KEY)(_chunk_kernel)}
+          256: triton_autotune(_CHUNK_CONFIGS_WIDE, key=_KEY)(_chunk_kernel),
+          "lean": triton_autotune(_CHUNK_CONFIGS_LEAN, key=_KEY)(_chunk_kernel)}
 _segment_sum = {da: triton_autotune(configs, key=[n for n in _KEY if n != "SPLIT"])(_segment_sum_kernel)
-                for da, configs in _SUM_CONFIGS.items()}
+                for da, configs in [*_SUM_CONFIGS.items(), ("lean", _SUM_CONFIGS_LEAN)]}
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -585,6 +591,24 @@ def _hi_lo(x: float) -> tuple[float, float]:
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.cache
+def _shared_per_block(index: int) -> int:
+    return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0) or 0
+
+
+def _lean(q, DA: int) -> bool:
+    """The one-stage configs (`_CHUNK_CONFIGS_LEAN`): DA = 256 with 4-byte inputs, or on a GPU with less shared
+    memory per block than Hopper (200 KB: the two-stage configs take up to 168 KB in bf16)."""
+    if DA < 256:
+        return False
+    if q.element_size() >= 4:
+        return True
+    if not q.is_cuda:
+        return False
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    return _shared_per_block(index) < 200 * 1024
 
 
 def _dtype_flags(dtype):
@@ -654,6 +678,7 @@ def _pass(mode, q, k, v, do, x, den, out, r0, e0, rT, eT, *, feature_map, normal
     flags = dict(MODE=mode, FMAP=_FMAP[feature_map], NORMALIZE=normalize, VARLEN=plan.varlen, ALIGN=_align(K, V),
                  **_dtype_flags(q.dtype))
     extra = normalize and mode != _MODE_DV
+    lean = _lean(q, DA)
     seg = sege = None
     do, x, den = (t if t is not None else q for t in (do, x, den))  # unread by passes that do not need them
 
@@ -664,7 +689,8 @@ def _pass(mode, q, k, v, do, x, den, out, r0, e0, rT, eT, *, feature_map, normal
         sdt = state_dtype(q.dtype)
         seg = torch.empty((plan.G, H, DA_, DC_), device=q.device, dtype=sdt)
         sege = torch.empty((plan.G, H, K), device=q.device, dtype=sdt) if extra else seg
-        kernel, kwargs = (_segment_sum[max(DA, 64)], {}) if config is None else (_segment_sum_kernel, dict(config))
+        tuned = _segment_sum["lean" if lean else max(DA, 64)]
+        kernel, kwargs = (tuned, {}) if config is None else (_segment_sum_kernel, dict(config))
         kernel[grid](q, k, v, do, x, den, seg, sege, *plan.args(q), plan.T, H, K, V, plan.nseg,
                      plan.L, *_hi_lo(scale), DA=DA, BT=BT, **flags, **kwargs)
         BS = 32 if DA >= 256 else 64
@@ -675,7 +701,7 @@ def _pass(mode, q, k, v, do, x, den, out, r0, e0, rT, eT, *, feature_map, normal
             num_warps=4)
         r0 = e0 = rT = eT = None  # the scan consumed the initial state and wrote the final one
     if config is None:
-        kernel, kwargs = _chunk[max(DA, 64)], {}
+        kernel, kwargs = _chunk["lean" if lean else max(DA, 64)], {}
     else:
         kernel, kwargs = _chunk_kernel, dict(config)
     dummy = seg if seg is not None else q
