@@ -348,7 +348,12 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, out_ptr, r0_ptr, 
             A = A * w[None, :]  # dN's weights (see _operands)
         A = tl.where(causal, A, 0.0)
         acc = tl.dot(A.to(DT), c, input_precision=PREC, out_dtype=ACC)
-        if TF32:  # fp16 inputs: fp16 cannot hold the state's range
+        if TF32 and DA >= 256 and (MODE == 1 or MODE == 2 or (FMAP == 0 and not KEY_SUM)):
+            # As (R^T a^T)^T (M = BC: mma.sync), a's fp32 copy is a B operand split over the warps, not a [BT, DA]
+            # wgmma A operand per warp group (sm_90 fp16 at 256: 88-912 B of spills -> 0-184). Not where a is phi of
+            # a load, nor in the o pass with normalize: there it spilled more, or lost cp.async.
+            acc += tl.trans(tl.dot(tl.trans(R), tl.trans(a).to(tl.float32), input_precision="tf32", out_dtype=ACC))
+        elif TF32:  # fp16 inputs: fp16 cannot hold the state's range
             acc += tl.dot(a.to(tl.float32), R, input_precision="tf32", out_dtype=ACC)
         else:
             acc += tl.dot(a, R.to(DT), input_precision=PREC, out_dtype=ACC)
