@@ -273,13 +273,14 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, out_ptr, r0_ptr, 
                   eps_lo, stride_ra, stride_rc, MODE: tl.constexpr, FMAP: tl.constexpr, NORMALIZE: tl.constexpr,
                   HAS_R0: tl.constexpr, HAS_E0: tl.constexpr, STORE_R: tl.constexpr, STORE_E: tl.constexpr,
                   STORE_DEN: tl.constexpr, VARLEN: tl.constexpr, SPLIT: tl.constexpr, ACC: tl.constexpr,
-                  PREC: tl.constexpr, ALIGN: tl.constexpr, DA: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+                  PREC: tl.constexpr, ALIGN: tl.constexpr, WGMMA: tl.constexpr, DA: tl.constexpr, BT: tl.constexpr,
+                  BC: tl.constexpr):
     """One pass (see the module docstring) for one segment, one head and BC columns of c.
 
     out [rows, H, DC]. r0, rT [N, H, K, V] read/written with strides (stride_ra, stride_rc) over (a, c) dims;
     e0, eT [N, H, K] (the key sum z over a's dims for the o pass, the extra row over c's dims for dq/dk).
     SPLIT: start state and extra from the scanned segment buffers seg [G, H, DA_, DC_] and sege [G, H, *].
-    ALIGN: a power of 2 dividing K and V (`_align`)."""
+    ALIGN: a power of 2 dividing K and V (`_align`). WGMMA: the target has wgmma (sm_90+; the interpreter too)."""
     REVERSE: tl.constexpr = MODE >= 2
     EXTRA_AB: tl.constexpr = NORMALIZE and (MODE == 1 or MODE == 2)
     KEY_SUM: tl.constexpr = NORMALIZE and MODE == 0
@@ -348,10 +349,11 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, den_ptr, out_ptr, r0_ptr, 
             A = A * w[None, :]  # dN's weights (see _operands)
         A = tl.where(causal, A, 0.0)
         acc = tl.dot(A.to(DT), c, input_precision=PREC, out_dtype=ACC)
-        if TF32 and DA >= 256 and (MODE == 1 or MODE == 2 or (FMAP == 0 and not KEY_SUM)):
+        if TF32 and WGMMA and DA >= 256 and (MODE == 1 or MODE == 2 or (FMAP == 0 and not KEY_SUM)):
             # As (R^T a^T)^T (M = BC: mma.sync), a's fp32 copy is a B operand split over the warps, not a [BT, DA]
             # wgmma A operand per warp group (sm_90 fp16 at 256: 88-912 B of spills -> 0-184). Not where a is phi of
-            # a load, nor in the o pass with normalize: there it spilled more, or lost cp.async.
+            # a load, nor in the o pass with normalize (it spilled more, or lost cp.async), nor on sm_80 (mma.sync
+            # either way: up to 15 KB of spills instead of 4 KB).
             acc += tl.trans(tl.dot(tl.trans(R), tl.trans(a).to(tl.float32), input_precision="tf32", out_dtype=ACC))
         elif TF32:  # fp16 inputs: fp16 cannot hold the state's range
             acc += tl.dot(a.to(tl.float32), R, input_precision="tf32", out_dtype=ACC)
@@ -599,6 +601,11 @@ def _sm_count(index: int) -> int:
 
 
 @functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.cache
 def _shared_per_block(index: int) -> int:
     return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0) or 0
 
@@ -684,6 +691,8 @@ def _pass(mode, q, k, v, do, x, den, out, r0, e0, rT, eT, *, feature_map, normal
                  **_dtype_flags(q.dtype))
     extra = normalize and mode != _MODE_DV
     lean = _lean(q, DA)
+    wgmma = not q.is_cuda or _capability(q.device.index if q.device.index is not None else
+                                         torch.cuda.current_device())[0] >= 9
     seg = sege = None
     do, x, den = (t if t is not None else q for t in (do, x, den))  # unread by passes that do not need them
 
@@ -712,7 +721,7 @@ def _pass(mode, q, k, v, do, x, den, out, r0, e0, rT, eT, *, feature_map, normal
     dummy = seg if seg is not None else q
     kernel[grid](q, k, v, do, x, den, out, *(t if t is not None else dummy for t in (r0, e0, rT, eT, seg, sege)),
                  *plan.args(q), plan.T, H, K, V, plan.nseg, plan.L, *_hi_lo(scale),
-                 *_hi_lo(eps), *strides, HAS_R0=r0 is not None, HAS_E0=e0 is not None,
+                 *_hi_lo(eps), *strides, WGMMA=wgmma, HAS_R0=r0 is not None, HAS_E0=e0 is not None,
                  STORE_R=rT is not None, STORE_E=eT is not None, STORE_DEN=store_den, SPLIT=plan.split, DA=DA,
                  BT=BT, **flags, **kwargs)
 
