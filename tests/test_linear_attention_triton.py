@@ -153,6 +153,15 @@ def test_wide_head_dims(feature_map, normalize):
     run_case(*make_inputs(T=70, K=200, V=136, normalize=normalize), feature_map, normalize)
 
 
+@pytest.mark.parametrize("wgmma", [True, False], ids=["sm90-forms", "sm80-forms"])
+@pytest.mark.parametrize("feature_map, normalize", [("identity", False), ("elu1", True)])
+def test_wide_head_dims_fp16(feature_map, normalize, wgmma, monkeypatch):
+    """fp16 at Dk = 200, Dv = 136: the tf32 dot against the state in both of its forms (transposed where the target
+    has wgmma: dq, dk and, with the identity map and no key sum, o and dv; direct otherwise)."""
+    monkeypatch.setattr(la_triton, "_has_wgmma", lambda q: wgmma)
+    run_case(*make_inputs(T=70, K=200, V=136, dtype=torch.float16, normalize=normalize), feature_map, normalize)
+
+
 def test_batch_and_heads_without_states():
     """B > 1, odd H, no initial state (zeros) and no final-state gradients."""
     run_case(*make_inputs(B=2, T=66, H=3, K=8, V=12, states=False), "relu", False, final_grads=False)

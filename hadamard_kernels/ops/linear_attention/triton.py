@@ -605,6 +605,14 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def _has_wgmma(q) -> bool:
+    """The kernels' WGMMA flag: q's GPU is sm_90 or newer; the interpreter takes the sm_90 forms (tests patch this
+    to run the other ones)."""
+    if not q.is_cuda:
+        return True
+    return _capability(q.device.index if q.device.index is not None else torch.cuda.current_device())[0] >= 9
+
+
 @functools.cache
 def _shared_per_block(index: int) -> int:
     return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0) or 0
@@ -691,8 +699,7 @@ def _pass(mode, q, k, v, do, x, den, out, r0, e0, rT, eT, *, feature_map, normal
                  **_dtype_flags(q.dtype))
     extra = normalize and mode != _MODE_DV
     lean = _lean(q, DA)
-    wgmma = not q.is_cuda or _capability(q.device.index if q.device.index is not None else
-                                         torch.cuda.current_device())[0] >= 9
+    wgmma = _has_wgmma(q)
     seg = sege = None
     do, x, den = (t if t is not None else q for t in (do, x, den))  # unread by passes that do not need them
 
