@@ -64,6 +64,13 @@ class Launch:
         return Launch(self.module, self.name, signature, constexprs, self.divisible_by_16, self.num_warps,
                       self.num_stages, self.configs)
 
+    def for_arch(self, arch: int) -> Launch:
+        """The launch a GPU of sm_<arch> makes: a `WGMMA` constexpr (linear attention's, set by the launcher from the
+        device; the CPU recording takes the sm_90 form) says whether the target has wgmma."""
+        constexprs = tuple((n, arch >= 90 if n == "WGMMA" else v) for n, v in self.constexprs)
+        return Launch(self.module, self.name, self.signature, constexprs, self.divisible_by_16, self.num_warps,
+                      self.num_stages, self.configs)
+
     def every_config(self) -> list[Launch]:
         return [self.with_config(*c) for c in self.configs] if self.configs else [self]
 
@@ -339,7 +346,7 @@ def as_bf16(launches: list[Launch], every_config: bool = False) -> list[Launch]:
 
 def _report(arch: int, every_config: bool) -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    selected = as_bf16(recorded_launches("float16"), every_config)
+    selected = [launch.for_arch(arch) for launch in as_bf16(recorded_launches("float16"), every_config)]
     results = compile_launches(selected, arch, usage=True)
     print("| kernel | constexprs | warps, stages | registers | spill bytes | smem | wgmma | cp.async |")
     print("|---|---|---|---|---|---|---|---|")
