@@ -44,17 +44,18 @@ class Launch:
     divisible_by_16: tuple  # arguments specialised as multiples of 16 (16-byte aligned pointers, sizes)
     num_warps: int = 4
     num_stages: int = 3
-    configs: tuple = field(default=(), compare=False)  # the autotuner's full list: ((kwargs, warps, stages), ...)
+    maxnreg: int | None = None  # a register cap per thread (ptxas .maxnreg), as triton.Config's
+    configs: tuple = field(default=(), compare=False)  # the autotuner's list: ((kwargs, warps, stages, maxnreg), ...)
 
     @property
     def kernel(self) -> str:
         return f"{self.module}:{self.name}"
 
-    def with_config(self, kwargs: dict, num_warps: int, num_stages: int) -> Launch:
+    def with_config(self, kwargs: dict, num_warps: int, num_stages: int, maxnreg: int | None = None) -> Launch:
         constexprs = dict(self.constexprs)
         constexprs.update(kwargs)
         return Launch(self.module, self.name, self.signature, tuple(constexprs.items()), self.divisible_by_16,
-                      num_warps, num_stages)
+                      num_warps, num_stages, maxnreg)
 
     def as_bf16(self) -> Launch:
         """The same launch with float16 tensors and dtype constexprs made bfloat16 (the interpreter cannot run a
@@ -62,14 +63,14 @@ class Launch:
         signature = tuple((n, "*bf16" if t == "*fp16" else t) for n, t in self.signature)
         constexprs = tuple((n, "tl.bf16" if v == "tl.fp16" else v) for n, v in self.constexprs)
         return Launch(self.module, self.name, signature, constexprs, self.divisible_by_16, self.num_warps,
-                      self.num_stages, self.configs)
+                      self.num_stages, self.maxnreg, self.configs)
 
     def for_arch(self, arch: int) -> Launch:
         """The launch a GPU of sm_<arch> makes: a `WGMMA` constexpr (linear attention's, set by the launcher from the
         device; the CPU recording takes the sm_90 form) says whether the target has wgmma."""
         constexprs = tuple((n, arch >= 90 if n == "WGMMA" else v) for n, v in self.constexprs)
         return Launch(self.module, self.name, self.signature, constexprs, self.divisible_by_16, self.num_warps,
-                      self.num_stages, self.configs)
+                      self.num_stages, self.maxnreg, self.configs)
 
     def every_config(self) -> list[Launch]:
         return [self.with_config(*c) for c in self.configs] if self.configs else [self]
@@ -119,7 +120,7 @@ def _describe(fn, args, kwargs, configs) -> Launch:
             raise TypeError(f"{fn.__name__}: argument {name} = {value!r} has no triton type here")
     options = {k: kwargs[k] for k in _OPTIONS if k in kwargs}
     return Launch(fn.__module__, fn.__name__, tuple(signature), tuple(constexprs.items()), tuple(divisible),
-                  options.get("num_warps", 4), options.get("num_stages", 3), configs)
+                  options.get("num_warps", 4), options.get("num_stages", 3), options.get("maxnreg"), configs)
 
 
 @contextlib.contextmanager
@@ -132,7 +133,8 @@ def recording():
     def recording_run(self, *args, grid, warmup, **kwargs):
         configs = ()
         if tuners:
-            configs = tuple((c.kwargs, c.num_warps, c.num_stages) for c in getattr(tuners[-1], "all_configs", ()))
+            configs = tuple((c.kwargs, c.num_warps, c.num_stages, c.maxnreg)
+                            for c in getattr(tuners[-1], "all_configs", ()))
         launches.append(_describe(self.fn, args, kwargs, configs))
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
@@ -190,7 +192,8 @@ def _compile(launch: dict, arch: int, usage: bool) -> dict:
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in launch["divisible_by_16"]}
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": launch["num_warps"], "num_stages": launch["num_stages"]})
+                            options={"num_warps": launch["num_warps"], "num_stages": launch["num_stages"],
+                                     **({"maxnreg": launch["maxnreg"]} if launch["maxnreg"] else {})})
     ptx = kernel.asm["ptx"]
     result = {"shared_bytes": kernel.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
               "mma_sync": ptx.count("mma.sync"), "cp_async": ptx.count("cp.async")}

@@ -70,14 +70,17 @@ _CHUNK_CONFIGS_MID = [  # DA = 128
     triton.Config({"BC": bc}, num_warps=w, num_stages=s)
     for bc, w, s in [(64, 8, 2), (32, 8, 2), (64, 8, 3)]
 ]
+# DA = 256: maxnreg 255 states the 8-warp limit ptxas has anyway, but without it ptxas for sm_80 gives the dk pass
+# 32 registers and a 5.8 KB stack (14.7 KB of spill traffic; 255 registers and 2.4 KB with it), the dq pass 128.
 _CHUNK_CONFIGS_WIDE = [  # DA = 256
-    triton.Config({"BC": bc}, num_warps=w, num_stages=s)
+    triton.Config({"BC": bc}, num_warps=w, num_stages=s, maxnreg=255)
     for bc, w, s in [(16, 8, 2), (32, 8, 2)]
 ]
 # DA = 256 where two stages exceed a block's shared memory (`_lean`): fp32 inputs (the o and dv passes take 270 KB,
 # the segment sums 245 KB at 3 stages), GPUs with less than Hopper's 227 KB (A100's 163 KB: the bf16 o pass with
 # elu1/relu and normalize takes 164 KB). One stage: 135-147 KB in fp32, 100 KB in bf16 (sm_80).
-_CHUNK_CONFIGS_LEAN = [triton.Config({"BC": bc}, num_warps=w, num_stages=s) for bc, w, s in [(16, 8, 1), (32, 8, 1)]]
+_CHUNK_CONFIGS_LEAN = [triton.Config({"BC": bc}, num_warps=w, num_stages=s, maxnreg=255)
+                       for bc, w, s in [(16, 8, 1), (32, 8, 1)]]
 _SUM_CONFIGS_LEAN = [triton.Config({"BC": bc}, num_warps=w, num_stages=s) for bc, w, s in [(64, 8, 2), (32, 8, 2)]]
 _SUM_CONFIGS = {  # segment sums, by DA
     da: [triton.Config({"BC": bc}, num_warps=w, num_stages=s) for bc, w, s in configs]
