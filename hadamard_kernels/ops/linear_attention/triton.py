@@ -599,26 +599,19 @@ def _hi_lo(x: float) -> tuple[float, float]:
 
 
 @functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _gpu_properties(index: int):
+    return torch.cuda.get_device_properties(index)
 
 
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+def _properties(q):
+    """The properties of q's GPU (SM count, compute capability, shared memory per block)."""
+    return _gpu_properties(q.device.index if q.device.index is not None else torch.cuda.current_device())
 
 
 def _has_wgmma(q) -> bool:
     """The kernels' WGMMA flag: q's GPU is sm_90 or newer; the interpreter takes the sm_90 forms (tests patch this
     to run the other ones)."""
-    if not q.is_cuda:
-        return True
-    return _capability(q.device.index if q.device.index is not None else torch.cuda.current_device())[0] >= 9
-
-
-@functools.cache
-def _shared_per_block(index: int) -> int:
-    return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0) or 0
+    return not q.is_cuda or _properties(q).major >= 9
 
 
 def _lean(q, DA: int) -> bool:
@@ -628,10 +621,7 @@ def _lean(q, DA: int) -> bool:
         return False
     if q.element_size() >= 4:
         return True
-    if not q.is_cuda:
-        return False
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    return _shared_per_block(index) < 200 * 1024
+    return q.is_cuda and (getattr(_properties(q), "shared_memory_per_block_optin", 0) or 0) < 200 * 1024
 
 
 def _dtype_flags(dtype):
@@ -661,7 +651,7 @@ class _Plan:
         typical = longest if cu_seqlens is None else triton.cdiv(triton.cdiv(T, N), BT)
         if segment is None and q.is_cuda:
             programs = N * H * triton.cdiv(DC, _DC_BLOCK_PLAN)
-            sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+            sms = _properties(q).multi_processor_count
             if programs < sms and typical > 2:
                 segment = max(2, triton.cdiv(typical, triton.cdiv(2 * sms, programs)))
         self.split = segment is not None and segment < longest
