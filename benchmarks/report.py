@@ -220,6 +220,8 @@ def render_markdown(report: dict) -> str:
                    f"off) {ceil['matmul_tflops_fp32']:.1f} TFLOP/s, device copy {ceil['copy_gbps']:.0f} GB/s "
                    "(read + write)")
         out.append(f"- flash-linear-attention (provider fla): {meta.get('fla') or 'not installed (fla rows skipped)'}")
+        if meta.get("cuda_wgmma"):
+            out.append("- cuda rows of poly_chain: the Hopper (wgmma) forward, HADAMARD_KERNELS_CUDA_WGMMA=1")
     for name, label in (("build_rc", "CUDA extension build"), ("memcheck_rc", "compute-sanitizer memcheck")):
         if meta.get(name) is not None:
             value = str(meta[name])

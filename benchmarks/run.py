@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Runs the benchmark suite (`pytest benchmarks/`) and reports from its measurements.
 
-The suite records every test (one JSON line each) in benchmarks/results/partial/<device>-<commit>[-quick].jsonl;
+The suite records every test (one JSON line each) in benchmarks/results/partial/<device>-<commit>[-quick][-wgmma].jsonl
+(-wgmma: run with HADAMARD_KERNELS_CUDA_WGMMA=1, the cuda rows of poly_chain then time its Hopper forward);
 a run resumes that record (tests already in it are not run again; --fresh starts over), so a suite longer than one
 sitting is done in several runs of the same command. Then the report is built from the whole record and written as
 benchmarks/results/<device>-<UTC time>-<commit>.json, .md, .svg (and -sweeps.svg): unique names, so runs never
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import cases
 import report as report_mod
+
+from hadamard_kernels import _backend
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -61,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def record_path(out: Path, device: str, commit: str, quick: bool) -> Path:
     meta = dict(kind="cpu" if device.startswith("CPU") else "cuda", device=device, commit=commit)
     stem = report_mod.results_stem(dict(meta, time_utc="")).replace("-unknown-time", "")
-    return out / "partial" / f"{stem}{'-quick' if quick else ''}.jsonl"
+    wgmma = "-wgmma" if _backend.cuda_wgmma_requested() else ""  # another kernel behind the cuda rows: its own record
+    return out / "partial" / f"{stem}{'-quick' if quick else ''}{wgmma}.jsonl"
 
 
 def pytest_command(args, record: Path, benchmark_json: Path, time_budget: float | None = None) -> list[str]:

@@ -30,6 +30,7 @@ import pytest
 import torch
 
 import hadamard_kernels as hk
+from hadamard_kernels import _backend
 
 REPO = Path(__file__).resolve().parent.parent
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -112,7 +113,8 @@ def session_meta() -> dict:
     meta = dict(kind=DEVICE, device=device_name(), commit=git_commit(), time_utc=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
                 torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
                 python=platform.python_version(), timing=measure.timing_method(DEVICE), fla=cases.fla_version(),
-                triton_interpret=os.environ.get("TRITON_INTERPRET") == "1", cpu_threads=torch.get_num_threads())
+                triton_interpret=os.environ.get("TRITON_INTERPRET") == "1", cpu_threads=torch.get_num_threads(),
+                cuda_wgmma=_backend.cuda_wgmma_requested())
     if DEVICE == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 stays fp32 in every provider (DESIGN.md accuracy)
         props = torch.cuda.get_device_properties(0)

@@ -144,7 +144,7 @@ void bind_poly_chain(py::module_& m) {
       .value("M", &P::M).value("d", &P::d).value("k", &P::k).value("N", &P::N)
       .value("x_row_stride", &P::x_row_stride).value("y_row_stride", &P::y_row_stride)
       .value("dtype", &P::dtype).value("activation", &P::activation).value("mode", &P::mode)
-      .value("scale", &P::scale);
+      .value("scale", &P::scale).value("wgmma", &P::wgmma);
   def_launcher(m, "poly_chain_fwd", &hk::launch_poly_chain_fwd);
   def_launcher(m, "poly_chain_bwd", &hk::launch_poly_chain_bwd);
 }

@@ -10,7 +10,9 @@ namespace hadamard_kernels {
 namespace {
 
 using poly_chain_detail::grad_z_blocks;
+using poly_chain_detail::forward::MmaSync;
 using poly_chain_detail::forward::num_tiles;
+using poly_chain_detail::forward_wgmma::Wgmma;
 
 // Host-side checks of what the kernels rely on; Python has already checked shapes and dtypes.
 bool valid_sizes(const PolyChainParams& p) {
@@ -27,7 +29,11 @@ cudaError_t dispatch(const PolyChainParams& p, cudaStream_t stream) {
 
 cudaError_t launch_poly_chain_fwd(const PolyChainParams& p, cudaStream_t stream) {
   if (!valid_sizes(p) || p.x == nullptr || p.weight == nullptr || p.y == nullptr) return cudaErrorInvalidValue;
-  if (p.x_row_stride < p.d || num_tiles(p) > INT_MAX) return cudaErrorInvalidValue;  // one block per tile, 1D grid
+  if (p.x_row_stride < p.d) return cudaErrorInvalidValue;
+  // wgmma has no exact fp32 (only tf32); its kernel indexes W rows (N * k) in 32 bits.
+  if (p.wgmma && (p.dtype == DType::kFloat32 || p.N * p.k > INT_MAX)) return cudaErrorInvalidValue;
+  // One block per tile, 1D grid.
+  if ((p.wgmma ? num_tiles<Wgmma>(p) : num_tiles<MmaSync>(p)) > INT_MAX) return cudaErrorInvalidValue;
   return dispatch<false>(p, stream);
 }
 

@@ -50,37 +50,48 @@ HK_HOST_DEVICE inline float chain_factor(float u, int64_t n) {
 
 namespace forward {
 
-constexpr int kWarpGridRows = 4, kWarpGridSlots = 2;  // warps of the block
-constexpr int kThreads = 32 * kWarpGridRows * kWarpGridSlots;
-constexpr int kWarpRows = 32;
-constexpr int kWarpSlots = 64;
-constexpr int kTileRows = kWarpGridRows * kWarpRows;     // rows of x per block
-constexpr int kTileSlots = kWarpGridSlots * kWarpSlots;  // (degree, output column) slots per block
-constexpr int kMTiles = kWarpRows / 16;      // 16-row mma tiles per warp
-constexpr int kNTiles = kWarpSlots / 8;      // 8-slot mma tiles per warp, also the most degrees in one pass
-constexpr int kAcc = kMTiles * kNTiles * 4;  // accumulators per thread
-constexpr int kOwn = kMTiles * 4;            // accumulators per thread of one n-tile
+// A block's warps: WARP_GRID_ROWS x WARP_GRID_SLOTS of them, each owning WARP_ROWS x WARP_SLOTS of the tile as
+// 16 x 8 tiles in the mma.sync C layout (which wgmma's accumulators share), mt-major: accumulator
+// (mt * kNTiles + j) * 4 + e of a thread is row 16 mt + lane / 4 + 8 (e / 2), slot 8 j + 2 (lane % 4) + e % 2.
+template <int WARP_GRID_ROWS, int WARP_GRID_SLOTS, int WARP_ROWS, int WARP_SLOTS>
+struct Geometry {
+  static constexpr int kWarpGridRows = WARP_GRID_ROWS, kWarpGridSlots = WARP_GRID_SLOTS;
+  static constexpr int kWarpRows = WARP_ROWS, kWarpSlots = WARP_SLOTS;
+  static constexpr int kThreads = 32 * kWarpGridRows * kWarpGridSlots;
+  static constexpr int kTileRows = kWarpGridRows * kWarpRows;     // rows of x per block
+  static constexpr int kTileSlots = kWarpGridSlots * kWarpSlots;  // (degree, output column) slots per block
+  static constexpr int kMTiles = kWarpRows / 16;      // 16-row tiles per warp
+  static constexpr int kNTiles = kWarpSlots / 8;      // 8-slot tiles per warp, also the most degrees in one pass
+  static constexpr int kAcc = kMTiles * kNTiles * 4;  // accumulators per thread
+  static constexpr int kOwn = kMTiles * 4;            // accumulators per thread of one n-tile
+};
+
+// The mma.sync kernel's (below): 8 warps as 4 (rows) x 2 (slots), 32 x 64 each.
+using MmaSync = Geometry<4, 2, 32, 64>;
+
 constexpr int kStages = 4;
 constexpr int kRowBytes = 64;                // of d per staged row
 constexpr int kRowPitch = 80;                // bytes between staged rows
-constexpr int kStageBytes = (kTileRows + kTileSlots) * kRowPitch;
+constexpr int kStageBytes = (MmaSync::kTileRows + MmaSync::kTileSlots) * kRowPitch;
 constexpr int kSmemBytes = kStages * kStageBytes;  // 80 KiB
 constexpr int kVecsPerRow = kRowBytes / 16;
-constexpr int kVecsPerThread = (kTileRows + kTileSlots) * kVecsPerRow / kThreads;
+constexpr int kVecsPerThread = (MmaSync::kTileRows + MmaSync::kTileSlots) * kVecsPerRow / MmaSync::kThreads;
 constexpr int64_t kBandTiles = 8;
-static_assert(kVecsPerThread * kThreads == (kTileRows + kTileSlots) * kVecsPerRow && kVecsPerThread % 2 == 0,
+static_assert(kVecsPerThread * MmaSync::kThreads == (MmaSync::kTileRows + MmaSync::kTileSlots) * kVecsPerRow &&
+                  kVecsPerThread % 2 == 0,
               "each thread copies the same number of x and W vectors");
 
-// Which (degree, output column) each slot holds; see the slot layout above.
+// Which (degree, output column) each slot of a G block holds; see the slot layout above.
+template <class G>
 struct SlotMap {
   int passes, per_pass, groups;
   int64_t cols;  // output columns per block tile
 
   HK_HOST_DEVICE explicit SlotMap(int64_t N)
-      : passes(N <= kNTiles ? 1 : static_cast<int>((N + kNTiles - 1) / kNTiles)),
+      : passes(N <= G::kNTiles ? 1 : static_cast<int>((N + G::kNTiles - 1) / G::kNTiles)),
         per_pass(static_cast<int>((N + passes - 1) / passes)),
-        groups(kNTiles / per_pass),
-        cols(kWarpGridSlots * 8 * static_cast<int64_t>(groups)) {}
+        groups(G::kNTiles / per_pass),
+        cols(G::kWarpGridSlots * 8 * static_cast<int64_t>(groups)) {}
 
   // Output column of slot column c (0..7) of n-tile j of warp column wc, relative to the tile's first column.
   __device__ __forceinline__ int column(int wc, int j, int c) const { return (wc * groups + j / per_pass) * 8 + c; }
@@ -91,21 +102,39 @@ struct SlotMap {
   __device__ __forceinline__ bool used(int pass, int j, int64_t N) const {
     return j / per_pass < groups && degree(pass, j) < N;
   }
+  // The x row, W row (degree * k + output column) or null that staged row `row` of a tile at (row0, col0) copies in
+  // pass `pass`: rows 0..kTileRows-1 are x rows, the rest W slots; null past M or k or on a spare n-tile.
+  template <typename B>
+  __device__ __forceinline__ const B* source(const PolyChainParams& p, const B* x, const B* w, int row, int pass,
+                                             int64_t row0, int64_t col0) const {
+    if (row < G::kTileRows) return row0 + row < p.M ? x + (row0 + row) * p.x_row_stride : nullptr;
+    const int slot = row - G::kTileRows, j = (slot % G::kWarpSlots) / 8;
+    const int64_t col = col0 + column(slot / G::kWarpSlots, j, slot % 8);
+    return used(pass, j, p.N) && col < p.k ? w + (degree(pass, j) * p.k + col) * p.d : nullptr;
+  }
 };
 
-HK_HOST_DEVICE inline int64_t row_tiles(const PolyChainParams& p) { return (p.M + kTileRows - 1) / kTileRows; }
+template <class G>
+HK_HOST_DEVICE inline int64_t row_tiles(const PolyChainParams& p) {
+  return (p.M + G::kTileRows - 1) / G::kTileRows;
+}
+template <class G>
 HK_HOST_DEVICE inline int64_t col_tiles(const PolyChainParams& p) {
-  const int64_t cols = SlotMap(p.N).cols;
+  const int64_t cols = SlotMap<G>(p.N).cols;
   return (p.k + cols - 1) / cols;
 }
-inline int64_t num_tiles(const PolyChainParams& p) { return row_tiles(p) * col_tiles(p); }
+template <class G>
+inline int64_t num_tiles(const PolyChainParams& p) {
+  return row_tiles<G>(p) * col_tiles<G>(p);
+}
 
 // L2 swizzle: consecutive blocks take consecutive row tiles of a band of kBandTiles, then the next column tile.
+template <class G>
 __device__ __forceinline__ void tile_origin(const PolyChainParams& p, int64_t cols, int64_t& row0, int64_t& col0) {
-  const int64_t rows = row_tiles(p), per_band = kBandTiles * col_tiles(p);
+  const int64_t rows = row_tiles<G>(p), per_band = kBandTiles * col_tiles<G>(p);
   const int64_t b = blockIdx.x, first = b / per_band * kBandTiles, i = b % per_band;
   const int64_t band = rows - first < kBandTiles ? rows - first : kBandTiles;
-  row0 = (first + i % band) * kTileRows;
+  row0 = (first + i % band) * G::kTileRows;
   col0 = i / band * cols;
 }
 
@@ -121,11 +150,13 @@ struct Tile {
 
 // acc += x rows (32 per warp) . W slots (64 per warp) over one staged chunk of d.
 template <typename T>
-__device__ __forceinline__ void multiply_chunk(const Bits<T>* xs, const Bits<T>* ws, float (&acc)[kAcc]) {
+__device__ __forceinline__ void multiply_chunk(const Bits<T>* xs, const Bits<T>* ws, float (&acc)[MmaSync::kAcc]) {
+  using G = MmaSync;
   constexpr int kPitch = Tile<T>::kPitch;
+  constexpr int kMTiles = G::kMTiles, kNTiles = G::kNTiles;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  xs += (warp / kWarpGridSlots) * kWarpRows * kPitch;
-  ws += (warp % kWarpGridSlots) * kWarpSlots * kPitch;
+  xs += (warp / G::kWarpGridSlots) * G::kWarpRows * kPitch;
+  ws += (warp % G::kWarpGridSlots) * G::kWarpSlots * kPitch;
   if constexpr (std::is_same_v<T, float>) {
     // Exact fp32: the thread's rows (g + 8i) times its 16 slots (8j + 2t + q), 2 d at a time.
     const int g = lane / 4, t = lane % 4;
@@ -139,7 +170,7 @@ __device__ __forceinline__ void multiply_chunk(const Bits<T>* xs, const Bits<T>*
         b[s] = *reinterpret_cast<const float2*>(ws + ((s / 2) * 8 + 2 * t + s % 2) * kPitch + kk);
       }
 #pragma unroll
-      for (int r = 0; r < kAcc; ++r) {  // r = (mt * kNTiles + j) * 4 + e
+      for (int r = 0; r < G::kAcc; ++r) {  // r = (mt * kNTiles + j) * 4 + e
         const int i = (r / (4 * kNTiles)) * 2 + (r % 4) / 2, s = ((r / 4) % kNTiles) * 2 + r % 2;
         acc[r] = fmaf(a[i].x, b[s].x, acc[r]);
         acc[r] = fmaf(a[i].y, b[s].y, acc[r]);
@@ -190,14 +221,70 @@ __device__ __forceinline__ void store_two(T* dst, int64_t col, int64_t k, bool p
   }
 }
 
+// After the last chunk of a pass: bias, activation, the chain over this pass's degrees and the stores, for a
+// thread of a G block at tile (row0, col0). The run's product so far replaces the accumulators in place; carry holds
+// the product of earlier passes (one run per warp when passes > 1), index mt * 4 + e.
+template <class G, typename T, int ACT, bool PRODUCT, bool HAS_BIAS>
+__device__ __forceinline__ void chain_epilogue(const PolyChainParams& p, const SlotMap<G>& map, int pass, int64_t row0,
+                                               int64_t col0, float (&acc)[G::kAcc], float (&carry)[G::kOwn]) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t thread_row = row0 + (warp / G::kWarpGridSlots) * G::kWarpRows + lane / 4;
+  T* y = static_cast<T*>(p.y);
+  T* z = static_cast<T*>(p.z);
+  const bool y_pairs = p.k % 2 == 0 && p.y_row_stride % 2 == 0 && is_aligned(y, 2 * sizeof(T));
+  const bool z_pairs = p.k % 2 == 0 && is_aligned(z, 2 * sizeof(T));
+#pragma unroll
+  for (int j = 0; j < G::kNTiles; ++j) {
+    if (!map.used(pass, j, p.N)) continue;
+    const int64_t n = map.degree(pass, j);
+    const int64_t col = col0 + map.column(warp % G::kWarpGridSlots, j, 2 * (lane % 4));
+    float bias[2] = {0.f, 0.f};
+    if (HAS_BIAS) {
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        if (col + q < p.k) bias[q] = to_float(static_cast<const T*>(p.bias)[n * p.k + col + q]);
+      }
+    }
+    const bool first = j % map.per_pass == 0;
+#pragma unroll
+    for (int h = 0; h < G::kOwn / 2; ++h) {  // h = mt * 2 + e / 2: row thread_row + mt * 16 + (e / 2) * 8
+      const int a = ((h / 2) * G::kNTiles + j) * 4 + (h % 2) * 2;
+      const float z0 = acc[a] + bias[0], z1 = acc[a + 1] + bias[1];
+      const int64_t row = thread_row + (h / 2) * 16 + (h % 2) * 8;
+      if (z != nullptr && row < p.M && col < p.k) {
+        store_two(z + (row * p.N + n) * p.k + col, col, p.k, z_pairs, z0, z1);
+      }
+      const float f0 = chain_factor<PRODUCT>(p.scale * activation<ACT>(z0), n);
+      const float f1 = chain_factor<PRODUCT>(p.scale * activation<ACT>(z1), n);
+      const int before = j > 0 ? a - 4 : a;  // the previous n-tile's accumulators are dead after it
+      acc[a] = first ? f0 : f0 * acc[before];
+      acc[a + 1] = first ? f1 : f1 * acc[before + 1];
+    }
+    if (j % map.per_pass != map.per_pass - 1 && n != p.N - 1) continue;  // the run goes on in the next n-tile
+#pragma unroll
+    for (int h = 0; h < G::kOwn / 2; ++h) {
+      const int a = ((h / 2) * G::kNTiles + j) * 4 + (h % 2) * 2;
+      carry[2 * h] *= acc[a];
+      carry[2 * h + 1] *= acc[a + 1];
+      if (pass + 1 < map.passes) continue;  // (then groups == 1: this was the warp's only run)
+      const int64_t row = thread_row + (h / 2) * 16 + (h % 2) * 8;
+      if (row < p.M && col < p.k) {
+        store_two(y + row * p.y_row_stride + col, col, p.k, y_pairs, carry[2 * h], carry[2 * h + 1]);
+      }
+      carry[2 * h] = carry[2 * h + 1] = 1.f;
+    }
+  }
+}
+
 template <typename T, int ACT, bool PRODUCT, bool HAS_BIAS>
-__global__ void __launch_bounds__(kThreads) poly_chain_fwd_kernel(const PolyChainParams p) {
+__global__ void __launch_bounds__(MmaSync::kThreads) poly_chain_fwd_kernel(const PolyChainParams p) {
+  using G = MmaSync;
   HK_DYNAMIC_SHARED_MEMORY(smem);
   using B = Bits<T>;
   constexpr int kChunk = Tile<T>::kChunk, kPitch = Tile<T>::kPitch, kVec = Tile<T>::kVec;
-  const SlotMap map(p.N);
+  const SlotMap<G> map(p.N);
   int64_t row0, col0;
-  tile_origin(p, map.cols, row0, col0);
+  tile_origin<G>(p, map.cols, row0, col0);
 
   const B* x = static_cast<const B*>(p.x);
   const B* w = static_cast<const B*>(p.weight);
@@ -206,33 +293,26 @@ __global__ void __launch_bounds__(kThreads) poly_chain_fwd_kernel(const PolyChai
   const int64_t chunks = (p.d + kChunk - 1) / kChunk, steps = map.passes * chunks;
 
   // Thread vector i is 16-byte piece v % 4 of staged row v / 4, v = threadIdx.x + i * kThreads: vectors
-  // 0..kHalf-1 copy x rows, the rest W slots (rows kTileRows + slot). Their source rows, null past M or k or on a
-  // spare n-tile: x's are fixed, W's depend on the pass.
+  // 0..kHalf-1 copy x rows, the rest W slots. Their source rows: x's are fixed, W's depend on the pass.
   constexpr int kHalf = kVecsPerThread / 2;
   const B* src[kVecsPerThread];
+  auto point = [&](int pass, int first) {
 #pragma unroll
-  for (int i = 0; i < kHalf; ++i) {
-    const int64_t row = row0 + (threadIdx.x + i * kThreads) / kVecsPerRow;
-    src[i] = row < p.M ? x + row * p.x_row_stride : nullptr;
-  }
-  auto point_w = [&](int pass) {
-#pragma unroll
-    for (int i = kHalf; i < kVecsPerThread; ++i) {
-      const int slot = (threadIdx.x + i * kThreads) / kVecsPerRow - kTileRows, j = (slot % kWarpSlots) / 8;
-      const int64_t col = col0 + map.column(slot / kWarpSlots, j, slot % 8);
-      src[i] = map.used(pass, j, p.N) && col < p.k ? w + (map.degree(pass, j) * p.k + col) * p.d : nullptr;
+    for (int i = first; i < (first == 0 ? kHalf : kVecsPerThread); ++i) {
+      src[i] = map.source(p, x, w, static_cast<int>((threadIdx.x + i * G::kThreads) / kVecsPerRow), pass, row0, col0);
     }
   };
-  point_w(0);
+  point(0, 0);
+  point(0, kHalf);
 
   // Step s (pass s / chunks, chunk s % chunks) into ring slot s % kStages.
   auto load = [&](int64_t s) {
-    if (s % chunks == 0 && s > 0) point_w(static_cast<int>(s / chunks));
+    if (s % chunks == 0 && s > 0) point(static_cast<int>(s / chunks), kHalf);
     B* stage = reinterpret_cast<B*>(smem + (s % kStages) * kStageBytes);
     const int64_t d0 = s % chunks * kChunk;
 #pragma unroll
     for (int i = 0; i < kVecsPerThread; ++i) {
-      const int v = threadIdx.x + i * kThreads, piece = v % kVecsPerRow;
+      const int v = threadIdx.x + i * G::kThreads, piece = v % kVecsPerRow;
       const int64_t col = d0 + piece * kVec;
       B* dst = stage + (v / kVecsPerRow) * kPitch + piece * kVec;
       if (i < kHalf ? x_async : w_async) {
@@ -248,65 +328,12 @@ __global__ void __launch_bounds__(kThreads) poly_chain_fwd_kernel(const PolyChai
     }
   };
 
-  float acc[kAcc];
+  float acc[G::kAcc];
 #pragma unroll
-  for (int r = 0; r < kAcc; ++r) acc[r] = 0.f;
-  float carry[kOwn];  // product of earlier passes' factors (one run per warp when passes > 1), index mt * 4 + e
+  for (int r = 0; r < G::kAcc; ++r) acc[r] = 0.f;
+  float carry[G::kOwn];
 #pragma unroll
-  for (int i = 0; i < kOwn; ++i) carry[i] = 1.f;
-
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t thread_row = row0 + (warp / kWarpGridSlots) * kWarpRows + lane / 4;
-  T* y = static_cast<T*>(p.y);
-  T* z = static_cast<T*>(p.z);
-  const bool y_pairs = p.k % 2 == 0 && p.y_row_stride % 2 == 0 && is_aligned(y, 2 * sizeof(T));
-  const bool z_pairs = p.k % 2 == 0 && is_aligned(z, 2 * sizeof(T));
-
-  // After the last chunk of a pass: bias, activation, the chain over this pass's degrees, and the stores.
-  auto epilogue = [&](int pass) {
-#pragma unroll
-    for (int j = 0; j < kNTiles; ++j) {
-      if (!map.used(pass, j, p.N)) continue;
-      const int64_t n = map.degree(pass, j);
-      const int64_t col = col0 + map.column(warp % kWarpGridSlots, j, 2 * (lane % 4));
-      float bias[2] = {0.f, 0.f};
-      if (HAS_BIAS) {
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          if (col + q < p.k) bias[q] = to_float(static_cast<const T*>(p.bias)[n * p.k + col + q]);
-        }
-      }
-      // The run's product so far replaces the accumulators in place (the previous n-tile's are dead after it).
-      const bool first = j % map.per_pass == 0;
-#pragma unroll
-      for (int h = 0; h < kOwn / 2; ++h) {  // h = mt * 2 + e / 2: row thread_row + mt * 16 + (e / 2) * 8
-        const int a = ((h / 2) * kNTiles + j) * 4 + (h % 2) * 2;
-        const float z0 = acc[a] + bias[0], z1 = acc[a + 1] + bias[1];
-        const int64_t row = thread_row + (h / 2) * 16 + (h % 2) * 8;
-        if (z != nullptr && row < p.M && col < p.k) {
-          store_two(z + (row * p.N + n) * p.k + col, col, p.k, z_pairs, z0, z1);
-        }
-        const float f0 = chain_factor<PRODUCT>(p.scale * activation<ACT>(z0), n);
-        const float f1 = chain_factor<PRODUCT>(p.scale * activation<ACT>(z1), n);
-        const int before = j > 0 ? a - 4 : a;
-        acc[a] = first ? f0 : f0 * acc[before];
-        acc[a + 1] = first ? f1 : f1 * acc[before + 1];
-      }
-      if (j % map.per_pass != map.per_pass - 1 && n != p.N - 1) continue;  // the run goes on in the next n-tile
-#pragma unroll
-      for (int h = 0; h < kOwn / 2; ++h) {
-        const int a = ((h / 2) * kNTiles + j) * 4 + (h % 2) * 2;
-        carry[2 * h] *= acc[a];
-        carry[2 * h + 1] *= acc[a + 1];
-        if (pass + 1 < map.passes) continue;  // (then groups == 1: this was the warp's only run)
-        const int64_t row = thread_row + (h / 2) * 16 + (h % 2) * 8;
-        if (row < p.M && col < p.k) {
-          store_two(y + row * p.y_row_stride + col, col, p.k, y_pairs, carry[2 * h], carry[2 * h + 1]);
-        }
-        carry[2 * h] = carry[2 * h + 1] = 1.f;
-      }
-    }
-  };
+  for (int i = 0; i < G::kOwn; ++i) carry[i] = 1.f;
 
   for (int64_t s = 0; s < kStages - 1; ++s) {
     if (s < steps) load(s);
@@ -318,11 +345,11 @@ __global__ void __launch_bounds__(kThreads) poly_chain_fwd_kernel(const PolyChai
     if (s + kStages - 1 < steps) load(s + kStages - 1);
     cp_async_commit();
     const B* stage = reinterpret_cast<const B*>(smem + (s % kStages) * kStageBytes);
-    multiply_chunk<T>(stage, stage + kTileRows * kPitch, acc);
+    multiply_chunk<T>(stage, stage + G::kTileRows * kPitch, acc);
     if ((s + 1) % chunks == 0) {
-      epilogue(static_cast<int>(s / chunks));
+      chain_epilogue<G, T, ACT, PRODUCT, HAS_BIAS>(p, map, static_cast<int>(s / chunks), row0, col0, acc, carry);
 #pragma unroll
-      for (int r = 0; r < kAcc; ++r) acc[r] = 0.f;
+      for (int r = 0; r < G::kAcc; ++r) acc[r] = 0.f;
     }
   }
 }
@@ -331,14 +358,14 @@ __global__ void __launch_bounds__(kThreads) poly_chain_fwd_kernel(const PolyChai
 template <typename T, int ACT, bool PRODUCT, bool HAS_BIAS>
 cudaError_t launch(const PolyChainParams& p, cudaStream_t stream) {
   void (*kernel)(const PolyChainParams) = &poly_chain_fwd_kernel<T, ACT, PRODUCT, HAS_BIAS>;
-  const unsigned blocks = static_cast<unsigned>(num_tiles(p));
+  const unsigned blocks = static_cast<unsigned>(num_tiles<MmaSync>(p));
 #if defined(HK_CPU_EMULATION)
   (void)stream;
-  return hk_emulation::launch(kernel, dim3(blocks), kThreads, kSmemBytes, p);
+  return hk_emulation::launch(kernel, dim3(blocks), MmaSync::kThreads, kSmemBytes, p);
 #else
   // Above 48 KiB of dynamic shared memory a kernel has to opt in.
   HK_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-  kernel<<<blocks, kThreads, kSmemBytes, stream>>>(p);
+  kernel<<<blocks, MmaSync::kThreads, kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 #endif
 }

@@ -16,6 +16,9 @@ import torch
 
 BACKENDS = ("reference", "triton", "cuda")
 ENV_BACKEND = "HADAMARD_KERNELS_BACKEND"
+# "1": the cuda backend's poly_chain forward runs its Hopper kernel (wgmma, sm_90a) for float16/bfloat16 on sm_90
+# GPUs. Opt-in until its GPU tests have passed on an H100 (docs/decisions.md).
+ENV_CUDA_WGMMA = "HADAMARD_KERNELS_CUDA_WGMMA"
 
 # Auto's choice per op for CUDA tensors, first available (and supporting the call) wins; then reference.
 # DESIGN.md's rule: a backend joins or moves to the front only once its GPU tests passed and it measured fastest on
@@ -33,6 +36,14 @@ AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
 DEFAULT_PREFERENCE = ("triton",)
 
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def cuda_wgmma_requested() -> bool:
+    """Whether ENV_CUDA_WGMMA asks for the Hopper (wgmma) kernels of the cuda backend ("1"; "0" or unset: no)."""
+    value = os.environ.get(ENV_CUDA_WGMMA, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{ENV_CUDA_WGMMA} must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def triton_interpreting() -> bool:

@@ -10,6 +10,7 @@ import triton
 from utils import HAS_CUDA, assert_close, cpu_backends, cuda, forward_backward, gpu_backends, rel_err, requires_cuda
 
 import hadamard_kernels as hk
+from hadamard_kernels import _backend
 from hadamard_kernels.ops.poly_chain import reference
 from hadamard_kernels.ops.poly_chain.common import ACTIVATIONS, MODES
 from hadamard_kernels.ops.poly_chain.op import poly_chain_op
@@ -392,6 +393,26 @@ def test_gpu_matches_reference(backend, dtype, mode, activation, bias):
 def test_gpu_shapes(backend, dtype, shape):
     x, weight, b = make_inputs(**shape, dtype=dtype, device="cuda")
     check_against_reference(x, weight, b, backend, mode="ccp", activation="tanh", scale=0.5)
+
+
+HOPPER = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
+
+
+@cuda
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU (H100, H200)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [
+    dict(lead=(1,), d=1, k=1, N=1), dict(lead=(1000,), d=257, k=129, N=16), dict(lead=(4, 512), d=512, k=512, N=3),
+    dict(lead=(3,), d=8, k=300, N=2), dict(lead=(300,), d=200, k=70, N=40), dict(lead=(2048,), d=1024, k=256, N=4),
+])
+def test_gpu_shapes_wgmma_forward(monkeypatch, dtype, shape):
+    """The cuda backend's Hopper forward (opt-in: HADAMARD_KERNELS_CUDA_WGMMA=1), forward and backward."""
+    from hadamard_kernels.ops.poly_chain import cuda as chain_cuda
+
+    monkeypatch.setenv(_backend.ENV_CUDA_WGMMA, "1")
+    x, weight, b = make_inputs(**shape, dtype=dtype, device="cuda")
+    assert chain_cuda._use_wgmma(x, weight)
+    check_against_reference(x, weight, b, "cuda", mode="ccp", activation="tanh", scale=0.5)
 
 
 @cuda

@@ -17,6 +17,7 @@ import torch
 from guard import assert_guard_untouched, check_guards, guard_buffer, guarded_copy
 from utils import assert_close, check_backend_module
 
+from hadamard_kernels import _backend
 from hadamard_kernels.ops.poly_chain import cuda as chain_cuda
 from hadamard_kernels.ops.poly_chain import reference
 from hadamard_kernels.ops.poly_chain.common import ACTIVATIONS, MODES
@@ -126,6 +127,47 @@ def test_emulated_save_projections(emulated, dtype):
     for name, t, got, want in zip(GRAD_NAMES, inputs, grads, ref_grads):
         if t is not None:
             assert_close(name, got, want, dtype)
+
+
+class RecordingExtension:
+    """The emulated extension, recording the `wgmma` field of every forward launch."""
+
+    def __init__(self, ext):
+        self._ext, self.wgmma = ext, []
+
+    def __getattr__(self, name):
+        return getattr(self._ext, name)
+
+    def poly_chain_fwd(self, params, stream):
+        self.wgmma.append(params.wgmma)
+        self._ext.poly_chain_fwd(params, stream)
+
+
+@pytest.mark.parametrize("requested, dtype, hopper, expected", [
+    ("1", torch.float16, True, True), ("1", torch.bfloat16, True, True),
+    ("1", torch.float32, True, False),   # no exact fp32 in wgmma: the mma.sync kernel
+    ("1", torch.bfloat16, False, False),  # not an sm_90 GPU
+    ("0", torch.bfloat16, True, False), (None, torch.bfloat16, True, False),  # not asked for
+])
+def test_emulated_wgmma_forward_is_opt_in(emulated, monkeypatch, requested, dtype, hopper, expected):
+    """HADAMARD_KERNELS_CUDA_WGMMA=1 routes the fp16/bf16 forward on a Hopper GPU (patched here) to the wgmma kernel,
+    and only then; either way the forward and the gradients match the reference."""
+    if requested is None:
+        monkeypatch.delenv(_backend.ENV_CUDA_WGMMA, raising=False)
+    else:
+        monkeypatch.setenv(_backend.ENV_CUDA_WGMMA, requested)
+    monkeypatch.setattr(chain_cuda, "_is_hopper", lambda device: hopper)
+    recording = RecordingExtension(emulated)
+    monkeypatch.setattr(chain_cuda, "require_cuda_extension", lambda: recording)
+    inputs, grad_y = make_inputs(M=70, d=72, k=40, N=5, dtype=dtype)
+    check_emulated(inputs, grad_y, "ccp", "gelu")
+    assert recording.wgmma == [expected]
+
+
+def test_wgmma_switch_rejects_other_values(monkeypatch):
+    monkeypatch.setenv(_backend.ENV_CUDA_WGMMA, "yes")
+    with pytest.raises(ValueError, match=_backend.ENV_CUDA_WGMMA):
+        _backend.cuda_wgmma_requested()
 
 
 def test_emulated_each_gradient_alone(emulated):

@@ -27,9 +27,9 @@ def ext():
 
 
 def run_forward(ext, M, d, k, N, dtype, *, mode="ccp", activation="tanh", scale=0.7, bias=True, row_pad=0,
-                x_shift=0, store_z=True, seed=0):
-    """The forward launcher on guarded inputs (x with row_pad + x_shift padding columns and x_shift elements off
-    its buffer's alignment), y and z checked against the float64 reference."""
+                x_shift=0, store_z=True, seed=0, wgmma=False):
+    """The forward launcher (the Hopper kernel with `wgmma`) on guarded inputs (x with row_pad + x_shift padding
+    columns and x_shift elements off its buffer's alignment), y and z checked against the float64 reference."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, d, generator=g, dtype=torch.float64)
     weight = torch.randn(N, k, d, generator=g, dtype=torch.float64) / math.sqrt(d)
@@ -45,7 +45,7 @@ def run_forward(ext, M, d, k, N, dtype, *, mode="ccp", activation="tanh", scale=
         y=y.view.data_ptr(), z=z.view.data_ptr() if store_z else 0, M=M, d=d, k=k, N=N,
         x_row_stride=d + row_pad + x_shift, y_row_stride=k + row_pad,
         dtype=ext.DTYPES.index(str(dtype).removeprefix("torch.")), activation=ACTIVATIONS.index(activation),
-        mode=MODES.index(mode), scale=scale)
+        mode=MODES.index(mode), scale=scale, wgmma=wgmma)
     ext.poly_chain_fwd(params, 0)
     check_guards(y, *([z] if store_z else []))
     for guard in (gx, gw, gb):
@@ -75,3 +75,30 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_forward_tiling_cases(ext, case, dtype):
     run_forward(ext, **case, dtype=dtype)
+
+
+# The Hopper kernel (csrc/poly_chain_forward_wgmma.cuh): 128-row x 256-slot tiles, up to 32 degrees in a pass, d in
+# chunks of 64 through 4 stages refilled 2 steps ahead; the emulation performs each wgmma at the wait that covers it,
+# reading shared memory through the descriptor and its 128-byte swizzle then.
+WGMMA_CASES = [
+    # d 300: 5 chunks, more than the stages, the last ragged; 2 row tiles
+    dict(M=130, d=300, k=40, N=5, row_pad=8),
+    dict(M=20, d=72, k=9, N=33, scale=0.3),                        # 2 passes of 17 degrees, the last with 16
+    dict(M=9, d=40, k=20, N=32, mode="product", scale=1.2),       # one run of all 32 n-tiles per block
+    dict(M=20, d=64, k=170, N=3, activation="sigmoid"),            # 30 of 32 n-tiles used: 80 columns, 3 column tiles
+    dict(M=5, d=24, k=300, N=1, store_z=False),                    # 32 runs: 256 columns, 2 column tiles
+    dict(M=1100, d=16, k=24, N=2, bias=False),                     # 9 row tiles: a band of 8 and a band of 1
+    dict(M=20, d=32, k=16, N=3, x_shift=1, activation="gelu"),     # x unaligned: x synchronous, W by cp.async
+    dict(M=67, d=45, k=23, N=4, row_pad=3, activation="relu"),     # d odd: x and W both synchronous
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", WGMMA_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_wgmma_forward_tiling_cases(ext, case, dtype):
+    run_forward(ext, **case, dtype=dtype, wgmma=True)
+
+
+def test_wgmma_forward_refuses_float32(ext):
+    with pytest.raises(RuntimeError, match="CUDA error 1"):  # cudaErrorInvalidValue
+        run_forward(ext, M=4, d=8, k=8, N=2, dtype=torch.float32, wgmma=True)

@@ -8,7 +8,8 @@
 // fiber waiting at a barrier nobody else reaches is a deadlock and aborts. mma.m16n8k16 multiplies in fp32 from the
 // fp16/bf16 fragments (products are exact; only the summation order differs from the hardware). cp.async copies
 // land at the wait_group that covers them (see cp_async_16). Dynamic shared memory is followed by a guard band
-// checked after each block. What this cannot show: timing, bank conflicts, and
+// checked after each block. wgmma.mma_async (sm_90a) is performed by each thread for its own accumulators when a
+// wait_group covers it, reading shared memory through the descriptor then (see wgmma_m64nk16). What this cannot show: timing, bank conflicts, and
 // races between threads that a barrier does not order (fibers run one at a time, in a fixed order).
 #pragma once
 
@@ -25,6 +26,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -142,6 +144,8 @@ struct Fiber {
   uint64_t wait_generation = 0;
   std::vector<AsyncCopy> open_copies;                  // cp.async issued since the last commit_group
   std::vector<std::vector<AsyncCopy>> copy_groups;  // committed groups not yet waited for, oldest first
+  std::vector<std::function<void()>> open_mmas;                  // wgmma issued since the last commit_group
+  std::vector<std::vector<std::function<void()>>> mma_groups;    // committed wgmma groups not yet waited for
 };
 
 inline thread_local Context scheduler_context;
@@ -315,6 +319,85 @@ void mma_16816(float* c, const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   for (int e = 0; e < 4; ++e) c[e] = w.accumulators[buf][lane()][e];
 }
 
+// The .shared window address of dynamic shared memory's first byte. Deliberately not a multiple of 1024, so a kernel
+// that needs 1024-byte-aligned swizzle atoms has to align them itself, as on a GPU where nothing promises it.
+constexpr uint32_t kSharedWindowBase = 0x190;
+
+inline uint32_t shared_address(const void* p) {
+  const auto* byte = static_cast<const unsigned char*>(p);
+  if (byte < block->shared.data() || byte >= block->shared.data() + block->shared.size()) {
+    std::fprintf(stderr, "hk_emulation: shared_address of a pointer outside the block's shared memory\n");
+    std::abort();
+  }
+  return kSharedWindowBase + static_cast<uint32_t>(byte - block->shared.data());
+}
+
+// Element (row, kk) of a wgmma operand given by its shared-memory matrix descriptor, read as the PTX ISA describes
+// the descriptor: start address >> 4 in bits 0-13, leading byte offset >> 4 in 16-29, stride byte offset >> 4 in
+// 32-45, base offset in 49-51, swizzle mode in 62-63. Only the K-major 128-byte swizzle (mode 1, base offset 0) is
+// emulated: rows of 128 bytes in 8-row groups `stride` bytes apart, the 16-byte piece index (address bits 4-6)
+// XORed with address bits 7-9.
+template <typename T>
+float wgmma_operand(uint64_t descriptor, int row, int kk) {
+  const uint32_t start = static_cast<uint32_t>(descriptor & 0x3FFF) << 4;
+  const uint32_t stride = static_cast<uint32_t>((descriptor >> 32) & 0x3FFF) << 4;
+  const unsigned base_offset = static_cast<unsigned>((descriptor >> 49) & 7), mode = static_cast<unsigned>(descriptor >> 62);
+  if (mode != 1 || base_offset != 0) {
+    std::fprintf(stderr, "hk_emulation: wgmma descriptor with swizzle mode %u, base offset %u (not emulated)\n", mode,
+                 base_offset);
+    std::abort();
+  }
+  const uint32_t logical = start + static_cast<uint32_t>(row / 8) * stride + static_cast<uint32_t>(row % 8) * 128 +
+                           static_cast<uint32_t>(kk) * 2;
+  const uint32_t physical = logical ^ (((logical >> 7) & 7u) << 4);
+  if (physical < kSharedWindowBase || physical + 2 > kSharedWindowBase + block->shared.size()) {
+    std::fprintf(stderr, "hk_emulation: wgmma operand read outside the block's shared memory\n");
+    std::abort();
+  }
+  uint16_t bits;
+  std::memcpy(&bits, block->shared.data() + (physical - kSharedWindowBase), sizeof bits);
+  return half_bits_to_float<T>(bits);
+}
+
+// wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{f16,bf16} with A and B from shared memory (K-major, no transpose):
+// recorded in the thread's open group, performed at the wait_group that covers it. Each thread computes its own
+// accumulators: warp w of the warpgroup holds rows 16 w + lane / 4 (+ 8), register 4 j + e column 8 j + 2 (lane % 4)
+// + e % 2 of row + 8 (e / 2). The accumulators are read at that wait too (scale-d true: D = A B^T + D), so a kernel
+// that reads them before its wait sees stale values, and one that refills a stage an unfinished MMA reads feeds it
+// the new data.
+template <typename T>
+void wgmma_m64nk16(float* d, int n, uint64_t a, uint64_t b, bool accumulate) {
+  const int warp = static_cast<int>(threadIdx.x / 32) % 4, g = lane() / 4, t = lane() % 4;
+  Block* const issuing_block = block;
+  current_fiber->open_mmas.push_back([=] {
+    if (block != issuing_block) std::abort();
+    for (int j = 0; j < n / 8; ++j) {
+      for (int e = 0; e < 4; ++e) {
+        const int row = 16 * warp + g + 8 * (e / 2), col = 8 * j + 2 * t + e % 2;
+        float sum = accumulate ? d[4 * j + e] : 0.f;
+        for (int kk = 0; kk < 16; ++kk) sum = std::fma(wgmma_operand<T>(a, row, kk), wgmma_operand<T>(b, col, kk), sum);
+        d[4 * j + e] = sum;
+      }
+    }
+  });
+}
+
+inline void wgmma_commit() {
+  Fiber& f = *current_fiber;
+  f.mma_groups.push_back(std::move(f.open_mmas));
+  f.open_mmas.clear();
+}
+
+// Performs every committed wgmma group but the newest `pending`.
+inline void wgmma_wait(int pending) {
+  Fiber& f = *current_fiber;
+  const size_t done = f.mma_groups.size() > static_cast<size_t>(pending) ? f.mma_groups.size() - pending : 0;
+  for (size_t g = 0; g < done; ++g) {
+    for (const auto& mma : f.mma_groups[g]) mma();
+  }
+  f.mma_groups.erase(f.mma_groups.begin(), f.mma_groups.begin() + static_cast<std::ptrdiff_t>(done));
+}
+
 constexpr size_t kStackBytes = 256 * 1024;
 
 template <class Params>
@@ -337,8 +420,10 @@ inline void prepare(Fiber& f, unsigned index) {
   f.index = index;
   f.done = false;
   f.waiting = nullptr;
-  f.open_copies.clear();  // copies a finished block never waited for are dropped with it
+  f.open_copies.clear();  // copies and MMAs a finished block never waited for are dropped with it
   f.copy_groups.clear();
+  f.open_mmas.clear();
+  f.mma_groups.clear();
   start_context(f.context, f.stack.get(), kStackBytes, fiber_entry);
 }
 

@@ -29,7 +29,8 @@ PYBIND11_MODULE(hk_poly_chain_emulated, m) {
   pointer(cls, "grad_z", &P::grad_z);
   cls.def_readwrite("M", &P::M).def_readwrite("d", &P::d).def_readwrite("k", &P::k).def_readwrite("N", &P::N)
       .def_readwrite("x_row_stride", &P::x_row_stride).def_readwrite("y_row_stride", &P::y_row_stride)
-      .def_readwrite("activation", &P::activation).def_readwrite("mode", &P::mode).def_readwrite("scale", &P::scale);
+      .def_readwrite("activation", &P::activation).def_readwrite("mode", &P::mode).def_readwrite("scale", &P::scale)
+      .def_readwrite("wgmma", &P::wgmma);
   launcher(m, "poly_chain_fwd", &hk::launch_poly_chain_fwd);
   launcher(m, "poly_chain_bwd", &hk::launch_poly_chain_bwd);
 }

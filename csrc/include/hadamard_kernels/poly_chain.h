@@ -34,6 +34,9 @@ struct PolyChainParams {
   int activation = 0;  // Activation code (activation.h)
   int mode = 0;        // PolyChainMode
   float scale = 1.f;
+  // Forward only: run the Hopper kernel (wgmma, sm_90a; float16/bfloat16) instead of the mma.sync one. Opt-in until
+  // its GPU tests pass on an H100 (docs/decisions.md); launching it elsewhere returns cudaErrorInvalidDeviceFunction.
+  bool wgmma = false;
 };
 
 // Enqueue the kernel on `stream`; return cudaErrorInvalidValue for bad params, else cudaGetLastError().

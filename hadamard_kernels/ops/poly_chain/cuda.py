@@ -2,7 +2,8 @@
 
 Forward: one kernel computes y [M, k]: each block a 128-row tile of 128 (degree, output column) slots, d streamed
 through a cp.async ring, the N projections and the chain in registers (with save_projections it also writes them,
-z [M, N, k]). Backward (common.backward, shared with the
+z [M, N, k]). With HADAMARD_KERNELS_CUDA_WGMMA=1, float16/bfloat16 on an sm_90 GPU take the Hopper kernel instead
+(wgmma, 128 x 256 slots; opt-in until its GPU tests pass on an H100). Backward (common.backward, shared with the
 Triton backend): z saved by the forward or recomputed by one cuBLAS GEMM, then one element-wise kernel writes
 grad_z = dL/dz with prefix/suffix products in fp32 registers (no workspace), then two cuBLAS GEMMs give dx and
 dweight (ops/_projections.py).
@@ -12,9 +13,25 @@ from __future__ import annotations
 
 import torch
 
-from ..._backend import require_cuda_extension
+from ..._backend import cuda_wgmma_requested, require_cuda_extension
 from . import common
 from .common import ACTIVATIONS, MODES
+
+
+_WGMMA_DTYPES = (torch.float16, torch.bfloat16)  # wgmma has no exact float32 (tf32 only)
+_INT32_MAX = 2**31 - 1
+
+
+def _is_hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def _use_wgmma(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The forward takes the Hopper kernel: asked for (HADAMARD_KERNELS_CUDA_WGMMA=1), float16/bfloat16 on an sm_90
+    GPU, and N * k rows of W within its 32-bit row index."""
+    N, K = weight.shape[:2]
+    return (cuda_wgmma_requested() and x.dtype in _WGMMA_DTYPES and N * K <= _INT32_MAX
+            and _is_hopper(x.device))
 
 
 def _params(ext, M, shape, dtype, mode, activation, scale, **pointers):
@@ -37,7 +54,7 @@ def forward(x, weight, bias, mode, activation, scale, *, save_projections=False)
     with torch.cuda.device(x.device):
         params = _params(ext, x2d.shape[0], weight.shape, x.dtype, mode, activation, scale, x=x2d.data_ptr(),
                          weight=weight.data_ptr(), bias=bias.data_ptr() if bias is not None else 0, y=y.data_ptr(),
-                         z=z.data_ptr() if save_projections else 0)
+                         z=z.data_ptr() if save_projections else 0, wgmma=_use_wgmma(x, weight))
         ext.poly_chain_fwd(params, torch.cuda.current_stream().cuda_stream)
     y = y.view(*x.shape[:-1], K)
     return (y, z.view(*x.shape[:-1], N, K)) if save_projections else y

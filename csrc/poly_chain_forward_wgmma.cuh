@@ -1,0 +1,190 @@
+// poly_chain forward on Hopper tensor cores (sm_90a wgmma), fp16/bf16; included by poly_chain_kernels.cuh. Opt-in
+// (params.wgmma) until its GPU tests have passed on an H100.
+//
+// The same GEMM-with-chain-epilogue as poly_chain_forward.cuh (its slot layout, SlotMap and chain_epilogue), with
+// a wider tile: 256 threads as two warpgroups, each computing 64 rows x 256 slots with wgmma.m64n256k16 (A and B
+// read from shared memory), so a block covers 128 rows x 256 slots and one pass holds up to 32 degrees
+// (per_pass = N for N <= 32; N = 3 uses 30 of the 32 n-tiles). The accumulator layout of wgmma is mma.sync's C
+// layout tiled over 256 columns, so the epilogue is the mma.sync kernel's with one 16-row tile per warp.
+//
+// Pipeline: d in chunks of 64 elements (one 128-byte swizzled row, wgmma.h) through kStages stages of
+// 48 KiB in dynamic shared memory, filled by cp.async (16 bytes, zero-fill past M, d, k; synchronous loads when x or
+// W is not 16-byte aligned) kStages - 2 steps ahead. Each step issues 4 wgmma per warpgroup as one group and waits
+// for the previous step's group only, so the tensor cores always have the next group queued; a stage is refilled
+// two steps after its MMAs were issued, once every warpgroup has waited for them (the __syncthreads of the step in
+// between). fence.proxy.async makes the cp.async writes visible to wgmma, which reads through the async proxy.
+//
+// Not (yet) here: TMA loads, warp specialisation, a persistent schedule, overlapping the epilogue with the next
+// tile's loads. Block order is the mma.sync kernel's banded L2 swizzle.
+
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "hadamard_kernels/common.h"
+#include "hadamard_kernels/cp_async.h"
+#include "hadamard_kernels/poly_chain.h"
+#include "hadamard_kernels/wgmma.h"
+#include "poly_chain_forward.cuh"
+
+namespace hadamard_kernels {
+namespace poly_chain_detail {
+namespace forward_wgmma {
+
+using forward::Geometry;
+using forward::SlotMap;
+
+// Warp w holds rows 16 w.. of the tile: warps 0-3 (warpgroup 0) rows 0-63, warps 4-7 rows 64-127, as wgmma's
+// accumulator layout places a warpgroup's warps.
+using Wgmma = Geometry<8, 1, 16, 256>;
+constexpr int kWarpgroups = Wgmma::kThreads / 128;
+constexpr int kWarpgroupRows = Wgmma::kTileRows / kWarpgroups;  // 64, the instruction's M
+
+constexpr int kStages = 4;
+constexpr int kChunk = kSwizzleRowBytes / 2;  // d elements per step
+constexpr int kVec = 8;                       // elements per 16-byte vector
+constexpr int kVecsPerRow = kSwizzleRowBytes / 16;
+constexpr int kXBytes = Wgmma::kTileRows * kSwizzleRowBytes;                       // 16 KiB
+constexpr int kStageBytes = kXBytes + Wgmma::kTileSlots * kSwizzleRowBytes;        // 48 KiB
+constexpr int kSmemBytes = kStages * kStageBytes + kSwizzleAtomBytes;  // + room to align the first stage to an atom
+constexpr int kXVecs = Wgmma::kTileRows * kVecsPerRow / Wgmma::kThreads;   // x vectors per thread and step
+constexpr int kVecs = kXVecs + Wgmma::kTileSlots * kVecsPerRow / Wgmma::kThreads;
+static_assert(kXBytes % kSwizzleAtomBytes == 0 && kStageBytes % kSwizzleAtomBytes == 0, "stages start on atoms");
+static_assert(kVecs * Wgmma::kThreads == (Wgmma::kTileRows + Wgmma::kTileSlots) * kVecsPerRow, "even copy split");
+static_assert(Wgmma::kThreads % kVecsPerRow == 0 && (Wgmma::kThreads / kVecsPerRow) % 8 == 0 &&
+                  Wgmma::kTileRows % (Wgmma::kThreads / kVecsPerRow) == 0,
+              "a thread's vectors share one piece and swizzle phase, and none straddles x and W");
+
+template <typename T, int ACT, bool PRODUCT, bool HAS_BIAS>
+__global__ void __launch_bounds__(Wgmma::kThreads) poly_chain_fwd_wgmma_kernel(const PolyChainParams p) {
+#if HK_HAS_WGMMA
+  using G = Wgmma;
+  using B = uint16_t;
+  HK_DYNAMIC_SHARED_MEMORY(smem_raw);
+  // Swizzle atoms must start on 1024-byte boundaries of the shared window, which nothing promises the buffer.
+  unsigned char* const smem = smem_raw + (kSwizzleAtomBytes - shared_address(smem_raw) % kSwizzleAtomBytes) %
+                                             kSwizzleAtomBytes;
+  const uint32_t smem_address = shared_address(smem);
+
+  const SlotMap<G> map(p.N);
+  int64_t row0, col0;
+  forward::tile_origin<G>(p, map.cols, row0, col0);
+
+  const B* x = static_cast<const B*>(p.x);
+  const B* w = static_cast<const B*>(p.weight);
+  const bool x_async = is_aligned(x, 16) && p.x_row_stride % kVec == 0 && p.d % kVec == 0;
+  const bool w_async = is_aligned(w, 16) && p.d % kVec == 0;
+  const int64_t chunks = (p.d + kChunk - 1) / kChunk, steps = map.passes * chunks;
+
+  // Thread vector i is 16-byte piece `piece` of staged row first_row + 32 i (kThreads / 8 = 32 rows apart, so the
+  // same swizzle phase): i < kXVecs x rows, the rest W slots. Few registers (the accumulators take 128): x is one
+  // pointer and a row bound, W one row index (degree * k + column, or -1) per vector, set again for each pass.
+  constexpr int kRowsApart = G::kThreads / kVecsPerRow;
+  const int piece = threadIdx.x % kVecsPerRow, first_row = threadIdx.x / kVecsPerRow;
+  const uint32_t first_offset = swizzle128_offset(first_row, piece);
+  const B* x_src = x + (row0 + first_row) * p.x_row_stride;
+  const int64_t x_rows_left = p.M - row0 - first_row;  // vector i holds a row of x while 32 i < x_rows_left
+  int32_t w_row[kVecs - kXVecs];
+  auto point_w = [&](int pass) {
+#pragma unroll
+    for (int i = kXVecs; i < kVecs; ++i) {
+      const int slot = first_row + i * kRowsApart - G::kTileRows, j = slot / 8;
+      const int64_t col = col0 + map.column(0, j, slot % 8);
+      w_row[i - kXVecs] = map.used(pass, j, p.N) && col < p.k ? static_cast<int32_t>(map.degree(pass, j) * p.k + col)
+                                                              : -1;
+    }
+  };
+  point_w(0);
+
+  auto load = [&](int64_t s) {
+    if (s % chunks == 0 && s > 0) point_w(static_cast<int>(s / chunks));
+    unsigned char* stage = smem + (s % kStages) * kStageBytes + first_offset;
+    const int64_t col = s % chunks * kChunk + piece * kVec;
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) {
+      const bool is_x = i < kXVecs;
+      const B* row = is_x ? (i * kRowsApart < x_rows_left ? x_src + i * kRowsApart * p.x_row_stride : nullptr)
+                          : (w_row[i - kXVecs] >= 0 ? w + w_row[i - kXVecs] * p.d : nullptr);
+      B* dst = reinterpret_cast<B*>(stage + i * kRowsApart * kSwizzleRowBytes);
+      if (is_x ? x_async : w_async) {
+        const bool ok = row != nullptr && col < p.d;  // d % kVec == 0: a vector is all in or all out
+        cp_async_16(dst, ok ? row + col : (is_x ? x : w), ok);
+      } else {
+        B e[kVec];
+#pragma unroll
+        for (int q = 0; q < kVec; ++q) e[q] = row != nullptr && col + q < p.d ? row[col + q] : B(0);
+#pragma unroll
+        for (int q = 0; q < kVec; ++q) dst[q] = e[q];
+      }
+    }
+  };
+
+  float acc[G::kAcc];  // the first MMA of each pass overwrites them (scale-d false)
+#pragma unroll
+  for (int r = 0; r < G::kAcc; ++r) acc[r] = 0.f;
+  float carry[G::kOwn];
+#pragma unroll
+  for (int i = 0; i < G::kOwn; ++i) carry[i] = 1.f;
+  const uint32_t x_rows = static_cast<uint32_t>((threadIdx.x / 128) * kWarpgroupRows * kSwizzleRowBytes);
+
+  for (int64_t s = 0; s < kStages - 2; ++s) {
+    if (s < steps) load(s);
+    cp_async_commit();
+  }
+  // One loop over d per pass, the epilogue outside it: inside, the accumulators flow only from wgmma to wgmma, so
+  // ptxas keeps the next group queued (a register move between groups would make it wait for all of them).
+  for (int pass = 0; pass < map.passes; ++pass) {
+    for (int64_t s = pass * chunks; s < (pass + 1) * chunks; ++s) {
+      cp_async_wait<kStages - 3>();  // this thread's copies of step s have landed
+      fence_async_shared();          // ... and are visible to wgmma
+      __syncthreads();               // everyone's are; every warpgroup has waited for step s - 2's MMAs
+      if (s + kStages - 2 < steps) load(s + kStages - 2);  // into step s - 2's stage
+      cp_async_commit();
+
+      const uint32_t stage = smem_address + static_cast<uint32_t>((s % kStages) * kStageBytes);
+      const bool first_chunk = s == pass * chunks;
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kChunk / 16; ++kk) {  // k16 slices: 32 bytes along the swizzled rows
+        wgmma_m64n256k16<T>(acc, swizzle128_descriptor(stage + x_rows + kk * 32),
+                            swizzle128_descriptor(stage + kXBytes + kk * 32), !(first_chunk && kk == 0));
+      }
+      wgmma_commit();
+      wgmma_wait<1>();  // step s - 1's group is done; step s's runs on
+    }
+    wgmma_wait<0>();
+    fence_registers(acc);
+    forward::chain_epilogue<G, T, ACT, PRODUCT, HAS_BIAS>(p, map, pass, row0, col0, acc, carry);
+  }
+  cp_async_wait<0>();  // nothing is left in flight when the block exits (the last loads are empty groups)
+#else
+  (void)p;
+#endif
+}
+
+// Enqueues the wgmma forward for p (checked by poly_chain.cu). cudaErrorInvalidDeviceFunction where the GPU runs no
+// sm_90a code of the kernel (another architecture, or an extension built without 90a).
+template <typename T, int ACT, bool PRODUCT, bool HAS_BIAS>
+cudaError_t launch(const PolyChainParams& p, cudaStream_t stream) {
+  void (*kernel)(const PolyChainParams) = &poly_chain_fwd_wgmma_kernel<T, ACT, PRODUCT, HAS_BIAS>;
+  const unsigned blocks = static_cast<unsigned>(forward::num_tiles<Wgmma>(p));
+#if defined(HK_CPU_EMULATION)
+  (void)stream;
+  return hk_emulation::launch(kernel, dim3(blocks), Wgmma::kThreads, kSmemBytes, p);
+#else
+  cudaFuncAttributes attributes;
+  HK_RETURN_IF_ERROR(cudaFuncGetAttributes(&attributes, kernel));
+  if (attributes.binaryVersion != 90) return cudaErrorInvalidDeviceFunction;
+  HK_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  kernel<<<blocks, Wgmma::kThreads, kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+#endif
+}
+
+}  // namespace forward_wgmma
+}  // namespace poly_chain_detail
+}  // namespace hadamard_kernels
