@@ -13,7 +13,9 @@
 
 Providers: eager, compiled (torch.compile, default mode), max-autotune (torch.compile(mode="max-autotune"), on the
 cases marked for it), fla (flash-linear-attention's chunk_linear_attn, linear attention only; skipped when it is not
-installed), triton, cuda, and on a CPU reference (the last three are hadamard_kernels backends).
+installed), triton, cuda, cuda-wgmma (poly_chain's cuda backend with its opt-in Hopper forward,
+HADAMARD_KERNELS_CUDA_WGMMA=1 around each call; sm_90 GPUs, fp16/bf16), and on a CPU reference (triton, cuda,
+cuda-wgmma and reference are hadamard_kernels backends).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import os
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -31,12 +34,18 @@ from torch import Tensor
 
 import hadamard_kernels as hk
 
-PROVIDERS = ("eager", "compiled", "max-autotune", "fla", "triton", "cuda", "reference")
+PROVIDERS = ("eager", "compiled", "max-autotune", "fla", "triton", "cuda", "cuda-wgmma", "reference")
 BASELINES = ("eager", "compiled", "max-autotune", "fla")  # not ours: every row gets a speedup against each of them
 CPU_PROVIDERS = ("eager", "reference", "triton")  # a CPU run: the reference, the Triton interpreter, eager
 # fwd: inference forward; bwd: the backward of one retained graph; fwd+bwd: both; fwd+bwd-graph: fwd+bwd replayed
 # from a CUDA graph (the difference to fwd+bwd is the per-call launch and dispatch cost).
 MODES = ("fwd", "bwd", "fwd+bwd", "fwd+bwd-graph")
+WGMMA = "cuda-wgmma"
+
+
+def backend_of(provider: str) -> str | None:
+    """The hadamard_kernels backend a provider runs (None for the baselines)."""
+    return None if provider in BASELINES else "cuda" if provider == WGMMA else provider
 OPS = ("poly_chain", "poly_ncp", "CCP", "NCP", "linear_attention", "poly_sa", "poly_gate", "lrnn", "LRNN")
 
 # Relative error against the float64 reference above which a provider's result counts as wrong: the accuracy
@@ -276,7 +285,8 @@ class _Timed:
             modes.append("fwd+bwd-graph")
         # bwd of a compiled function would need a compile of its own (torch.compile donates the buffers its backward
         # saved, and such a backward refuses the retain_graph=True the bwd step replays with): left out.
-        pairs = [(p, m) for p in self.providers for m in modes if not (p == "compiled" and m == "bwd")]
+        # cuda-wgmma's backward is cuda's: its bwd would time the same kernels again.
+        pairs = [(p, m) for p in self.providers for m in modes if not (p in ("compiled", WGMMA) and m == "bwd")]
         if self.max_autotune:
             pairs.append(("max-autotune", "fwd+bwd"))
         return pairs
@@ -313,6 +323,10 @@ class Case(_Timed):
     channels: int = 1  # modules: images of `channels` x sqrt(d / channels)^2
     n_classes: int = 10
     save_projections: bool = False  # poly_chain's fused providers keep z for the backward (no recompute GEMM)
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        return (*_Timed.providers, WGMMA) if self.op == "poly_chain" else _Timed.providers
 
     COUNTING: ClassVar[str] = ("poly_chain / poly_ncp / CCP / NCP: model FLOPs are the matmuls, forward 2·M·N·k·d "
                                "(+ 2·M·(N−1)·k² for NCP, + the classifier for the modules), backward 2× forward; "
@@ -833,7 +847,28 @@ def _op(eager: Callable, fused: Callable, provider: str, **options) -> Callable:
     with that backend."""
     if provider in BASELINES:
         return _baseline(functools.partial(eager, **options), provider)
-    return functools.partial(fused, **options, backend=provider)
+    fn = functools.partial(fused, **options, backend=backend_of(provider))
+    return _with_wgmma(fn) if provider == WGMMA else fn
+
+
+def _with_wgmma(fn: Callable) -> Callable:
+    """fn with the cuda backend's Hopper forward switched on (HADAMARD_KERNELS_CUDA_WGMMA=1) during each call."""
+    if not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)):
+        raise ProviderUnavailable("cuda-wgmma: the Hopper forward needs an sm_90 GPU (H100, H200)")
+    name = hk._backend.ENV_CUDA_WGMMA
+
+    def call(*args, **kwargs):
+        saved = os.environ.get(name)
+        os.environ[name] = "1"
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if saved is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = saved
+
+    return call
 
 
 def _poly_sa_workload(case: PolySACase, provider: str, device, dtype: torch.dtype) -> Workload:
@@ -865,7 +900,7 @@ def _lrnn_workload(case: LRNNCase, provider: str, device, dtype: torch.dtype) ->
     if case.op == "LRNN":
         torch.manual_seed(0)
         model = hk.nn.LRNN(case.d, [case.rank] * case.layers, case.out_features, case.dbar, case.activation,
-                           backend=None if provider in BASELINES else provider)
+                           backend=backend_of(provider))
         model = model.to(device=device, dtype=case.dtype).to(dtype)  # the case dtype's values, like the inputs
         fn = _baseline(functools.partial(lrnn_deep_eager, model), provider) if provider in BASELINES else model
         forward, leaves, out_features = functools.partial(fn, x), [x, *model.parameters()], case.out_features
@@ -904,7 +939,7 @@ def _poly_workload(case: Case, provider: str, device, dtype: torch.dtype) -> Wor
         cls = hk.nn.CCP if case.op == "CCP" else hk.nn.NCP
         model = cls(hidden_size=case.k, image_size=case.image_size, channels_in=case.channels, n_degree=case.N,
                     bias=case.bias, n_classes=case.n_classes,
-                    backend=None if provider in BASELINES else provider)
+                    backend=backend_of(provider))
         model = model.to(device=device, dtype=case.dtype).to(dtype)  # the case dtype's values, like the inputs
         x = cast(_randn(g, (case.M, case.channels, case.image_size, case.image_size), 1.0, device, case.dtype))
         fn = _baseline(functools.partial(survey_forward, model), provider) if provider in BASELINES else model
@@ -916,6 +951,8 @@ def _poly_workload(case: Case, provider: str, device, dtype: torch.dtype) -> Wor
         weight = _randn(g, (case.N, case.k, case.d), case.d ** -0.5, device, case.dtype)
         bias = _randn(g, (case.N, case.k), 0.1, device, case.dtype) if case.bias else None
         if case.op == "poly_chain":
+            if provider == WGMMA and dtype not in (torch.float16, torch.bfloat16):
+                raise ProviderUnavailable("cuda-wgmma: float16/bfloat16 only (wgmma has no exact float32)")
             inputs = [cast(t) for t in (x, weight, bias)]
             fused = functools.partial(hk.poly_chain, save_projections=case.save_projections)
             fn = _op(poly_chain_eager, fused, provider, mode=case.mode, activation=case.activation, scale=case.scale)

@@ -16,7 +16,7 @@ import math
 from xml.sax.saxutils import escape
 
 COLOURS = {"eager": "#444444", "compiled": "#9467bd", "max-autotune": "#8c564b", "fla": "#2ca02c",
-           "triton": "#1f77b4", "cuda": "#d62728", "reference": "#ff7f0e"}
+           "triton": "#1f77b4", "cuda": "#d62728", "cuda-wgmma": "#e377c2", "reference": "#ff7f0e"}
 LABEL_W, PANEL_W, GAP_W, NOTE_W = 290, 260, 40, 260  # px
 ROW_H, TOP, BOTTOM = 18, 90, 34
 DOT_R = 4

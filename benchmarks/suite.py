@@ -184,8 +184,9 @@ def run_benchmark(benchmark, case: cases.AnyCase, provider: str, mode: str) -> N
     benchmark.group = f"{case.id} {mode}"  # pytest-benchmark's tables: the providers of one case and mode together
     info = benchmark.extra_info
     info.update(case=case.id, provider=provider, mode=mode, device_kind=DEVICE)
-    if provider in BACKENDS and (why := hk.available_backends(DEVICE, case.dtype)[provider]) is not None:
-        pytest.skip(f"backend {provider} is not available: {why}")
+    backend = cases.backend_of(provider)
+    if backend in BACKENDS and (why := hk.available_backends(DEVICE, case.dtype)[backend]) is not None:
+        pytest.skip(f"backend {backend} is not available: {why}")
     meta = session_meta()
     try:
         work = _workload(case, provider)

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -222,6 +223,9 @@ def test_runs():
         ("max-autotune", "fwd+bwd")) == 1
     sweep = next(c for c in cases.sweep_cases() if not c.graph)
     assert {m for _, m in sweep.runs("cuda")} == {"fwd+bwd"}
+    # poly_chain cases also time the cuda backend's Hopper forward (its backward is cuda's: no bwd of its own)
+    assert ("cuda-wgmma", "fwd") in headline.runs("cuda") and ("cuda-wgmma", "bwd") not in headline.runs("cuda")
+    assert not any(p == "cuda-wgmma" for p, _ in mnist.runs("cuda")), "the modules and poly_ncp have no wgmma kernel"
     la = cases.linear_attention_cases()[0]
     assert {p for p, _ in la.runs("cuda")} == {"eager", "compiled", "fla", "triton", "cuda"}
     assert {p for p, _ in la.runs("cpu")} == {"eager", "reference", "triton"}
@@ -281,6 +285,28 @@ def test_steps_run(mode):
         assert all(t.grad is not None for t in work.leaves), "the step's backward fills the gradients once"
     else:
         assert all(t.grad is None for t in work.leaves)
+
+
+def test_wgmma_provider(monkeypatch):
+    """cuda-wgmma: the cuda backend with HADAMARD_KERNELS_CUDA_WGMMA=1 around each call (and restored after it);
+    skipped off Hopper and for float32."""
+    name = hk._backend.ENV_CUDA_WGMMA
+    chain = next(c for c in TINY if c.op == "poly_chain")
+    with pytest.raises(cases.ProviderUnavailable, match="sm_90 GPU"):  # this machine has none
+        cases.make_workload(dataclasses.replace(chain, dtype=torch.bfloat16), "cuda-wgmma", "cpu")
+    with pytest.raises(cases.ProviderUnavailable, match="float16/bfloat16 only"):
+        cases.make_workload(dataclasses.replace(chain, dtype=torch.float32), "cuda-wgmma", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    seen = []
+    wrapped = cases._with_wgmma(lambda: seen.append(os.environ.get(name)))
+    monkeypatch.setenv(name, "0")
+    wrapped()
+    assert seen == ["1"] and os.environ[name] == "0"
+    monkeypatch.delenv(name)
+    wrapped()
+    assert seen == ["1", "1"] and name not in os.environ
+    assert cases.backend_of("cuda-wgmma") == "cuda" and cases.backend_of("compiled") is None
 
 
 # ---------------------------------------------------------------- the fla provider
