@@ -12,7 +12,8 @@
 // W is not 16-byte aligned) kStages - 2 steps ahead. Each step issues 4 wgmma per warpgroup as one group and waits
 // for the previous step's group only, so the tensor cores always have the next group queued; a stage is refilled
 // two steps after its MMAs were issued, once every warpgroup has waited for them (the __syncthreads of the step in
-// between). fence.proxy.async makes the cp.async writes visible to wgmma, which reads through the async proxy.
+// between). fence.proxy.async after that barrier makes the cp.async writes visible to wgmma, which reads through the
+// async proxy: the sequence Triton emits for its own cp.async + wgmma pipelines.
 //
 // Not (yet) here: TMA loads, warp specialisation, a persistent schedule, overlapping the epilogue with the next
 // tile's loads. Block order is the mma.sync kernel's banded L2 swizzle.
@@ -140,8 +141,8 @@ __global__ void __launch_bounds__(Wgmma::kThreads) poly_chain_fwd_wgmma_kernel(c
   for (int pass = 0; pass < map.passes; ++pass) {
     for (int64_t s = pass * chunks; s < (pass + 1) * chunks; ++s) {
       cp_async_wait<kStages - 3>();  // this thread's copies of step s have landed
-      fence_async_shared();          // ... and are visible to wgmma
-      __syncthreads();               // everyone's are; every warpgroup has waited for step s - 2's MMAs
+      __syncthreads();               // everyone's have; every warpgroup has waited for step s - 2's MMAs
+      fence_async_shared();          // what this thread sees of them is visible to its wgmma (the async proxy)
       if (s + kStages - 2 < steps) load(s + kStages - 2);  // into step s - 2's stage
       cp_async_commit();
 

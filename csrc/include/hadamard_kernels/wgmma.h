@@ -41,11 +41,12 @@ HK_HOST_DEVICE constexpr uint32_t swizzle128_offset(int row, int piece) {
 }
 
 // Descriptor of a K-major, 128-byte-swizzled operand whose k16 slice starts at shared address `address`:
-// start address >> 4 (bits 0-13), leading byte offset (bits 16-29, unused by this layout: 16), stride byte
-// offset >> 4 (bits 32-45: 1024, from one 8-row atom to the next), swizzle mode 1 = 128 bytes (bits 62-63).
+// start address >> 4 (bits 0-13), leading byte offset (bits 16-29: 0, unused by this layout), stride byte offset
+// >> 4 (bits 32-45: 1024, from one 8-row atom to the next), swizzle mode 1 = 128 bytes (bits 62-63). The same
+// encoding as Triton's sm_90 code for its 128-byte-swizzled operands (0x4000004000000000 | address >> 4, k16
+// slices 32 bytes apart), read off its PTX.
 HK_HOST_DEVICE constexpr uint64_t swizzle128_descriptor(uint32_t address) {
-  return ((address & 0x3FFFFu) >> 4) | (uint64_t{16 >> 4} << 16) | (uint64_t{kSwizzleAtomBytes >> 4} << 32) |
-         (uint64_t{1} << 62);
+  return ((address & 0x3FFFFu) >> 4) | (uint64_t{kSwizzleAtomBytes >> 4} << 32) | (uint64_t{1} << 62);
 }
 
 // The .shared window address of a pointer into this block's shared memory.
@@ -57,8 +58,8 @@ __device__ __forceinline__ uint32_t shared_address(const void* smem) {
 #endif
 }
 
-// Makes this thread's generic-proxy writes to shared memory (st.shared, cp.async) visible to the async proxy
-// that wgmma reads through; a __syncthreads after it extends that to the other threads' wgmma.
+// Makes the generic-proxy writes to shared memory this thread sees (its own st.shared and cp.async, and other
+// threads' ordered before it by a barrier) visible to its async-proxy reads: wgmma's operands.
 __device__ __forceinline__ void fence_async_shared() {
 #if HK_HAS_WGMMA && !defined(HK_CPU_EMULATION)
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
