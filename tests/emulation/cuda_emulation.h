@@ -133,6 +133,32 @@ struct AsyncCopy {
   bool zero_fill;  // src-size 0: write 16 zero bytes, read nothing
 };
 
+// A thread's asynchronous operations of one kind, in groups as commit_group closes them: issue() records an
+// operation in the open group, commit() closes it, wait(pending, perform) performs every committed group but the
+// newest `pending` (wait_group), oldest first.
+template <class Op>
+struct AsyncGroups {
+  std::vector<Op> open;
+  std::vector<std::vector<Op>> committed;  // not yet waited for, oldest first
+
+  void commit() {
+    committed.push_back(std::move(open));
+    open.clear();
+  }
+  template <class Perform>
+  void wait(int pending, const Perform& perform) {
+    const size_t done = committed.size() > static_cast<size_t>(pending) ? committed.size() - pending : 0;
+    for (size_t g = 0; g < done; ++g) {
+      for (const Op& op : committed[g]) perform(op);
+    }
+    committed.erase(committed.begin(), committed.begin() + static_cast<std::ptrdiff_t>(done));
+  }
+  void clear() {
+    open.clear();
+    committed.clear();
+  }
+};
+
 // Fibers of the block being run, and the scheduler's context.
 struct Barrier;
 struct Fiber {
@@ -142,10 +168,8 @@ struct Fiber {
   bool done = false;
   const Barrier* waiting = nullptr;  // blocked at this barrier until its generation moves past wait_generation
   uint64_t wait_generation = 0;
-  std::vector<AsyncCopy> open_copies;                  // cp.async issued since the last commit_group
-  std::vector<std::vector<AsyncCopy>> copy_groups;  // committed groups not yet waited for, oldest first
-  std::vector<std::function<void()>> open_mmas;                  // wgmma issued since the last commit_group
-  std::vector<std::vector<std::function<void()>>> mma_groups;    // committed wgmma groups not yet waited for
+  AsyncGroups<AsyncCopy> copies;            // cp.async
+  AsyncGroups<std::function<void()>> mmas;  // wgmma.mma_async
 };
 
 inline thread_local Context scheduler_context;
@@ -246,26 +270,17 @@ inline void cp_async_16(void* dst, const void* src, bool valid) {
     std::abort();
   }
   std::memset(dst, 0xFF, 16);
-  current_fiber->open_copies.push_back({dst, src, !valid});
+  current_fiber->copies.open.push_back({dst, src, !valid});
 }
 
-inline void cp_async_commit() {
-  Fiber& f = *current_fiber;
-  f.copy_groups.push_back(std::move(f.open_copies));
-  f.open_copies.clear();
-}
+inline void cp_async_commit() { current_fiber->copies.commit(); }
 
 // Performs every committed group but the newest `pending`.
 inline void cp_async_wait(int pending) {
-  Fiber& f = *current_fiber;
-  const size_t done = f.copy_groups.size() > static_cast<size_t>(pending) ? f.copy_groups.size() - pending : 0;
-  for (size_t g = 0; g < done; ++g) {
-    for (const AsyncCopy& c : f.copy_groups[g]) {
-      if (c.zero_fill) std::memset(c.dst, 0, 16);
-      else std::memcpy(c.dst, c.src, 16);
-    }
-  }
-  f.copy_groups.erase(f.copy_groups.begin(), f.copy_groups.begin() + static_cast<std::ptrdiff_t>(done));
+  current_fiber->copies.wait(pending, [](const AsyncCopy& c) {
+    if (c.zero_fill) std::memset(c.dst, 0, 16);
+    else std::memcpy(c.dst, c.src, 16);
+  });
 }
 
 template <typename T>
@@ -369,7 +384,7 @@ template <typename T>
 void wgmma_m64nk16(float* d, int n, uint64_t a, uint64_t b, bool accumulate) {
   const int warp = static_cast<int>(threadIdx.x / 32) % 4, g = lane() / 4, t = lane() % 4;
   Block* const issuing_block = block;
-  current_fiber->open_mmas.push_back([=] {
+  current_fiber->mmas.open.push_back([=] {
     if (block != issuing_block) std::abort();
     for (int j = 0; j < n / 8; ++j) {
       for (int e = 0; e < 4; ++e) {
@@ -382,20 +397,11 @@ void wgmma_m64nk16(float* d, int n, uint64_t a, uint64_t b, bool accumulate) {
   });
 }
 
-inline void wgmma_commit() {
-  Fiber& f = *current_fiber;
-  f.mma_groups.push_back(std::move(f.open_mmas));
-  f.open_mmas.clear();
-}
+inline void wgmma_commit() { current_fiber->mmas.commit(); }
 
 // Performs every committed wgmma group but the newest `pending`.
 inline void wgmma_wait(int pending) {
-  Fiber& f = *current_fiber;
-  const size_t done = f.mma_groups.size() > static_cast<size_t>(pending) ? f.mma_groups.size() - pending : 0;
-  for (size_t g = 0; g < done; ++g) {
-    for (const auto& mma : f.mma_groups[g]) mma();
-  }
-  f.mma_groups.erase(f.mma_groups.begin(), f.mma_groups.begin() + static_cast<std::ptrdiff_t>(done));
+  current_fiber->mmas.wait(pending, [](const std::function<void()>& mma) { mma(); });
 }
 
 constexpr size_t kStackBytes = 256 * 1024;
@@ -420,10 +426,8 @@ inline void prepare(Fiber& f, unsigned index) {
   f.index = index;
   f.done = false;
   f.waiting = nullptr;
-  f.open_copies.clear();  // copies and MMAs a finished block never waited for are dropped with it
-  f.copy_groups.clear();
-  f.open_mmas.clear();
-  f.mma_groups.clear();
+  f.copies.clear();  // copies and MMAs a finished block never waited for are dropped with it
+  f.mmas.clear();
   start_context(f.context, f.stack.get(), kStackBytes, fiber_entry);
 }
 
