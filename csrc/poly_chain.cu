@@ -1,9 +1,12 @@
 // poly_chain launchers (DESIGN.md §1): check the params, then pick the dtype's kernels. The kernels are in
-// poly_chain_kernels.cuh, compiled one dtype per translation unit (poly_chain_{f32,f16,bf16}.cu).
+// poly_chain_kernels.cuh, compiled one dtype per translation unit (poly_chain_{f32,f16,bf16}.cu), and the opt-in
+// Hopper forward in poly_chain_forward_wgmma.cuh (poly_chain_wgmma_{f16,bf16}.cu).
 
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
+#include "poly_chain_forward_wgmma.cuh"
 #include "poly_chain_kernels.cuh"
 
 namespace hadamard_kernels {
@@ -34,6 +37,12 @@ cudaError_t launch_poly_chain_fwd(const PolyChainParams& p, cudaStream_t stream)
   if (p.wgmma && (p.dtype == DType::kFloat32 || p.N * p.k > INT_MAX)) return cudaErrorInvalidValue;
   // One block per tile, 1D grid.
   if ((p.wgmma ? num_tiles<Wgmma>(p) : num_tiles<MmaSync>(p)) > INT_MAX) return cudaErrorInvalidValue;
+  if (p.wgmma) {
+    return HK_DTYPE_SWITCH(p.dtype, T, [&] {
+      if constexpr (std::is_same_v<T, float>) return cudaErrorInvalidValue;  // (refused above)
+      else return poly_chain_detail::forward_wgmma::launch_any<T>(p, stream);
+    });
+  }
   return dispatch<false>(p, stream);
 }
 

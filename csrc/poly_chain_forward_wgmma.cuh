@@ -1,5 +1,5 @@
-// poly_chain forward on Hopper tensor cores (sm_90a wgmma), fp16/bf16; included by poly_chain_kernels.cuh. Opt-in
-// (params.wgmma) until its GPU tests have passed on an H100.
+// poly_chain forward on Hopper tensor cores (sm_90a wgmma), fp16/bf16; instantiated in poly_chain_wgmma_{f16,bf16}.cu
+// and launched by poly_chain.cu when params.wgmma asks for it (opt-in until its GPU tests have passed on an H100).
 //
 // The same GEMM-with-chain-epilogue as poly_chain_forward.cuh (its slot layout, SlotMap and chain_epilogue), with
 // a wider tile: 256 threads as two warpgroups, each computing 64 rows x 256 slots with wgmma.m64n256k16 (A and B
@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "hadamard_kernels/activation.h"
 #include "hadamard_kernels/common.h"
 #include "hadamard_kernels/cp_async.h"
 #include "hadamard_kernels/poly_chain.h"
@@ -185,6 +186,20 @@ cudaError_t launch(const PolyChainParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 #endif
 }
+
+// Enqueues the instance p asks for (activation, mode, bias); T is __half or __nv_bfloat16.
+template <typename T>
+cudaError_t launch_any(const PolyChainParams& p, cudaStream_t stream) {
+  return HK_ACTIVATION_SWITCH(p.activation, ACT, [&] {
+    return HK_BOOL_SWITCH(p.mode == kModeProduct, PRODUCT, [&] {
+      return HK_BOOL_SWITCH(p.bias != nullptr, HAS_BIAS, [&] { return launch<T, ACT, PRODUCT, HAS_BIAS>(p, stream); });
+    });
+  });
+}
+
+// Defined in poly_chain_wgmma_{f16,bf16}.cu, a translation unit each: their 20 instances are the slowest to compile.
+extern template cudaError_t launch_any<__half>(const PolyChainParams&, cudaStream_t);
+extern template cudaError_t launch_any<__nv_bfloat16>(const PolyChainParams&, cudaStream_t);
 
 }  // namespace forward_wgmma
 }  // namespace poly_chain_detail

@@ -2,7 +2,8 @@
 // dtype per translation unit (poly_chain_{f32,f16,bf16}.cu) so the build compiles them in parallel;
 // poly_chain.cu checks the params and picks the dtype.
 //
-// Forward (poly_chain_forward.cuh; on Hopper, opt-in, poly_chain_forward_wgmma.cuh with the same epilogue): a block of 256 threads computes a 128-row x 128-slot GEMM tile, a slot being a
+// Forward (poly_chain_forward.cuh; the opt-in Hopper kernel, poly_chain_forward_wgmma.cuh, shares its epilogue and is
+// compiled in poly_chain_wgmma_{f16,bf16}.cu): a block of 256 threads computes a 128-row x 128-slot GEMM tile, a slot being a
 // (degree, output column) pair, so each thread ends the pass over d holding every degree's z of its own output
 // elements and multiplies the chain in registers; the N [M, k] projections never reach memory (unless params.z asks
 // for them). d streams through a 4-stage cp.async ring in shared memory. float16/bfloat16 use mma.sync m16n8k16 with
@@ -26,7 +27,6 @@
 #include "hadamard_kernels/convert.h"
 #include "hadamard_kernels/poly_chain.h"
 #include "poly_chain_forward.cuh"
-#include "poly_chain_forward_wgmma.cuh"
 
 namespace hadamard_kernels {
 namespace poly_chain_detail {
@@ -102,12 +102,7 @@ cudaError_t launch(const PolyChainParams& p, cudaStream_t stream) {
         return run_grad_z(poly_chain_grad_z_kernel<T, ACT, PRODUCT>, p, stream);
       } else {
         return HK_BOOL_SWITCH(p.bias != nullptr, HAS_BIAS, [&] {
-          if constexpr (std::is_same_v<T, float>) {
-            return forward::launch<T, ACT, PRODUCT, HAS_BIAS>(p, stream);  // (poly_chain.cu refuses wgmma for fp32)
-          } else {
-            return p.wgmma ? forward_wgmma::launch<T, ACT, PRODUCT, HAS_BIAS>(p, stream)
-                           : forward::launch<T, ACT, PRODUCT, HAS_BIAS>(p, stream);
-          }
+          return forward::launch<T, ACT, PRODUCT, HAS_BIAS>(p, stream);
         });
       }
     });

@@ -9,6 +9,8 @@
 #include "poly_chain_f32.cu"
 #include "poly_chain_f16.cu"
 #include "poly_chain_bf16.cu"
+#include "poly_chain_wgmma_f16.cu"
+#include "poly_chain_wgmma_bf16.cu"
 #include "emulated_module.h"
 
 namespace py = pybind11;

@@ -48,6 +48,9 @@ HK_HOST_DEVICE constexpr uint32_t swizzle128_offset(int row, int piece) {
 HK_HOST_DEVICE constexpr uint64_t swizzle128_descriptor(uint32_t address) {
   return ((address & 0x3FFFFu) >> 4) | (uint64_t{kSwizzleAtomBytes >> 4} << 32) | (uint64_t{1} << 62);
 }
+static_assert(swizzle128_descriptor(0x12340) == (0x4000004000000000ull | 0x1234),
+              "the descriptor Triton's sm_90 PTX builds for a 128-byte-swizzled operand at 0x12340");
+static_assert(swizzle128_offset(9, 3) == 9 * 128 + 2 * 16, "row 9 is row 1 of its atom: piece 3 lands at 3 ^ 1");
 
 // The .shared window address of a pointer into this block's shared memory.
 __device__ __forceinline__ uint32_t shared_address(const void* smem) {
