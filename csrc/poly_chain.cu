@@ -15,7 +15,6 @@ namespace {
 using poly_chain_detail::grad_z_blocks;
 using poly_chain_detail::forward::MmaSync;
 using poly_chain_detail::forward::num_tiles;
-using poly_chain_detail::forward_wgmma::Wgmma;
 
 // Host-side checks of what the kernels rely on; Python has already checked shapes and dtypes.
 bool valid_sizes(const PolyChainParams& p) {
@@ -35,8 +34,7 @@ cudaError_t launch_poly_chain_fwd(const PolyChainParams& p, cudaStream_t stream)
   if (p.x_row_stride < p.d) return cudaErrorInvalidValue;
   // wgmma has no exact fp32 (only tf32); its kernel indexes W rows (N * k) in 32 bits.
   if (p.wgmma && (p.dtype == DType::kFloat32 || p.N * p.k > INT_MAX)) return cudaErrorInvalidValue;
-  // One block per tile, 1D grid.
-  if ((p.wgmma ? num_tiles<Wgmma>(p) : num_tiles<MmaSync>(p)) > INT_MAX) return cudaErrorInvalidValue;
+  if (!p.wgmma && num_tiles<MmaSync>(p) > INT_MAX) return cudaErrorInvalidValue;  // one block per tile, 1D grid
   if (p.wgmma) {
     return HK_DTYPE_SWITCH(p.dtype, T, [&] {
       if constexpr (std::is_same_v<T, float>) return cudaErrorInvalidValue;  // (refused above)

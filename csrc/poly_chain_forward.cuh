@@ -124,15 +124,16 @@ HK_HOST_DEVICE inline int64_t col_tiles(const PolyChainParams& p) {
   return (p.k + cols - 1) / cols;
 }
 template <class G>
-inline int64_t num_tiles(const PolyChainParams& p) {
+HK_HOST_DEVICE inline int64_t num_tiles(const PolyChainParams& p) {
   return row_tiles<G>(p) * col_tiles<G>(p);
 }
 
-// L2 swizzle: consecutive blocks take consecutive row tiles of a band of kBandTiles, then the next column tile.
+// L2 swizzle: consecutive tiles b are consecutive row tiles of a band of kBandTiles, then the next column tile.
 template <class G>
-__device__ __forceinline__ void tile_origin(const PolyChainParams& p, int64_t cols, int64_t& row0, int64_t& col0) {
+__device__ __forceinline__ void tile_origin(const PolyChainParams& p, int64_t cols, int64_t b, int64_t& row0,
+                                            int64_t& col0) {
   const int64_t rows = row_tiles<G>(p), per_band = kBandTiles * col_tiles<G>(p);
-  const int64_t b = blockIdx.x, first = b / per_band * kBandTiles, i = b % per_band;
+  const int64_t first = b / per_band * kBandTiles, i = b % per_band;
   const int64_t band = rows - first < kBandTiles ? rows - first : kBandTiles;
   row0 = (first + i % band) * G::kTileRows;
   col0 = i / band * cols;
@@ -284,7 +285,7 @@ __global__ void __launch_bounds__(MmaSync::kThreads) poly_chain_fwd_kernel(const
   constexpr int kChunk = Tile<T>::kChunk, kPitch = Tile<T>::kPitch, kVec = Tile<T>::kVec;
   const SlotMap<G> map(p.N);
   int64_t row0, col0;
-  tile_origin<G>(p, map.cols, row0, col0);
+  tile_origin<G>(p, map.cols, blockIdx.x, row0, col0);
 
   const B* x = static_cast<const B*>(p.x);
   const B* w = static_cast<const B*>(p.weight);

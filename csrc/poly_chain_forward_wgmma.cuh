@@ -15,8 +15,9 @@
 // between). fence.proxy.async after that barrier makes the cp.async writes visible to wgmma, which reads through the
 // async proxy: the sequence Triton emits for its own cp.async + wgmma pipelines.
 //
-// Not (yet) here: TMA loads, warp specialisation, a persistent schedule, overlapping the epilogue with the next
-// tile's loads. Block order is the mma.sync kernel's banded L2 swizzle.
+// Persistent: one block per SM walks tiles blockIdx.x, + gridDim.x, ... in the mma.sync kernel's banded L2 order, and
+// its loads run on into the next tile, so that tile's first stages arrive during this one's last MMAs and epilogue.
+// Not (yet) here: TMA loads, warp specialisation, MMAs of the next tile during this one's epilogue.
 
 #pragma once
 
@@ -73,39 +74,48 @@ __global__ void __launch_bounds__(Wgmma::kThreads) poly_chain_fwd_wgmma_kernel(c
   const uint32_t smem_address = shared_address(smem);
 
   const SlotMap<G> map(p.N);
-  int64_t row0, col0;
-  forward::tile_origin<G>(p, map.cols, row0, col0);
-
   const B* x = static_cast<const B*>(p.x);
   const B* w = static_cast<const B*>(p.weight);
   const bool x_async = is_aligned(x, 16) && p.x_row_stride % kVec == 0 && p.d % kVec == 0;
   const bool w_async = is_aligned(w, 16) && p.d % kVec == 0;
-  const int64_t chunks = (p.d + kChunk - 1) / kChunk, steps = map.passes * chunks;
+  // Persistent: this block takes tiles blockIdx.x, + gridDim.x, ..., and its steps (tile, pass, chunk of d) form one
+  // stream, so the loads of a tile's first steps are in flight during the previous tile's last MMAs and epilogue.
+  const int64_t chunks = (p.d + kChunk - 1) / kChunk, tile_steps = map.passes * chunks;
+  const int64_t tiles = forward::num_tiles<G>(p);
+  const int64_t my_tiles = (tiles - blockIdx.x + gridDim.x - 1) / gridDim.x, steps = my_tiles * tile_steps;
 
   // Thread vector i is 16-byte piece `piece` of staged row first_row + 32 i (kThreads / 8 = 32 rows apart, so the
-  // same swizzle phase): i < kXVecs x rows, the rest W slots. Few registers (the accumulators take 128): x is one
-  // pointer and a row bound, W one row index (degree * k + column, or -1) per vector, set again for each pass.
+  // same swizzle phase): i < kXVecs x rows, the rest W slots. Few registers (the accumulators take 128): the tile
+  // being loaded is one x pointer and a row bound, and one W row index (degree * k + column, or -1) per vector.
   constexpr int kRowsApart = G::kThreads / kVecsPerRow;
   const int piece = threadIdx.x % kVecsPerRow, first_row = threadIdx.x / kVecsPerRow;
   const uint32_t first_offset = swizzle128_offset(first_row, piece);
-  const B* x_src = x + (row0 + first_row) * p.x_row_stride;
-  const int64_t x_rows_left = p.M - row0 - first_row;  // vector i holds a row of x while 32 i < x_rows_left
+  const B* x_src = nullptr;
+  int64_t x_rows_left = 0, load_col0 = 0;  // vector i holds a row of x while 32 i < x_rows_left
   int32_t w_row[kVecs - kXVecs];
   auto point_w = [&](int pass) {
 #pragma unroll
     for (int i = kXVecs; i < kVecs; ++i) {
       const int slot = first_row + i * kRowsApart - G::kTileRows, j = slot / 8;
-      const int64_t col = col0 + map.column(0, j, slot % 8);
+      const int64_t col = load_col0 + map.column(0, j, slot % 8);
       w_row[i - kXVecs] = map.used(pass, j, p.N) && col < p.k ? static_cast<int32_t>(map.degree(pass, j) * p.k + col)
                                                               : -1;
     }
   };
-  point_w(0);
 
-  auto load = [&](int64_t s) {
-    if (s % chunks == 0 && s > 0) point_w(static_cast<int>(s / chunks));
-    unsigned char* stage = smem + (s % kStages) * kStageBytes + first_offset;
-    const int64_t col = s % chunks * kChunk + piece * kVec;
+  // Loads the block's next step (called for steps 0, 1, 2, ... in order) into its ring stage.
+  int64_t load_step = 0;
+  auto load_next = [&] {
+    const int64_t local = load_step % tile_steps;
+    if (local == 0) {
+      int64_t row0;
+      forward::tile_origin<G>(p, map.cols, blockIdx.x + load_step / tile_steps * gridDim.x, row0, load_col0);
+      x_src = x + (row0 + first_row) * p.x_row_stride;
+      x_rows_left = p.M - row0 - first_row;
+    }
+    if (local % chunks == 0) point_w(static_cast<int>(local / chunks));
+    unsigned char* stage = smem + (load_step % kStages) * kStageBytes + first_offset;
+    const int64_t col = local % chunks * kChunk + piece * kVec;
 #pragma unroll
     for (int i = 0; i < kVecs; ++i) {
       const bool is_x = i < kXVecs;
@@ -123,6 +133,7 @@ __global__ void __launch_bounds__(Wgmma::kThreads) poly_chain_fwd_wgmma_kernel(c
         for (int q = 0; q < kVec; ++q) dst[q] = e[q];
       }
     }
+    ++load_step;
   };
 
   float acc[G::kAcc];  // the first MMA of each pass overwrites them (scale-d false)
@@ -133,34 +144,38 @@ __global__ void __launch_bounds__(Wgmma::kThreads) poly_chain_fwd_wgmma_kernel(c
   for (int i = 0; i < G::kOwn; ++i) carry[i] = 1.f;
   const uint32_t x_rows = static_cast<uint32_t>((threadIdx.x / 128) * kWarpgroupRows * kSwizzleRowBytes);
 
-  for (int64_t s = 0; s < kStages - 2; ++s) {
-    if (s < steps) load(s);
+  for (int s = 0; s < kStages - 2; ++s) {
+    if (load_step < steps) load_next();
     cp_async_commit();
   }
-  // One loop over d per pass, the epilogue outside it: inside, the accumulators flow only from wgmma to wgmma, so
-  // ptxas keeps the next group queued (a register move between groups would make it wait for all of them).
-  for (int pass = 0; pass < map.passes; ++pass) {
-    for (int64_t s = pass * chunks; s < (pass + 1) * chunks; ++s) {
-      cp_async_wait<kStages - 3>();  // this thread's copies of step s have landed
-      __syncthreads();               // everyone's have; every warpgroup has waited for step s - 2's MMAs
-      fence_async_shared();          // what this thread sees of them is visible to its wgmma (the async proxy)
-      if (s + kStages - 2 < steps) load(s + kStages - 2);  // into step s - 2's stage
-      cp_async_commit();
+  int64_t step = 0;
+  for (int64_t t = 0; t < my_tiles; ++t) {
+    int64_t row0, col0;
+    forward::tile_origin<G>(p, map.cols, blockIdx.x + t * gridDim.x, row0, col0);
+    // One loop over d per pass, the epilogue outside it: inside, the accumulators flow only from wgmma to wgmma, so
+    // ptxas keeps the next group queued (a register move between groups would make it wait for all of them).
+    for (int pass = 0; pass < map.passes; ++pass) {
+      for (int64_t c = 0; c < chunks; ++c, ++step) {
+        cp_async_wait<kStages - 3>();  // this thread's copies of this step have landed
+        __syncthreads();               // everyone's have; every warpgroup has waited for the MMAs of step - 2
+        fence_async_shared();          // what this thread sees of them is visible to its wgmma (the async proxy)
+        if (load_step < steps) load_next();  // step + kStages - 2, into the stage of step - 2
+        cp_async_commit();
 
-      const uint32_t stage = smem_address + static_cast<uint32_t>((s % kStages) * kStageBytes);
-      const bool first_chunk = s == pass * chunks;
-      wgmma_fence();
+        const uint32_t stage = smem_address + static_cast<uint32_t>((step % kStages) * kStageBytes);
+        wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kChunk / 16; ++kk) {  // k16 slices: 32 bytes along the swizzled rows
-        wgmma_m64n256k16<T>(acc, swizzle128_descriptor(stage + x_rows + kk * 32),
-                            swizzle128_descriptor(stage + kXBytes + kk * 32), !(first_chunk && kk == 0));
+        for (int kk = 0; kk < kChunk / 16; ++kk) {  // k16 slices: 32 bytes along the swizzled rows
+          wgmma_m64n256k16<T>(acc, swizzle128_descriptor(stage + x_rows + kk * 32),
+                              swizzle128_descriptor(stage + kXBytes + kk * 32), !(c == 0 && kk == 0));
+        }
+        wgmma_commit();
+        wgmma_wait<1>();  // the previous step's group is done; this one runs on
       }
-      wgmma_commit();
-      wgmma_wait<1>();  // step s - 1's group is done; step s's runs on
+      wgmma_wait<0>();
+      fence_registers(acc);
+      forward::chain_epilogue<G, T, ACT, PRODUCT, HAS_BIAS>(p, map, pass, row0, col0, acc, carry);
     }
-    wgmma_wait<0>();
-    fence_registers(acc);
-    forward::chain_epilogue<G, T, ACT, PRODUCT, HAS_BIAS>(p, map, pass, row0, col0, acc, carry);
   }
   cp_async_wait<0>();  // nothing is left in flight when the block exits (the last loads are empty groups)
 #else
@@ -173,15 +188,22 @@ __global__ void __launch_bounds__(Wgmma::kThreads) poly_chain_fwd_wgmma_kernel(c
 template <typename T, int ACT, bool PRODUCT, bool HAS_BIAS>
 cudaError_t launch(const PolyChainParams& p, cudaStream_t stream) {
   void (*kernel)(const PolyChainParams) = &poly_chain_fwd_wgmma_kernel<T, ACT, PRODUCT, HAS_BIAS>;
-  const unsigned blocks = static_cast<unsigned>(forward::num_tiles<Wgmma>(p));
+  const int64_t tiles = forward::num_tiles<Wgmma>(p);
 #if defined(HK_CPU_EMULATION)
   (void)stream;
-  return hk_emulation::launch(kernel, dim3(blocks), Wgmma::kThreads, kSmemBytes, p);
+  // 3 "SMs": blocks take several tiles, and the tiles need not divide evenly among them.
+  return hk_emulation::launch(kernel, dim3(static_cast<unsigned>(tiles < 3 ? tiles : 3)), Wgmma::kThreads,
+                              kSmemBytes, p);
 #else
   cudaFuncAttributes attributes;
   HK_RETURN_IF_ERROR(cudaFuncGetAttributes(&attributes, kernel));
   if (attributes.binaryVersion != 90) return cudaErrorInvalidDeviceFunction;
   HK_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  int device = 0, sms = 0;
+  HK_RETURN_IF_ERROR(cudaGetDevice(&device));
+  HK_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  // One block per SM (its shared memory allows no second), each looping over tiles.
+  const unsigned blocks = static_cast<unsigned>(tiles < sms ? tiles : sms);
   kernel<<<blocks, Wgmma::kThreads, kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 #endif

@@ -78,8 +78,9 @@ def test_forward_tiling_cases(ext, case, dtype):
 
 
 # The Hopper kernel (csrc/poly_chain_forward_wgmma.cuh): 128-row x 256-slot tiles, up to 32 degrees in a pass, d in
-# chunks of 64 through 4 stages refilled 2 steps ahead; the emulation performs each wgmma at the wait that covers it,
-# reading shared memory through the descriptor and its 128-byte swizzle then.
+# chunks of 64 through 4 stages refilled 2 steps ahead, persistent blocks (3 on the emulation) whose loads run on
+# into their next tile; the emulation performs each wgmma at the wait that covers it, reading shared memory through
+# the descriptor and its 128-byte swizzle then.
 WGMMA_CASES = [
     # d 300: 5 chunks, more than the stages, the last ragged; 2 row tiles
     dict(M=130, d=300, k=40, N=5, row_pad=8),
@@ -88,6 +89,9 @@ WGMMA_CASES = [
     dict(M=20, d=64, k=170, N=3, activation="sigmoid"),            # 30 of 32 n-tiles used: 80 columns, 3 column tiles
     dict(M=5, d=24, k=300, N=1, store_z=False),                    # 32 runs: 256 columns, 2 column tiles
     dict(M=1100, d=16, k=24, N=2, bias=False),                     # 9 row tiles: a band of 8 and a band of 1
+    # 7 tiles of 2 passes x 2 chunks on the emulation's 3 blocks (3, 2, 2 each): the next tile's first steps load
+    # during the previous tile's last MMAs and epilogue
+    dict(M=800, d=72, k=9, N=33, scale=0.3, row_pad=5),
     dict(M=20, d=32, k=16, N=3, x_shift=1, activation="gelu"),     # x unaligned: x synchronous, W by cp.async
     dict(M=67, d=45, k=23, N=4, row_pad=3, activation="relu"),     # d odd: x and W both synchronous
 ]

@@ -53,6 +53,7 @@ using std::min;
 
 inline thread_local uint3 threadIdx;
 inline thread_local uint3 blockIdx;
+inline thread_local dim3 gridDim;
 
 inline float __uint_as_float(unsigned u) {
   float f;
@@ -436,6 +437,7 @@ template <class Params>
 cudaError_t launch(void (*kernel)(Params), dim3 grid, int threads, size_t smem, const Params& params) {
   static thread_local Launch<Params> current;
   current = {kernel, &params};
+  gridDim = grid;
   fiber_body = [] { current.kernel(*current.params); };
   std::vector<Fiber> fibers(static_cast<size_t>(threads));
   for (int t = 0; t < threads; ++t) fibers[t].stack = std::make_unique<char[]>(kStackBytes);
