@@ -404,6 +404,7 @@ HOPPER = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
 @pytest.mark.parametrize("shape", [
     dict(lead=(1,), d=1, k=1, N=1), dict(lead=(1000,), d=257, k=129, N=16), dict(lead=(4, 512), d=512, k=512, N=3),
     dict(lead=(3,), d=8, k=300, N=2), dict(lead=(300,), d=200, k=70, N=40), dict(lead=(2048,), d=1024, k=256, N=4),
+    dict(lead=(16384,), d=256, k=512, N=3),  # 896 tiles: every persistent block (one per SM) takes several
 ])
 def test_gpu_shapes_wgmma_forward(monkeypatch, dtype, shape):
     """The cuda backend's Hopper forward (opt-in: HADAMARD_KERNELS_CUDA_WGMMA=1), forward and backward."""
