@@ -411,9 +411,13 @@ def test_gpu_shapes_wgmma_forward(monkeypatch, dtype, shape):
     from hadamard_kernels.ops.poly_chain import cuda as chain_cuda
 
     monkeypatch.setenv(_backend.ENV_CUDA_WGMMA, "1")
+    ext, launches = chain_cuda.require_cuda_extension(), []
+    launch = ext.poly_chain_fwd
+    monkeypatch.setattr(ext, "poly_chain_fwd", lambda params, stream: (launches.append(params.wgmma),
+                                                                         launch(params, stream)))
     x, weight, b = make_inputs(**shape, dtype=dtype, device="cuda")
-    assert chain_cuda._use_wgmma(x, weight)
     check_against_reference(x, weight, b, "cuda", mode="ccp", activation="tanh", scale=0.5)
+    assert launches and all(launches), f"forward launches with params.wgmma: {launches}"
 
 
 @cuda
