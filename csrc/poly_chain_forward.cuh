@@ -102,15 +102,21 @@ struct SlotMap {
   __device__ __forceinline__ bool used(int pass, int j, int64_t N) const {
     return j / per_pass < groups && degree(pass, j) < N;
   }
-  // The x row, W row (degree * k + output column) or null that staged row `row` of a tile at (row0, col0) copies in
-  // pass `pass`: rows 0..kTileRows-1 are x rows, the rest W slots; null past M or k or on a spare n-tile.
+  // The row of W (degree * k + output column) that slot `slot` of a tile starting at column col0 holds in pass
+  // `pass`, or -1 past k or on a spare n-tile.
+  __device__ __forceinline__ int64_t w_row(const PolyChainParams& p, int slot, int pass, int64_t col0) const {
+    const int j = (slot % G::kWarpSlots) / 8;
+    const int64_t col = col0 + column(slot / G::kWarpSlots, j, slot % 8);
+    return used(pass, j, p.N) && col < p.k ? degree(pass, j) * p.k + col : -1;
+  }
+  // The x row or W row (w_row) that staged row `row` of a tile at (row0, col0) copies in pass `pass`: rows
+  // 0..kTileRows-1 are x rows, the rest W slots; null past M or k or on a spare n-tile.
   template <typename B>
   __device__ __forceinline__ const B* source(const PolyChainParams& p, const B* x, const B* w, int row, int pass,
                                              int64_t row0, int64_t col0) const {
     if (row < G::kTileRows) return row0 + row < p.M ? x + (row0 + row) * p.x_row_stride : nullptr;
-    const int slot = row - G::kTileRows, j = (slot % G::kWarpSlots) / 8;
-    const int64_t col = col0 + column(slot / G::kWarpSlots, j, slot % 8);
-    return used(pass, j, p.N) && col < p.k ? w + (degree(pass, j) * p.k + col) * p.d : nullptr;
+    const int64_t r = w_row(p, row - G::kTileRows, pass, col0);
+    return r >= 0 ? w + r * p.d : nullptr;
   }
 };
 

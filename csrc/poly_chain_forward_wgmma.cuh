@@ -96,10 +96,8 @@ __global__ void __launch_bounds__(Wgmma::kThreads) poly_chain_fwd_wgmma_kernel(c
   auto point_w = [&](int pass) {
 #pragma unroll
     for (int i = kXVecs; i < kVecs; ++i) {
-      const int slot = first_row + i * kRowsApart - G::kTileRows, j = slot / 8;
-      const int64_t col = load_col0 + map.column(0, j, slot % 8);
-      w_row[i - kXVecs] = map.used(pass, j, p.N) && col < p.k ? static_cast<int32_t>(map.degree(pass, j) * p.k + col)
-                                                              : -1;
+      const int slot = first_row + i * kRowsApart - G::kTileRows;
+      w_row[i - kXVecs] = static_cast<int32_t>(map.w_row(p, slot, pass, load_col0));
     }
   };
 
