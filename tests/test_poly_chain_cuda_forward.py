@@ -87,7 +87,7 @@ WGMMA_CASES = [
     dict(M=20, d=72, k=9, N=33, scale=0.3),                        # 2 passes of 17 degrees, the last with 16
     dict(M=9, d=40, k=20, N=32, mode="product", scale=1.2),       # one run of all 32 n-tiles per block
     dict(M=20, d=64, k=170, N=3, activation="sigmoid"),            # 30 of 32 n-tiles used: 80 columns, 3 column tiles
-    dict(M=5, d=24, k=300, N=1, store_z=False),                    # 32 runs: 256 columns, 2 column tiles
+    dict(M=5, d=24, k=300, N=1, store_z=False, activation="identity"),  # 32 runs: 256 columns, 2 column tiles
     dict(M=1100, d=16, k=24, N=2, bias=False),                     # 9 row tiles: a band of 8 and a band of 1
     # 7 tiles of 2 passes x 2 chunks on the emulation's 3 blocks (3, 2, 2 each): the next tile's first steps load
     # during the previous tile's last MMAs and epilogue
