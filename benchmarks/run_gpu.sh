@@ -102,7 +102,8 @@ else
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT -k 20 "$MEMCHECK_LIMIT_S" \
     "$SANITIZER" --tool memcheck --error-exitcode 99 \
     "$PY" -m pytest -q -m cuda tests/test_poly_chain.py tests/test_poly_ncp.py tests/test_linear_attention.py \
-    tests/test_poly_sa.py tests/test_lrnn.py tests/test_poly_gate.py -k "gpu_shapes or gpu_alpha_forms" -rfE 2>&1 \
+    tests/test_poly_sa.py tests/test_lrnn.py tests/test_poly_gate.py \
+    -k "gpu_shapes or gpu_alpha_forms or (gpu_wgmma_forward and (passes or odd))" -rfE 2>&1 \
     | tee "$LOGS/memcheck.log" | tail -n 40
   memcheck_rc=${PIPESTATUS[0]}
   echo "memcheck exit status $memcheck_rc (99: memcheck found errors; 1: a test failed;" \

@@ -402,11 +402,15 @@ HOPPER = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU (H100, H200)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [
-    dict(lead=(1,), d=1, k=1, N=1), dict(lead=(1000,), d=257, k=129, N=16), dict(lead=(4, 512), d=512, k=512, N=3),
-    dict(lead=(3,), d=8, k=300, N=2), dict(lead=(300,), d=200, k=70, N=40), dict(lead=(2048,), d=1024, k=256, N=4),
-    dict(lead=(16384,), d=256, k=512, N=3),  # 896 tiles: every persistent block (one per SM) takes several
+    pytest.param(dict(lead=(1,), d=1, k=1, N=1), id="one"),
+    pytest.param(dict(lead=(1000,), d=257, k=129, N=16), id="odd"),  # odd d: synchronous loads
+    pytest.param(dict(lead=(4, 512), d=512, k=512, N=3), id="aligned"),
+    pytest.param(dict(lead=(3,), d=8, k=300, N=2), id="wide"),
+    pytest.param(dict(lead=(300,), d=200, k=70, N=40), id="passes"),  # 2 passes of 20 degrees, d ragged
+    pytest.param(dict(lead=(2048,), d=1024, k=256, N=4), id="deep"),
+    pytest.param(dict(lead=(16384,), d=256, k=512, N=3), id="persistent"),  # 896 tiles: several per block
 ])
-def test_gpu_shapes_wgmma_forward(monkeypatch, dtype, shape):
+def test_gpu_wgmma_forward(monkeypatch, dtype, shape):
     """The cuda backend's Hopper forward (opt-in: HADAMARD_KERNELS_CUDA_WGMMA=1), forward and backward."""
     from hadamard_kernels.ops.poly_chain import cuda as chain_cuda
 
