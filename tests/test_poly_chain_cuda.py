@@ -164,6 +164,15 @@ def test_emulated_wgmma_forward_is_opt_in(emulated, monkeypatch, requested, dtyp
     assert recording.wgmma == [expected]
 
 
+def test_wgmma_needs_w_rows_within_32_bits(monkeypatch):
+    """The kernel indexes W's N * k rows in 32 bits: past that the forward stays on the mma.sync kernel."""
+    monkeypatch.setenv(_backend.ENV_CUDA_WGMMA, "1")
+    monkeypatch.setattr(chain_cuda, "_is_hopper", lambda device: True)
+    x = torch.empty(4, 8, dtype=torch.bfloat16)
+    assert chain_cuda._use_wgmma(x, torch.empty(2, 2**30 - 1, 8, dtype=torch.bfloat16, device="meta"))
+    assert not chain_cuda._use_wgmma(x, torch.empty(2, 2**30, 8, dtype=torch.bfloat16, device="meta"))
+
+
 def test_wgmma_switch_rejects_other_values(monkeypatch):
     monkeypatch.setenv(_backend.ENV_CUDA_WGMMA, "yes")
     with pytest.raises(ValueError, match=_backend.ENV_CUDA_WGMMA):
