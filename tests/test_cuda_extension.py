@@ -7,6 +7,7 @@ import math
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,6 @@ def test_extension_built_where_nvcc_is():
 def _configure(tmp_path, *options) -> str:
     """Configures CMakeLists.txt in tmp_path (no compile; again in the same folder: the compiler checks are cached)
     and returns the generated build.ninja."""
-    import subprocess
     import sys
 
     pybind11 = pytest.importorskip("pybind11")
@@ -68,6 +68,61 @@ def test_build_flags(tmp_path):
     assert targets == {("compute_80", "sm_80"), ("compute_80", "compute_80"), ("compute_90a", "sm_90a")}, targets
     strict = _configure(tmp_path, "-DHK_WERROR=ON")
     assert "-Werror=all-warnings" in strict and "-Xcompiler=-Werror" in strict
+
+
+# ---------------------------------------------------------------- the machine code of the built extension
+def _cuobjdump() -> str | None:
+    """cuobjdump: the CUDA toolkit's, else the one Triton ships."""
+    if found := shutil.which("cuobjdump"):
+        return found
+    import triton
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(bundled) if bundled.is_file() else None
+
+
+def _resources(arch: str) -> dict[str, dict[str, int]]:
+    """cuobjdump -res-usage of _C's `arch` cubins: {mangled kernel name: {"REG": .., "STACK": .., "LOCAL": ..}}."""
+    out = subprocess.run([_cuobjdump(), "-res-usage", "-arch", arch, EXT.__file__], capture_output=True, text=True,
+                         check=True).stdout
+    found = re.findall(r"Function (\S+):\s+REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
+    return {name: dict(REG=int(r), STACK=int(st), LOCAL=int(lo)) for name, r, st, lo in found}
+
+
+needs_cuobjdump = pytest.mark.skipif(EXT is None or _cuobjdump() is None, reason="needs the built _C and cuobjdump")
+
+
+@needs_ext
+@needs_cuobjdump
+def test_poly_chain_forward_kernels_do_not_spill():
+    """Every poly_chain forward instance, mma.sync (sm_80, sm_90a) and wgmma (sm_90a), keeps its state in registers:
+    no stack, no local memory. The wgmma instances have a body on sm_90a only."""
+    for arch in ("sm_80", "sm_90a"):
+        kernels = {n: r for n, r in _resources(arch).items() if "poly_chain_fwd" in n}
+        wgmma = {n: r for n, r in kernels.items() if "wgmma" in n}
+        assert len(kernels) - len(wgmma) == 60 and len(wgmma) == 40, (arch, len(kernels), len(wgmma))
+        for name, res in kernels.items():
+            assert res["STACK"] == 0 and res["LOCAL"] == 0, f"{arch} {name}: {res}"
+            assert res["REG"] <= 255, f"{arch} {name}: {res}"
+        if arch == "sm_90a":
+            assert all(res["REG"] > 64 for res in wgmma.values()), "wgmma instances compiled without their body"
+
+
+@needs_ext
+@needs_cuobjdump
+@pytest.mark.parametrize("dtype", ["__half", "__nv_bfloat16"])
+def test_wgmma_forward_machine_code(dtype):
+    """The sm_90a wgmma forward compiles to what it was written for: 4 HGMMA 64x256x16 per step of d (one group),
+    cp.async (LDGSTS) loads, the proxy fence, and exactly one wgmma wait per step plus one per pass. A wait the
+    compiler injects because accumulator registers moved while a group was in flight (ptxas C7517) would add one and
+    serialise the pipeline."""
+    name = next(n for n in _resources("sm_90a") if "poly_chain_fwd_wgmma_kernel" in n and dtype in n)
+    sass = subprocess.run([_cuobjdump(), "-sass", "-arch", "sm_90a", "-fun", name, EXT.__file__], capture_output=True,
+                          text=True, check=True).stdout
+    hgmma = len(re.findall(r"HGMMA\.64x256x16\.F32", sass))
+    waits = len(re.findall(r"WARPGROUP\.DEPBAR", sass))
+    assert hgmma > 0 and hgmma % 4 == 0, hgmma
+    assert waits == hgmma // 4 + 1, f"{waits} wgmma waits for {hgmma // 4} steps"
+    assert "LDGSTS" in sass and "FENCE.VIEW.ASYNC.S" in sass and "WARPGROUP.ARRIVE" in sass
 
 
 # ---------------------------------------------------------------- codes shared with Python

@@ -9,8 +9,9 @@
 // fp16/bf16 fragments (products are exact; only the summation order differs from the hardware). cp.async copies
 // land at the wait_group that covers them (see cp_async_16). Dynamic shared memory is followed by a guard band
 // checked after each block. wgmma.mma_async (sm_90a) is performed by each thread for its own accumulators when a
-// wait_group covers it, reading shared memory through the descriptor then (see wgmma_m64nk16). What this cannot show: timing, bank conflicts, and
-// races between threads that a barrier does not order (fibers run one at a time, in a fixed order).
+// wait_group covers it, reading shared memory through the descriptor then (see wgmma_m64nk16). What this cannot
+// show: timing, bank conflicts, proxy fences, and races between threads that a barrier does not order (fibers run
+// one at a time, in a fixed order).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -134,9 +135,9 @@ struct AsyncCopy {
   bool zero_fill;  // src-size 0: write 16 zero bytes, read nothing
 };
 
-// A thread's asynchronous operations of one kind, in groups as commit_group closes them: issue() records an
-// operation in the open group, commit() closes it, wait(pending, perform) performs every committed group but the
-// newest `pending` (wait_group), oldest first.
+// A thread's asynchronous operations of one kind, in groups as commit_group closes them: an issued operation goes
+// into `open`, commit() closes that group, wait(pending, perform) performs every committed group but the newest
+// `pending` (wait_group), oldest first.
 template <class Op>
 struct AsyncGroups {
   std::vector<Op> open;
@@ -357,7 +358,8 @@ template <typename T>
 float wgmma_operand(uint64_t descriptor, int row, int kk) {
   const uint32_t start = static_cast<uint32_t>(descriptor & 0x3FFF) << 4;
   const uint32_t stride = static_cast<uint32_t>((descriptor >> 32) & 0x3FFF) << 4;
-  const unsigned base_offset = static_cast<unsigned>((descriptor >> 49) & 7), mode = static_cast<unsigned>(descriptor >> 62);
+  const unsigned base_offset = static_cast<unsigned>((descriptor >> 49) & 7);
+  const unsigned mode = static_cast<unsigned>(descriptor >> 62);
   if (mode != 1 || base_offset != 0) {
     std::fprintf(stderr, "hk_emulation: wgmma descriptor with swizzle mode %u, base offset %u (not emulated)\n", mode,
                  base_offset);
@@ -366,7 +368,7 @@ float wgmma_operand(uint64_t descriptor, int row, int kk) {
   const uint32_t logical = start + static_cast<uint32_t>(row / 8) * stride + static_cast<uint32_t>(row % 8) * 128 +
                            static_cast<uint32_t>(kk) * 2;
   const uint32_t physical = logical ^ (((logical >> 7) & 7u) << 4);
-  if (physical < kSharedWindowBase || physical + 2 > kSharedWindowBase + block->shared.size()) {
+  if (physical < kSharedWindowBase || physical + 2 > kSharedWindowBase + block->shared.size() - kGuardBytes) {
     std::fprintf(stderr, "hk_emulation: wgmma operand read outside the block's shared memory\n");
     std::abort();
   }

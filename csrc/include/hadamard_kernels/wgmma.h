@@ -108,13 +108,17 @@ __device__ __forceinline__ void fence_registers(float (&d)[N]) {
 #endif
 }
 
-#define HK_WGMMA_D8(i) \
-  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
-#define HK_WGMMA_D128                                                                                              \
+#define HK_WGMMA_D8(i)                                                                                  \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), \
+      "+f"(d[i + 7])
+#define HK_WGMMA_D128                                                                                               \
   HK_WGMMA_D8(0), HK_WGMMA_D8(8), HK_WGMMA_D8(16), HK_WGMMA_D8(24), HK_WGMMA_D8(32), HK_WGMMA_D8(40), HK_WGMMA_D8(48), \
       HK_WGMMA_D8(56), HK_WGMMA_D8(64), HK_WGMMA_D8(72), HK_WGMMA_D8(80), HK_WGMMA_D8(88), HK_WGMMA_D8(96),           \
       HK_WGMMA_D8(104), HK_WGMMA_D8(112), HK_WGMMA_D8(120)
-#define HK_WGMMA_REGS128                                                                             \
+// scale-d is a predicate (false: d = A B^T), set from operand 130; A and B K-major (no transpose), not negated.
+#define HK_WGMMA_M64N256K16(TYPE)                                                                   \
+  "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                                     \
+  "wgmma.mma_async.sync.aligned.m64n256k16.f32." TYPE "." TYPE " "                                  \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                          \
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                 \
   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                 \
@@ -122,7 +126,8 @@ __device__ __forceinline__ void fence_registers(float (&d)[N]) {
   "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "                 \
   "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "                 \
   "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "      \
-  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}"
+  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, " \
+  "%128, %129, p, 1, 1, 0, 0;\n}\n"
 
 // d = A B^T (+ d when `accumulate`) for the warpgroup: A [64, 16] and B [256, 16] (T: __half or __nv_bfloat16)
 // from the K-major descriptors a and b, D [64, 256] fp32 in the accumulator layout: warp w of the warpgroup holds
@@ -134,18 +139,10 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t a, ui
 #if defined(HK_CPU_EMULATION)
   hk_emulation::wgmma_m64nk16<T>(d, 256, a, b, accumulate);
 #elif HK_HAS_WGMMA
-  // scale-d is a predicate: false computes d = A B^T.
   if constexpr (std::is_same_v<T, __half>) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 " HK_WGMMA_REGS128 ", %128, %129, p, 1, 1, 0, 0;\n}\n"
-                 : HK_WGMMA_D128
-                 : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)));
+    asm volatile(HK_WGMMA_M64N256K16("f16") : HK_WGMMA_D128 : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)));
   } else {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " HK_WGMMA_REGS128
-                 ", %128, %129, p, 1, 1, 0, 0;\n}\n"
-                 : HK_WGMMA_D128
-                 : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)));
+    asm volatile(HK_WGMMA_M64N256K16("bf16") : HK_WGMMA_D128 : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)));
   }
 #else
   (void)d, (void)a, (void)b, (void)accumulate;
@@ -154,6 +151,6 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t a, ui
 
 #undef HK_WGMMA_D8
 #undef HK_WGMMA_D128
-#undef HK_WGMMA_REGS128
+#undef HK_WGMMA_M64N256K16
 
 }  // namespace hadamard_kernels
