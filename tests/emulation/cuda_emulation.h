@@ -9,9 +9,10 @@
 // fp16/bf16 fragments (products are exact; only the summation order differs from the hardware). cp.async copies
 // land at the wait_group that covers them (see cp_async_16). Dynamic shared memory is followed by a guard band
 // checked after each block. wgmma.mma_async (sm_90a) is performed by each thread for its own accumulators when a
-// wait_group covers it, reading shared memory through the descriptor then (see wgmma_m64nk16). What this cannot
-// show: timing, bank conflicts, proxy fences, and races between threads that a barrier does not order (fibers run
-// one at a time, in a fixed order).
+// wait_group covers it, reading shared memory through the descriptor then (see wgmma_m64nk16); a wgmma that reads
+// cp.async data not yet fenced for the async proxy aborts (see fence_proxy_async). What this cannot show: timing,
+// bank conflicts, and races between threads that a barrier does not order (fibers run one at a time, in a fixed
+// order).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -172,6 +173,7 @@ struct Fiber {
   uint64_t wait_generation = 0;
   AsyncGroups<AsyncCopy> copies;            // cp.async
   AsyncGroups<std::function<void()>> mmas;  // wgmma.mma_async
+  uint64_t fenced_at = 0;                   // the block event of this thread's last fence.proxy.async
 };
 
 inline thread_local Context scheduler_context;
@@ -214,12 +216,17 @@ struct Warp {
 };
 
 struct Block {
-  explicit Block(int threads, size_t smem) : barrier(threads), warps((threads + 31) / 32), shared(smem + kGuardBytes) {
+  explicit Block(int threads, size_t smem)
+      : barrier(threads), warps((threads + 31) / 32), shared(smem + kGuardBytes), landed(smem / 16 + 1, 0) {
     std::fill(shared.begin() + static_cast<std::ptrdiff_t>(smem), shared.end(), kGuard);
   }
   Barrier barrier;
   std::vector<Warp> warps;
   std::vector<unsigned char> shared;  // operator new aligns it to 16 bytes
+  // Proxy fences: the event count of the block, and per 16 bytes of dynamic shared memory the event at which a
+  // cp.async last landed there (0: never).
+  uint64_t events = 0;
+  std::vector<uint64_t> landed;
 };
 
 inline thread_local Block* block = nullptr;
@@ -282,6 +289,10 @@ inline void cp_async_wait(int pending) {
   current_fiber->copies.wait(pending, [](const AsyncCopy& c) {
     if (c.zero_fill) std::memset(c.dst, 0, 16);
     else std::memcpy(c.dst, c.src, 16);
+    const auto offset = static_cast<const unsigned char*>(c.dst) - block->shared.data();
+    if (offset >= 0 && static_cast<size_t>(offset) / 16 < block->landed.size()) {
+      block->landed[static_cast<size_t>(offset) / 16] = ++block->events;
+    }
   });
 }
 
@@ -355,7 +366,7 @@ inline uint32_t shared_address(const void* p) {
 // emulated: rows of 128 bytes in 8-row groups `stride` bytes apart, the 16-byte piece index (address bits 4-6)
 // XORed with address bits 7-9.
 template <typename T>
-float wgmma_operand(uint64_t descriptor, int row, int kk) {
+float wgmma_operand(uint64_t descriptor, int row, int kk, bool check_fence = false) {
   const uint32_t start = static_cast<uint32_t>(descriptor & 0x3FFF) << 4;
   const uint32_t stride = static_cast<uint32_t>((descriptor >> 32) & 0x3FFF) << 4;
   const unsigned base_offset = static_cast<unsigned>((descriptor >> 49) & 7);
@@ -372,10 +383,20 @@ float wgmma_operand(uint64_t descriptor, int row, int kk) {
     std::fprintf(stderr, "hk_emulation: wgmma operand read outside the block's shared memory\n");
     std::abort();
   }
+  if (check_fence && block->landed[(physical - kSharedWindowBase) / 16] > current_fiber->fenced_at) {
+    std::fprintf(stderr, "hk_emulation: wgmma reads shared memory that a cp.async wrote after this thread's last "
+                         "fence.proxy.async (the async proxy may not see it)\n");
+    std::abort();
+  }
   uint16_t bits;
   std::memcpy(&bits, block->shared.data() + (physical - kSharedWindowBase), sizeof bits);
   return half_bits_to_float<T>(bits);
 }
+
+// fence.proxy.async.shared::cta: the cp.async data this thread sees (its own landed copies, and others' ordered
+// before by a barrier) becomes visible to its wgmma. The emulation asks for the fence after the barrier, by every
+// reader, as Triton orders it (a writer-side fence before the barrier, also valid on hardware, is not modelled).
+inline void fence_proxy_async() { current_fiber->fenced_at = ++block->events; }
 
 // wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{f16,bf16} with A and B from shared memory (K-major, no transpose):
 // recorded in the thread's open group, performed at the wait_group that covers it. Each thread computes its own
@@ -386,6 +407,12 @@ float wgmma_operand(uint64_t descriptor, int row, int kk) {
 template <typename T>
 void wgmma_m64nk16(float* d, int n, uint64_t a, uint64_t b, bool accumulate) {
   const int warp = static_cast<int>(threadIdx.x / 32) % 4, g = lane() / 4, t = lane() % 4;
+  for (int kk = 0; kk < 16; kk += 8) {  // at issue: what this thread's fragment reads was fenced for the async proxy
+    for (int r = 0; r < 2; ++r) (void)wgmma_operand<T>(a, 16 * warp + g + 8 * r, kk, true);
+    for (int col = 2 * t; col < n; col += 8) {
+      for (int c = 0; c < 2; ++c) (void)wgmma_operand<T>(b, col + c, kk, true);
+    }
+  }
   Block* const issuing_block = block;
   current_fiber->mmas.open.push_back([=] {
     if (block != issuing_block) std::abort();
@@ -431,6 +458,7 @@ inline void prepare(Fiber& f, unsigned index) {
   f.waiting = nullptr;
   f.copies.clear();  // copies and MMAs a finished block never waited for are dropped with it
   f.mmas.clear();
+  f.fenced_at = 0;
   start_context(f.context, f.stack.get(), kStackBytes, fiber_entry);
 }
 

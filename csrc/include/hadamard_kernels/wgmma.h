@@ -64,7 +64,9 @@ __device__ __forceinline__ uint32_t shared_address(const void* smem) {
 // Makes the generic-proxy writes to shared memory this thread sees (its own st.shared and cp.async, and other
 // threads' ordered before it by a barrier) visible to its async-proxy reads: wgmma's operands.
 __device__ __forceinline__ void fence_async_shared() {
-#if HK_HAS_WGMMA && !defined(HK_CPU_EMULATION)
+#if defined(HK_CPU_EMULATION)
+  hk_emulation::fence_proxy_async();
+#elif HK_HAS_WGMMA
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
