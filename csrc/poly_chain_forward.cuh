@@ -228,6 +228,24 @@ __device__ __forceinline__ void store_two(T* dst, int64_t col, int64_t k, bool p
   }
 }
 
+// Stages the 16-byte vector of `row` (a row of x or W, null: zeros) at column `col` into shared `dst`, zeros past d:
+// by cp.async when `async` (the row is 16-byte aligned and d a multiple of the vector, so a vector is all in or all
+// out; `base` is a valid aligned address for the zero-fill), else by synchronous loads and stores.
+template <typename B>
+__device__ __forceinline__ void stage_vector(B* dst, const B* row, int64_t col, int64_t d, bool async, const B* base) {
+  constexpr int kVec = 16 / sizeof(B);
+  if (async) {
+    const bool ok = row != nullptr && col < d;
+    cp_async_16(dst, ok ? row + col : base, ok);
+  } else {
+    B e[kVec];
+#pragma unroll
+    for (int q = 0; q < kVec; ++q) e[q] = row != nullptr && col + q < d ? row[col + q] : B(0);
+#pragma unroll
+    for (int q = 0; q < kVec; ++q) dst[q] = e[q];
+  }
+}
+
 // After the last chunk of a pass: bias, activation, the chain over this pass's degrees and the stores, for a
 // thread of a G block at tile (row0, col0). The run's product so far replaces the accumulators in place; carry holds
 // the product of earlier passes (one run per warp when passes > 1), index mt * 4 + e.
@@ -322,16 +340,7 @@ __global__ void __launch_bounds__(MmaSync::kThreads) poly_chain_fwd_kernel(const
       const int v = threadIdx.x + i * G::kThreads, piece = v % kVecsPerRow;
       const int64_t col = d0 + piece * kVec;
       B* dst = stage + (v / kVecsPerRow) * kPitch + piece * kVec;
-      if (i < kHalf ? x_async : w_async) {
-        const bool ok = src[i] != nullptr && col < p.d;  // d % kVec == 0: a vector is all in or all out
-        cp_async_16(dst, ok ? src[i] + col : (i < kHalf ? x : w), ok);
-      } else {
-        B e[kVec];
-#pragma unroll
-        for (int q = 0; q < kVec; ++q) e[q] = src[i] != nullptr && col + q < p.d ? src[i][col + q] : B(0);
-#pragma unroll
-        for (int q = 0; q < kVec; ++q) dst[q] = e[q];
-      }
+      stage_vector(dst, src[i], col, p.d, i < kHalf ? x_async : w_async, i < kHalf ? x : w);
     }
   };
 

@@ -120,16 +120,7 @@ __global__ void __launch_bounds__(Wgmma::kThreads) poly_chain_fwd_wgmma_kernel(c
       const B* row = is_x ? (i * kRowsApart < x_rows_left ? x_src + i * kRowsApart * p.x_row_stride : nullptr)
                           : (w_row[i - kXVecs] >= 0 ? w + w_row[i - kXVecs] * p.d : nullptr);
       B* dst = reinterpret_cast<B*>(stage + i * kRowsApart * kSwizzleRowBytes);
-      if (is_x ? x_async : w_async) {
-        const bool ok = row != nullptr && col < p.d;  // d % kVec == 0: a vector is all in or all out
-        cp_async_16(dst, ok ? row + col : (is_x ? x : w), ok);
-      } else {
-        B e[kVec];
-#pragma unroll
-        for (int q = 0; q < kVec; ++q) e[q] = row != nullptr && col + q < p.d ? row[col + q] : B(0);
-#pragma unroll
-        for (int q = 0; q < kVec; ++q) dst[q] = e[q];
-      }
+      forward::stage_vector(dst, row, col, p.d, is_x ? x_async : w_async, is_x ? x : w);
     }
     ++load_step;
   };
