@@ -106,3 +106,27 @@ def test_wgmma_forward_tiling_cases(ext, case, dtype):
 def test_wgmma_forward_refuses_float32(ext):
     with pytest.raises(RuntimeError, match="CUDA error 1"):  # cudaErrorInvalidValue
         run_forward(ext, M=4, d=8, k=8, N=2, dtype=torch.float32, wgmma=True)
+
+
+@pytest.mark.parametrize("wgmma", [False, True], ids=["mma_sync", "wgmma"])
+def test_forward_nan_stays_in_its_row(ext, wgmma):
+    """A NaN in one row of x is a NaN in every output of that row and nowhere else (the projections and the chain
+    keep it; no other row reads it), in both forward kernels."""
+    M, d, k, N = 40, 72, 24, 3
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(M, d, generator=g).to(torch.bfloat16)
+    weight = (torch.randn(N, k, d, generator=g) / math.sqrt(d)).to(torch.bfloat16)
+    x[17, 5] = float("nan")
+    y = torch.empty(M, k, dtype=torch.bfloat16)
+    params = ext.PolyChainParams(
+        x=x.data_ptr(), weight=weight.data_ptr(), bias=0, y=y.data_ptr(), z=0, M=M, d=d, k=k, N=N, x_row_stride=d,
+        y_row_stride=k, dtype=ext.DTYPES.index("bfloat16"), activation=ACTIVATIONS.index("tanh"),
+        mode=MODES.index("ccp"), scale=0.7, wgmma=wgmma)
+    ext.poly_chain_fwd(params, 0)
+    assert y[17].isnan().all(), "the NaN row"
+    others = torch.cat([y[:17], y[18:]])
+    assert not others.isnan().any(), "a NaN leaked into another row"
+    keep = torch.ones(M, dtype=torch.bool)
+    keep[17] = False
+    ref = reference.forward(x[keep].double(), weight.double(), None, "ccp", "tanh", 0.7)
+    assert_close("y", others, ref, torch.bfloat16)
