@@ -853,7 +853,7 @@ def _op(eager: Callable, fused: Callable, provider: str, **options) -> Callable:
 
 def _with_wgmma(fn: Callable) -> Callable:
     """fn with the cuda backend's Hopper forward switched on (HADAMARD_KERNELS_CUDA_WGMMA=1) during each call."""
-    if not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)):
+    if not hk._backend.is_hopper():
         raise ProviderUnavailable("cuda-wgmma: the Hopper forward needs an sm_90 GPU (H100, H200)")
     name = hk._backend.ENV_CUDA_WGMMA
 

@@ -33,7 +33,7 @@ def info() -> int:
             print(f"  the cuda backend cannot run here: {problem}")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     print(f"GPU: {gpu}   {_backend.ENV_BACKEND}={os.environ.get(_backend.ENV_BACKEND, '(unset: auto)')}")
-    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+    hopper = _backend.is_hopper()
     print(f"  cuda poly_chain forward on Hopper (wgmma, opt-in): {_backend.ENV_CUDA_WGMMA}="
           f"{os.environ.get(_backend.ENV_CUDA_WGMMA, '0')}; {'this GPU is sm_90' if hopper else 'needs an sm_90 GPU'}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -38,6 +38,13 @@ DEFAULT_PREFERENCE = ("triton",)
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def is_hopper(device: torch.device | str | None = None) -> bool:
+    """Whether `device` (default: the current CUDA device) is an sm_90 GPU (H100, H200): the wgmma kernels' target."""
+    device = torch.device("cuda" if device is None else device)
+    return (device.type == "cuda" and torch.cuda.is_available()
+            and torch.cuda.get_device_capability(device) == (9, 0))
+
+
 def cuda_wgmma_requested() -> bool:
     """Whether ENV_CUDA_WGMMA asks for the Hopper (wgmma) kernels of the cuda backend ("1"; "0" or unset: no)."""
     value = os.environ.get(ENV_CUDA_WGMMA, "0")

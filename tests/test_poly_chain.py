@@ -395,7 +395,7 @@ def test_gpu_shapes(backend, dtype, shape):
     check_against_reference(x, weight, b, backend, mode="ccp", activation="tanh", scale=0.5)
 
 
-HOPPER = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
+HOPPER = _backend.is_hopper()
 
 
 @cuda

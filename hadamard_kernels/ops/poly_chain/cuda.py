@@ -14,16 +14,12 @@ from __future__ import annotations
 import torch
 
 from ..._backend import cuda_wgmma_requested, require_cuda_extension
+from ..._backend import is_hopper as _is_hopper
 from . import common
 from .common import ACTIVATIONS, MODES
 
-
 _WGMMA_DTYPES = (torch.float16, torch.bfloat16)  # wgmma has no exact float32 (tf32 only)
 _INT32_MAX = 2**31 - 1
-
-
-def _is_hopper(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
 
 
 def _use_wgmma(x: torch.Tensor, weight: torch.Tensor) -> bool:
