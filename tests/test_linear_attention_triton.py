@@ -343,7 +343,7 @@ def test_stores_stay_in_bounds(segment, varlen):
     o_ = {name: guard.view for name, guard in outs.items()}
     options = dict(feature_map="elu1", normalize=True, scale=SCALE, eps=EPS, config=dict(BC=16))
     qg, kg, vg = ins["q"], ins["k"], ins["v"]
-    plan = lambda DC: la_triton._Plan(qg, cu, N, H, DC, segment)  # noqa: E731
+    plan = lambda DC: la_triton.SegmentPlan(qg, cu, N, H, DC, segment)  # noqa: E731
     la_triton._pass(la_triton._MODE_O, qg, kg, vg, None, None, o_["den"], o_["o"], ins["S0"], ins["z0"], o_["S_T"],
                     o_["z_T"], plan=plan(V), store_den=True, **options)
     la_triton._den_grad(ins["do"], o_["o"], SCALE, o_["x"])

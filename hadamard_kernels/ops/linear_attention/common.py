@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ... import _checks
@@ -9,6 +11,8 @@ from ... import _checks
 # Index = the code the kernels use.
 FEATURE_MAPS = ("identity", "elu1", "relu")
 MAX_HEAD_DIM = 256  # the op's contract (README: Dk and Dv up to 256), a ValueError beyond it
+CHUNK = 64  # tokens per chunk, in both fused backends
+PLAN_COLUMNS = 64  # state columns per program the segment plan assumes (the Triton autotuner may pick another)
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -80,3 +84,58 @@ def check_args(q, k, v, initial_state, initial_key_sum, feature_map, normalize, 
             raise ValueError(f"{name} must be on q's device {q.device}, got {state.device}")
     if initial_key_sum is not None and not normalize:
         raise ValueError("initial_key_sum is only used with normalize=True")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.cache
+def gpu_properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def properties(t: torch.Tensor):
+    """The properties of t's GPU (SM count, compute capability, shared memory per block), cached."""
+    return gpu_properties(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+class SegmentPlan:
+    """How sequences map to the fused backends' programs (blocks), one place for both. A program walks one segment
+    of a sequence chunk by chunk; a sequence is one segment unless sequences x heads x column blocks would leave
+    SMs idle, and then it is cut into segments of L chunks (`segment` forces L, for tests). With a split, a pass
+    first sums each segment's b^T c, then scans those sums into each segment's start state (which also gives the
+    final state), then runs the chunked pass on every segment at once.
+
+    Attributes: split; L (chunks per segment); nseg (segments per sequence without cu_seqlens); G (segments in
+    all: with cu_seqlens an upper bound, as the grid is sized without a host sync); seg_off [N + 1] int32 (first
+    segment of each sequence) and seg_seq [G] int32 (each segment's sequence), built on the device with torch ops,
+    empty unless split with cu_seqlens."""
+
+    def __init__(self, q, cu_seqlens, N, H, DC, segment=None):
+        T = q.shape[1]
+        self.varlen, self.cu, self.T, self.N = cu_seqlens is not None, cu_seqlens, T, N
+        longest = _cdiv(T, CHUNK)  # chunks of the longest possible sequence
+        typical = longest if cu_seqlens is None else _cdiv(_cdiv(T, N), CHUNK)
+        if segment is None and q.is_cuda:
+            programs = N * H * _cdiv(DC, PLAN_COLUMNS)
+            sms = properties(q).multi_processor_count
+            if programs < sms and typical > 2:
+                segment = max(2, _cdiv(typical, _cdiv(2 * sms, programs)))
+        self.split = segment is not None and segment < longest
+        self.L = segment if self.split else max(longest, 1)
+        self.nseg, self.G = 1, N
+        self.seg_seq = self.seg_off = q.new_empty(0, dtype=torch.int32)
+        if self.split and not self.varlen:
+            self.nseg = _cdiv(longest, self.L)
+            self.G = N * self.nseg
+        elif self.split:
+            # Segments of sequence n: seg_off[n] .. seg_off[n+1] - 1, at least one (an empty sequence still has a
+            # final state). The grid takes an upper bound of their number.
+            lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+            per_seq = torch.clamp((lens + CHUNK * self.L - 1) // (CHUNK * self.L), min=1)
+            self.seg_off = torch.zeros(N + 1, dtype=torch.int32, device=q.device)
+            self.seg_off[1:] = torch.cumsum(per_seq, 0)
+            self.G = T // (CHUNK * self.L) + N + 1
+            g = torch.arange(self.G, device=q.device, dtype=torch.int32)
+            self.seg_seq = torch.searchsorted(self.seg_off[1:], g, right=True, out_int32=True).clamp_(max=N - 1)

@@ -24,9 +24,10 @@ backward is three passes (four with normalize); the per-chunk states are never w
 when sequences are split as below).
 
 Parallelism: programs = sequences x heads x cdiv(DC, BC). When that is below the SM count (small batch x heads,
-long T), every sequence is cut into segments of L chunks: `_segment_sum_kernel` computes each segment's b^T c (a
-parallel reduction), `_segment_scan_kernel` turns them into each segment's start state (a short sequential scan
-over segments, which also writes the final state), and the chunk kernel then runs one program per segment.
+long T), every sequence is cut into segments of L chunks (`common.SegmentPlan`, shared with the CUDA backend):
+`_segment_sum_kernel` computes each segment's b^T c (a parallel reduction), `_segment_scan_kernel` turns them into
+each segment's start state (a short sequential scan over segments, which also writes the final state), and the
+chunk kernel then runs one program per segment.
 
 Precision: accumulation, the state R, the key sum z and den are fp32. The tiles and the state enter the dots in
 the input dtype (bf16: as the per-chunk states fla stores in bf16; an emulation at T = 2048..8192, D = 64 gives
@@ -41,7 +42,6 @@ per (sequence, head, V block) with no dot: S += phi(k)^T v, o = phi(q) S (/ den)
 
 from __future__ import annotations
 
-import functools
 import math
 import struct
 
@@ -50,12 +50,11 @@ import triton
 import triton.language as tl
 
 from .._library import triton_autotune
-from .common import FEATURE_MAPS, MAX_HEAD_DIM, state_dtype
+from .common import CHUNK as BT
+from .common import FEATURE_MAPS, MAX_HEAD_DIM, SegmentPlan, properties, state_dtype
 
-BT = 64  # chunk length (tokens)
 _FMAP = {name: code for code, name in enumerate(FEATURE_MAPS)}
 _MODE_O, _MODE_DQ, _MODE_DK, _MODE_DV = 0, 1, 2, 3
-_DC_BLOCK_PLAN = 64  # the BC the segment plan assumes (the autotuner may pick another)
 
 # Chunk kernel configs (BC: state columns per program, R is [DA, BC] fp32), one list per width DA of the a/b tiles
 # (the head dim padded to a power of 2). First config = the default when autotuning is off; the interpreter takes
@@ -598,20 +597,10 @@ def _hi_lo(x: float) -> tuple[float, float]:
     return hi, x - hi
 
 
-@functools.cache
-def _gpu_properties(index: int):
-    return torch.cuda.get_device_properties(index)
-
-
-def _properties(q):
-    """The properties of q's GPU (SM count, compute capability, shared memory per block)."""
-    return _gpu_properties(q.device.index if q.device.index is not None else torch.cuda.current_device())
-
-
 def _has_wgmma(q) -> bool:
     """The kernels' WGMMA flag: q's GPU is sm_90 or newer; the interpreter takes the sm_90 forms (tests patch this
     to run the other ones)."""
-    return not q.is_cuda or _properties(q).major >= 9
+    return not q.is_cuda or properties(q).major >= 9
 
 
 def _lean(q, DA: int) -> bool:
@@ -621,7 +610,7 @@ def _lean(q, DA: int) -> bool:
         return False
     if q.element_size() >= 4:
         return True
-    return q.is_cuda and (getattr(_properties(q), "shared_memory_per_block_optin", 0) or 0) < 200 * 1024
+    return q.is_cuda and (getattr(properties(q), "shared_memory_per_block_optin", 0) or 0) < 200 * 1024
 
 
 def _dtype_flags(dtype):
@@ -640,40 +629,9 @@ def _align(K: int, V: int) -> int:
     return min(16, g & -g) if g else 16
 
 
-class _Plan:
-    """How sequences map to programs. A sequence is one segment unless sequences x heads x column blocks would
-    leave SMs idle; then it is cut into segments of L chunks (`segment` forces L, for tests)."""
-
-    def __init__(self, q, cu_seqlens, N, H, DC, segment=None):
-        T = q.shape[1]
-        self.varlen, self.cu, self.T, self.N = cu_seqlens is not None, cu_seqlens, T, N
-        longest = triton.cdiv(T, BT)  # chunks of the longest possible sequence
-        typical = longest if cu_seqlens is None else triton.cdiv(triton.cdiv(T, N), BT)
-        if segment is None and q.is_cuda:
-            programs = N * H * triton.cdiv(DC, _DC_BLOCK_PLAN)
-            sms = _properties(q).multi_processor_count
-            if programs < sms and typical > 2:
-                segment = max(2, triton.cdiv(typical, triton.cdiv(2 * sms, programs)))
-        self.split = segment is not None and segment < longest
-        self.L = segment if self.split else max(longest, 1)
-        self.nseg, self.G = 1, N
-        self.seg_seq = self.seg_off = q.new_empty(0, dtype=torch.int32)
-        if self.split and not self.varlen:
-            self.nseg = triton.cdiv(longest, self.L)
-            self.G = N * self.nseg
-        elif self.split:
-            # Segments of sequence n: seg_off[n] .. seg_off[n+1] - 1, at least one (an empty sequence still has a
-            # final state). Built on the device; the grid takes an upper bound of their number.
-            lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
-            per_seq = torch.clamp((lens + BT * self.L - 1) // (BT * self.L), min=1)
-            self.seg_off = torch.zeros(N + 1, dtype=torch.int32, device=q.device)
-            self.seg_off[1:] = torch.cumsum(per_seq, 0)
-            self.G = T // (BT * self.L) + N + 1
-            g = torch.arange(self.G, device=q.device, dtype=torch.int32)
-            self.seg_seq = torch.searchsorted(self.seg_off[1:], g, right=True, out_int32=True).clamp_(max=N - 1)
-
-    def args(self, like):
-        return (self.cu if self.varlen else like), self.seg_seq, self.seg_off
+def _plan_args(plan, like):
+    """The plan's tables as kernel arguments (`like` stands in for cu_seqlens without packed sequences)."""
+    return (plan.cu if plan.varlen else like), plan.seg_seq, plan.seg_off
 
 
 def _pass(mode, q, k, v, do, x, den, out, r0, e0, rT, eT, *, feature_map, normalize, scale, eps, plan,
@@ -705,7 +663,7 @@ def _pass(mode, q, k, v, do, x, den, out, r0, e0, rT, eT, *, feature_map, normal
         sege = torch.empty((plan.G, H, K), device=q.device, dtype=sdt) if extra else seg
         tuned = _segment_sum["lean" if lean else max(DA, 64)]
         kernel, kwargs = (tuned, {}) if config is None else (_segment_sum_kernel, dict(config))
-        kernel[grid](q, k, v, do, x, den, seg, sege, *plan.args(q), plan.T, H, K, V, plan.nseg,
+        kernel[grid](q, k, v, do, x, den, seg, sege, *_plan_args(plan, q), plan.T, H, K, V, plan.nseg,
                      plan.L, *_hi_lo(scale), DA=DA, BT=BT, **flags, **kwargs)
         BS = 32 if DA >= 256 else 64
         _segment_scan_kernel[(triton.cdiv(DC_, BS) * H * plan.N,)](
@@ -720,7 +678,7 @@ def _pass(mode, q, k, v, do, x, den, out, r0, e0, rT, eT, *, feature_map, normal
         kernel, kwargs = _chunk_kernel, dict(config)
     dummy = seg if seg is not None else q
     kernel[grid](q, k, v, do, x, den, out, *(t if t is not None else dummy for t in (r0, e0, rT, eT, seg, sege)),
-                 *plan.args(q), plan.T, H, K, V, plan.nseg, plan.L, *_hi_lo(scale),
+                 *_plan_args(plan, q), plan.T, H, K, V, plan.nseg, plan.L, *_hi_lo(scale),
                  *_hi_lo(eps), *strides, WGMMA=wgmma, HAS_R0=r0 is not None, HAS_E0=e0 is not None,
                  STORE_R=rT is not None, STORE_E=eT is not None, STORE_DEN=store_den, SPLIT=plan.split, DA=DA,
                  BT=BT, **flags, **kwargs)
@@ -774,7 +732,7 @@ def forward(q, k, v, initial_state, initial_key_sum, feature_map, normalize, sca
     o = torch.empty_like(v, dtype=q.dtype)
     final_state = torch.empty((N, H, K, V), device=q.device, dtype=sdt) if output_final_state else None
     final_key_sum = torch.empty((N, H, K), device=q.device, dtype=sdt) if output_final_state and normalize else None
-    plan = _Plan(q, cu_seqlens, N, H, V, segment)
+    plan = SegmentPlan(q, cu_seqlens, N, H, V, segment)
     _pass(_MODE_O, q, k, v, None, None, None, o, initial_state, initial_key_sum, final_state, final_key_sum,
           feature_map=feature_map, normalize=normalize, scale=scale, eps=eps, plan=plan, config=config)
     return o, final_state, final_key_sum
@@ -796,22 +754,22 @@ def backward(grad_o, grad_final_state, grad_final_key_sum, q, k, v, initial_stat
         o = torch.empty_like(v, dtype=q.dtype)
         den = torch.empty(q.shape[:3], device=q.device, dtype=sdt)
         _pass(_MODE_O, q, k, v, None, None, den, o, initial_state, initial_key_sum, None, None, store_den=True,
-              plan=_Plan(q, cu_seqlens, N, H, V, segment), **options)
+              plan=SegmentPlan(q, cu_seqlens, N, H, V, segment), **options)
         x = torch.empty_like(den)
         _den_grad(do, o, scale, x)
     dq = dk = dv = d_state = d_key_sum = None
     if need_q:
         dq = torch.empty_like(q)
         _pass(_MODE_DQ, q, k, v, do, x, den, dq, initial_state, initial_key_sum, None, None,
-              plan=_Plan(q, cu_seqlens, N, H, K, segment), **options)
+              plan=SegmentPlan(q, cu_seqlens, N, H, K, segment), **options)
     if need_k or need_key_sum:
         dk = torch.empty_like(k)
         d_key_sum = torch.empty((N, H, K), device=q.device, dtype=sdt) if need_key_sum else None
         _pass(_MODE_DK, q, k, v, do, x, den, dk, G, g_z if normalize else None, None, d_key_sum,
-              plan=_Plan(q, cu_seqlens, N, H, K, segment), **options)
+              plan=SegmentPlan(q, cu_seqlens, N, H, K, segment), **options)
     if need_v or need_state:
         dv = torch.empty_like(v)
         d_state = torch.empty((N, H, K, V), device=q.device, dtype=sdt) if need_state else None
         _pass(_MODE_DV, q, k, v, do, x, den, dv, G, None, d_state, None,
-              plan=_Plan(q, cu_seqlens, N, H, V, segment), **options)
+              plan=SegmentPlan(q, cu_seqlens, N, H, V, segment), **options)
     return (dq if need_q else None, dk if need_k else None, dv if need_v else None, d_state, d_key_sum)
