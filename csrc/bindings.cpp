@@ -178,6 +178,8 @@ void bind_linear_attention(py::module_& m) {
       .pointer("grad_final_state", &P::grad_final_state).pointer("grad_final_key_sum", &P::grad_final_key_sum)
       .pointer("grad_initial_state", &P::grad_initial_state).pointer("grad_initial_key_sum", &P::grad_initial_key_sum)
       .pointer("cu_seqlens", &P::cu_seqlens).pointer("workspace", &P::workspace)
+      .pointer("segment_offsets", &P::segment_offsets).pointer("segment_sequence", &P::segment_sequence)
+      .value("segment_chunks", &P::segment_chunks).value("segments", &P::segments)
       .value("B", &P::B).value("T", &P::T).value("H", &P::H).value("K", &P::K).value("V", &P::V).value("N", &P::N)
       .value("q_row_stride", &P::q_row_stride).value("q_head_stride", &P::q_head_stride)
       .value("k_row_stride", &P::k_row_stride).value("k_head_stride", &P::k_head_stride)
@@ -190,6 +192,7 @@ void bind_linear_attention(py::module_& m) {
       .value("scale", &P::scale).value("eps", &P::eps);
   def_launcher(m, "linear_attention_fwd", &hk::launch_linear_attention_fwd);
   def_launcher(m, "linear_attention_bwd", &hk::launch_linear_attention_bwd);
+  m.def("linear_attention_fwd_workspace_bytes", &hk::linear_attention_fwd_workspace_bytes, py::arg("params"));
   m.def("linear_attention_bwd_workspace_bytes", &hk::linear_attention_bwd_workspace_bytes, py::arg("params"));
   // Host builds of the kernels' element-wise math, for CPU tests.
   auto feature_map_code = [](int code) {

@@ -88,12 +88,46 @@ struct ScanParams {
   float* delta = nullptr;
   int64_t delta_blocks = 0;
   const int32_t* cu_seqlens = nullptr;
-  int64_t rows = 0, T = 0, H = 0, N = 0;  // rows = B * T
+  // Segments (LinearAttentionParams): block x = segment * H + head; seg_chunks 0 = a segment is a sequence.
+  int64_t segments = 0, seg_chunks = 0, seg_per_sequence = 1;
+  const int32_t* seg_offsets = nullptr;   // with cu_seqlens and seg_chunks > 0
+  const int32_t* seg_sequence = nullptr;
+  int64_t rows = 0, T = 0, H = 0;  // rows = B * T
   int feature_map = 0;
   bool normalize = false;
   bool stats = false;
+  // The segment sums of a split pass: only state_out = sum over the segment's chunks of B^T C (and vec_out, the
+  // normalize vector's sum) is computed, from zero; nothing else is read or written.
+  bool sums = false;
   float scale = 1.f, eps = 0.f;
 };
+
+// The tokens and chunks a block walks: its segment of a sequence.
+struct Segment {
+  int64_t sequence = 0, bos = 0, len = 0;  // the sequence and its token rows [bos, bos + len)
+  int64_t c0 = 0, c1 = 0;                  // the segment's chunks [c0, c1) of that sequence (empty past the end)
+};
+
+__device__ __forceinline__ Segment segment_of(const ScanParams& p, int64_t g) {
+  Segment s;
+  int64_t j = 0;  // segment j of its sequence
+  s.sequence = g;
+  if (p.seg_chunks > 0) {
+    if (p.cu_seqlens != nullptr) {
+      s.sequence = p.seg_sequence[g];
+      j = g - p.seg_offsets[s.sequence];
+    } else {
+      s.sequence = g / p.seg_per_sequence;
+      j = g % p.seg_per_sequence;
+    }
+  }
+  s.bos = p.cu_seqlens != nullptr ? p.cu_seqlens[s.sequence] : s.sequence * p.T;
+  s.len = p.cu_seqlens != nullptr ? p.cu_seqlens[s.sequence + 1] - s.bos : p.T;
+  const int64_t chunks = (s.len + kChunk - 1) / kChunk;
+  s.c0 = p.seg_chunks > 0 ? min(j * p.seg_chunks, chunks) : 0;
+  s.c1 = p.seg_chunks > 0 ? min(s.c0 + p.seg_chunks, chunks) : chunks;
+  return s;
+}
 
 template <typename T>
 struct Elem {
@@ -410,13 +444,14 @@ __device__ __forceinline__ void store_pair(T* dst, float a, float b) {
 
 // ---- the scan
 
-template <typename T, int ROLE>
+// SUMS: the segment sums (ScanParams::sums), the same walk without the A operand and the outputs.
+template <typename T, int ROLE, bool SUMS>
 __global__ void __launch_bounds__(kThreads) scan_kernel(const ScanParams p) {
   using Bits = typename Elem<T>::Bits;
   constexpr bool kReverse = ROLE == kGradK || ROLE == kGradV;
   constexpr bool kPhiAB = ROLE == kForward || ROLE == kGradV;  // A, B are phi(q), phi(k) (or phi(k), phi(q))
   constexpr bool kPhiC = ROLE == kGradQ || ROLE == kGradK;     // C is phi(k) (or phi(q))
-  constexpr bool kScaleState = std::is_same_v<T, __half>;
+  constexpr bool kScaleState = std::is_same_v<T, __half> && !SUMS;  // SUMS never feeds the state to an MMA
   constexpr int ld = kTileLd<T>;
 
 #if defined(HK_CPU_EMULATION)
@@ -439,12 +474,11 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(const ScanParams p) {
 
   const Fragment f;
   const int tid = threadIdx.x;
-  const int64_t nh = blockIdx.x;  // sequence * H + head
-  const int64_t seq = nh / p.H, head = nh % p.H;
+  const int64_t nh = blockIdx.x;  // segment * H + head: the index of its states
+  const int64_t head = nh % p.H;
+  const Segment seg = segment_of(p, nh / p.H);
   const int64_t col0 = static_cast<int64_t>(blockIdx.y) * kBlock;
   const int cols = static_cast<int>(min(static_cast<int64_t>(kBlock), p.dv - col0));  // valid output columns
-  const int64_t bos = p.cu_seqlens != nullptr ? p.cu_seqlens[seq] : seq * p.T;
-  const int64_t len = p.cu_seqlens != nullptr ? p.cu_seqlens[seq + 1] - bos : p.T;
   const int slices = static_cast<int>((p.da + kBlock - 1) / kBlock);
   const bool ext = p.normalize && (ROLE == kGradQ || ROLE == kGradK);
   const bool norm_fwd = p.normalize && ROLE == kForward;
@@ -471,11 +505,10 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(const ScanParams p) {
   if constexpr (kScaleState) state_exp = 14 - exponent_of(block_max(local_max, scratch));
   __syncthreads();
 
-  const int64_t chunks = (len + kChunk - 1) / kChunk;
-  for (int64_t ci = 0; ci < chunks; ++ci) {
-    const int64_t chunk = kReverse ? chunks - 1 - ci : ci;
-    const int64_t row0 = bos + chunk * kChunk;  // token row of the chunk's first token
-    const int rows = static_cast<int>(min(static_cast<int64_t>(kChunk), len - chunk * kChunk));
+  for (int64_t ci = 0; ci < seg.c1 - seg.c0; ++ci) {
+    const int64_t chunk = kReverse ? seg.c1 - 1 - ci : seg.c0 + ci;
+    const int64_t row0 = seg.bos + chunk * kChunk;  // token row of the chunk's first token
+    const int rows = static_cast<int>(min(static_cast<int64_t>(kChunk), seg.len - chunk * kChunk));
     local_max = 0.f;
 
     // Gradient passes: the per-token factor d num_t / d o_t (scale / den_t, or scale) as F * row_scale[t] with
@@ -511,22 +544,26 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(const ScanParams p) {
     for (int j = 0; j < slices; ++j) {
       const int k0 = j * kBlock;
       const int klen = static_cast<int>(min(static_cast<int64_t>(kBlock), p.da - k0));
-      load_tile<T, kPhiAB>(tile_a, p.a, row0, head, rows, k0, p.da, p.feature_map,
-                           ROLE == kGradQ ? row_scale : nullptr);
+      if constexpr (!SUMS) {
+        load_tile<T, kPhiAB>(tile_a, p.a, row0, head, rows, k0, p.da, p.feature_map,
+                             ROLE == kGradQ ? row_scale : nullptr);
+      }
       load_tile<T, kPhiAB>(tile_b, p.b, row0, head, rows, k0, p.da, p.feature_map,
                            ROLE == kGradK ? row_scale : nullptr);
       __syncthreads();
 
       float* const s_j = state + k0 * kStateLd;
-      tile_product<T, false, false>(acc_p, tile_a, tile_b, klen);                 // P += A_j B_j^T
-      state_product<T>(acc_o, tile_a, s_j, pow2(state_exp), klen);               // out += A_j S_j
-      if (norm_fwd) {
-        const Bits* a_row = tile_a + (tid / 2) * ld;
-        for (int kk = (tid % 2) * 32; kk < min(klen, (tid % 2) * 32 + 32); ++kk) {
-          qz = fmaf(bits_to_float<T>(a_row[kk]), vec[k0 + kk], qz);
+      if constexpr (!SUMS) {
+        tile_product<T, false, false>(acc_p, tile_a, tile_b, klen);                 // P += A_j B_j^T
+        state_product<T>(acc_o, tile_a, s_j, pow2(state_exp), klen);               // out += A_j S_j
+        if (norm_fwd) {
+          const Bits* a_row = tile_a + (tid / 2) * ld;
+          for (int kk = (tid % 2) * 32; kk < min(klen, (tid % 2) * 32 + 32); ++kk) {
+            qz = fmaf(bits_to_float<T>(a_row[kk]), vec[k0 + kk], qz);
+          }
         }
+        __syncthreads();  // S_j and z_j are read; now update them
       }
-      __syncthreads();  // S_j and z_j are read; now update them
 
       float acc_s[kPerThread];
 #pragma unroll
@@ -550,126 +587,128 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(const ScanParams p) {
       __syncthreads();  // tiles A, B are free for the next slice
     }
 
-    // The state product used S * 2^state_exp; dk / dv also carry F in the intra-chunk term, applied below.
-    {
-      const float back = pow2(-state_exp), unscale = kReverse ? pow2(-f_exp) : 1.f;
+    if constexpr (!SUMS) {  // the outputs: the segment sums stop at the state and vector updates above
+      // The state product used S * 2^state_exp; dk / dv also carry F in the intra-chunk term, applied below.
+      {
+        const float back = pow2(-state_exp), unscale = kReverse ? pow2(-f_exp) : 1.f;
 #pragma unroll
-      for (int r = 0; r < kPerThread; ++r) acc_o[r] = acc_o[r] * back * unscale;
-    }
+        for (int r = 0; r < kPerThread; ++r) acc_o[r] = acc_o[r] * back * unscale;
+      }
 
-    // P = A B^T (+ the normalize feature), masked to the causal triangle, then rounded into tile_p.
-    if (ext) {
-      const float inv_f = pow2(-f_exp);
+      // P = A B^T (+ the normalize feature), masked to the causal triangle, then rounded into tile_p.
+      if (ext) {
+        const float inv_f = pow2(-f_exp);
+#pragma unroll
+        for (int r = 0; r < kPerThread; ++r) {
+          acc_p[r] += (ROLE == kGradQ ? dden[f.row(r)] : dden[f.col(r)]) * inv_f;
+        }
+      }
 #pragma unroll
       for (int r = 0; r < kPerThread; ++r) {
-        acc_p[r] += (ROLE == kGradQ ? dden[f.row(r)] : dden[f.col(r)]) * inv_f;
+        const int t = f.row(r), s = f.col(r);
+        if (kReverse ? s < t : s > t) acc_p[r] = 0.f;
       }
-    }
+      if (norm_fwd) {
+        float part[4] = {0.f, 0.f, 0.f, 0.f};
+        // Row sums of P as rounded for P C below: den is then the same computation as num on a column of ones.
 #pragma unroll
-    for (int r = 0; r < kPerThread; ++r) {
-      const int t = f.row(r), s = f.col(r);
-      if (kReverse ? s < t : s > t) acc_p[r] = 0.f;
-    }
-    if (norm_fwd) {
-      float part[4] = {0.f, 0.f, 0.f, 0.f};
-      // Row sums of P as rounded for P C below: den is then the same computation as num on a column of ones.
-#pragma unroll
-      for (int r = 0; r < kPerThread; ++r) part[Fragment::i_of(r)] += bits_to_float<T>(float_to_bits<T>(acc_p[r]));
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        part[i] += __shfl_xor_sync(0xffffffffu, part[i], 1);
-        part[i] += __shfl_xor_sync(0xffffffffu, part[i], 2);
-        if (f.t4 == 0) row_sum[f.warp_col / 32][f.row_i(i)] = part[i];
-      }
-      qz += __shfl_xor_sync(0xffffffffu, qz, 1);
-      if (tid % 2 == 0) den_inter[tid / 2] = qz;
-    }
-#pragma unroll
-    for (int r = 0; r < kPerThread; r += 2) {
-      Bits* dst = tile_p + f.row(r) * ld + f.col(r);  // column even: a 4- or 8-byte aligned pair
-      if constexpr (std::is_same_v<T, float>) {
-        *reinterpret_cast<float2*>(dst) = make_float2(acc_p[r], acc_p[r + 1]);
-      } else {
-        *reinterpret_cast<uint32_t*>(dst) = pack2<T>(acc_p[r], acc_p[r + 1]);
-      }
-    }
-    __syncthreads();
-    if (ROLE == kForward && p.stats) {  // the gradient passes' d num factors of this chunk (see chunk_row_scale)
-      const float den = tid < rows ? den_inter[tid] + row_sum[0][tid] + row_sum[1][tid] + p.eps : 0.f;
-      chunk_row_scale(tid < rows ? normalizer_row_scale(den, p.scale) : 0.f, row_scale, scratch);
-      __syncthreads();
-    }
-
-    tile_product<T, false, true>(acc_o, tile_p, tile_c, rows);  // out += P C
-    if constexpr (ROLE != kForward) {
-      const float back = pow2(f_exp);
-#pragma unroll
-      for (int r = 0; r < kPerThread; ++r) acc_o[r] *= back;
-    }
-    if (ext) {  // the normalize feature's state row: dq: d den_t * z_prev; dk: 1 * r_prev
-#pragma unroll
-      for (int r = 0; r < kPerThread; ++r) acc_o[r] += (ROLE == kGradQ ? dden[f.row(r)] : 1.f) * vec[f.col(r)];
-    }
-
-    // Epilogue: rows < rows, columns < cols.
-    {
-      T* out = static_cast<T*>(p.out);
-      const bool pairs = out != nullptr && p.dv % 2 == 0 && p.out_row_stride % 2 == 0 &&
-                         p.out_head_stride % 2 == 0 && is_aligned(out, 2 * sizeof(T));
-      float part[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int r = 0; r < kPerThread; r += 2) {  // r, r + 1: adjacent columns of one row
-        const int t = f.row(r), c = f.col(r);
-        if (t >= rows || c >= cols) continue;
-        const bool second = c + 1 < cols;
-        const int64_t row = row0 + t, col = col0 + c;
-        float v0 = acc_o[r], v1 = acc_o[r + 1];
-        if constexpr (ROLE == kForward) {
-          if (p.normalize) {
-            const float den = den_inter[t] + row_sum[0][t] + row_sum[1][t] + p.eps;
-            v0 = normalized_output(v0, den, p.scale);
-            v1 = normalized_output(v1, den, p.scale);
-          } else {
-            v0 *= p.scale;
-            v1 *= p.scale;
-          }
-          if (p.stats) {  // grad_o . o with grad_o as the gradient passes will see it
-            const float rp = row_scale[t];
-            const bool rounded = finite_abs(rp) > 0.f;  // 0, inf, NaN: the pass has no finite factor to round by
-            auto effective = [&](float g) { return rounded ? bits_to_float<T>(float_to_bits<T>(g * rp)) / rp : g; };
-            float d = v0 * effective(load_element<T>(p.grad_o, row, head, col));
-            if (second) d = fmaf(v1, effective(load_element<T>(p.grad_o, row, head, col + 1)), d);
-            part[Fragment::i_of(r)] += d;
-          }
-        } else if constexpr (ROLE == kGradQ || ROLE == kGradK) {
-          v0 *= feature_map_grad(p.feature_map, load_element<T>(p.dphi, row, head, col));
-          if (second) v1 *= feature_map_grad(p.feature_map, load_element<T>(p.dphi, row, head, col + 1));
-        }
-        if (out != nullptr) {
-          T* dst = out + row * p.out_row_stride + head * p.out_head_stride + col;
-          if (pairs) {
-            store_pair(dst, v0, v1);  // col even and dv even: col + 1 < dv
-          } else {
-            store_element(dst, v0);
-            if (second) store_element(dst + 1, v1);
-          }
-        }
-      }
-      if (ROLE == kForward && p.stats) {
+        for (int r = 0; r < kPerThread; ++r) part[Fragment::i_of(r)] += bits_to_float<T>(float_to_bits<T>(acc_p[r]));
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           part[i] += __shfl_xor_sync(0xffffffffu, part[i], 1);
           part[i] += __shfl_xor_sync(0xffffffffu, part[i], 2);
-          if (f.t4 == 0) delta_sum[f.warp_col / 32][f.row_i(i)] = part[i];
+          if (f.t4 == 0) row_sum[f.warp_col / 32][f.row_i(i)] = part[i];
+        }
+        qz += __shfl_xor_sync(0xffffffffu, qz, 1);
+        if (tid % 2 == 0) den_inter[tid / 2] = qz;
+      }
+#pragma unroll
+      for (int r = 0; r < kPerThread; r += 2) {
+        Bits* dst = tile_p + f.row(r) * ld + f.col(r);  // column even: a 4- or 8-byte aligned pair
+        if constexpr (std::is_same_v<T, float>) {
+          *reinterpret_cast<float2*>(dst) = make_float2(acc_p[r], acc_p[r + 1]);
+        } else {
+          *reinterpret_cast<uint32_t*>(dst) = pack2<T>(acc_p[r], acc_p[r + 1]);
         }
       }
-    }
-    __syncthreads();  // vec (read above), tile_c and the epilogue's sums are complete
+      __syncthreads();
+      if (ROLE == kForward && p.stats) {  // the gradient passes' d num factors of this chunk (see chunk_row_scale)
+        const float den = tid < rows ? den_inter[tid] + row_sum[0][tid] + row_sum[1][tid] + p.eps : 0.f;
+        chunk_row_scale(tid < rows ? normalizer_row_scale(den, p.scale) : 0.f, row_scale, scratch);
+        __syncthreads();
+      }
 
-    if (ROLE == kForward && p.stats && tid < rows) {
-      const int64_t idx = (row0 + tid) * p.H + head;
-      if (blockIdx.y == 0) p.den[idx] = den_inter[tid] + row_sum[0][tid] + row_sum[1][tid] + p.eps;
-      p.delta[blockIdx.y * p.rows * p.H + idx] = delta_sum[0][tid] + delta_sum[1][tid];
+      tile_product<T, false, true>(acc_o, tile_p, tile_c, rows);  // out += P C
+      if constexpr (ROLE != kForward) {
+        const float back = pow2(f_exp);
+#pragma unroll
+        for (int r = 0; r < kPerThread; ++r) acc_o[r] *= back;
+      }
+      if (ext) {  // the normalize feature's state row: dq: d den_t * z_prev; dk: 1 * r_prev
+#pragma unroll
+        for (int r = 0; r < kPerThread; ++r) acc_o[r] += (ROLE == kGradQ ? dden[f.row(r)] : 1.f) * vec[f.col(r)];
+      }
+
+      // Epilogue: rows < rows, columns < cols.
+      {
+        T* out = static_cast<T*>(p.out);
+        const bool pairs = out != nullptr && p.dv % 2 == 0 && p.out_row_stride % 2 == 0 &&
+                           p.out_head_stride % 2 == 0 && is_aligned(out, 2 * sizeof(T));
+        float part[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int r = 0; r < kPerThread; r += 2) {  // r, r + 1: adjacent columns of one row
+          const int t = f.row(r), c = f.col(r);
+          if (t >= rows || c >= cols) continue;
+          const bool second = c + 1 < cols;
+          const int64_t row = row0 + t, col = col0 + c;
+          float v0 = acc_o[r], v1 = acc_o[r + 1];
+          if constexpr (ROLE == kForward) {
+            if (p.normalize) {
+              const float den = den_inter[t] + row_sum[0][t] + row_sum[1][t] + p.eps;
+              v0 = normalized_output(v0, den, p.scale);
+              v1 = normalized_output(v1, den, p.scale);
+            } else {
+              v0 *= p.scale;
+              v1 *= p.scale;
+            }
+            if (p.stats) {  // grad_o . o with grad_o as the gradient passes will see it
+              const float rp = row_scale[t];
+              const bool rounded = finite_abs(rp) > 0.f;  // 0, inf, NaN: the pass has no finite factor to round by
+              auto effective = [&](float g) { return rounded ? bits_to_float<T>(float_to_bits<T>(g * rp)) / rp : g; };
+              float d = v0 * effective(load_element<T>(p.grad_o, row, head, col));
+              if (second) d = fmaf(v1, effective(load_element<T>(p.grad_o, row, head, col + 1)), d);
+              part[Fragment::i_of(r)] += d;
+            }
+          } else if constexpr (ROLE == kGradQ || ROLE == kGradK) {
+            v0 *= feature_map_grad(p.feature_map, load_element<T>(p.dphi, row, head, col));
+            if (second) v1 *= feature_map_grad(p.feature_map, load_element<T>(p.dphi, row, head, col + 1));
+          }
+          if (out != nullptr) {
+            T* dst = out + row * p.out_row_stride + head * p.out_head_stride + col;
+            if (pairs) {
+              store_pair(dst, v0, v1);  // col even and dv even: col + 1 < dv
+            } else {
+              store_element(dst, v0);
+              if (second) store_element(dst + 1, v1);
+            }
+          }
+        }
+        if (ROLE == kForward && p.stats) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            part[i] += __shfl_xor_sync(0xffffffffu, part[i], 1);
+            part[i] += __shfl_xor_sync(0xffffffffu, part[i], 2);
+            if (f.t4 == 0) delta_sum[f.warp_col / 32][f.row_i(i)] = part[i];
+          }
+        }
+      }
+      __syncthreads();  // vec (read above), tile_c and the epilogue's sums are complete
+
+      if (ROLE == kForward && p.stats && tid < rows) {
+        const int64_t idx = (row0 + tid) * p.H + head;
+        if (blockIdx.y == 0) p.den[idx] = den_inter[tid] + row_sum[0][tid] + row_sum[1][tid] + p.eps;
+        p.delta[blockIdx.y * p.rows * p.H + idx] = delta_sum[0][tid] + delta_sum[1][tid];
+      }
     }
     if (ext && tid < kBlock) {  // the extra state row: dq: z += sum_s C_s; dk: r += sum_s d den_s C_s
       float sum = 0.f;
@@ -701,18 +740,19 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(const ScanParams p) {
   }
 }
 
-// Enqueue one pass: a block per (sequence, head) and 64 output columns.
+// Enqueue one pass (or its segment sums, p.sums): a block per (segment, head) and 64 output columns.
 template <typename T, int ROLE>
 cudaError_t launch_scan(const ScanParams& p, cudaStream_t stream) {
   const int64_t smem = shared_bytes<T>(p.da);
-  const dim3 grid(static_cast<unsigned>(p.N * p.H), static_cast<unsigned>((p.dv + kBlock - 1) / kBlock));
+  const dim3 grid(static_cast<unsigned>(p.segments * p.H), static_cast<unsigned>((p.dv + kBlock - 1) / kBlock));
+  auto* const kernel = p.sums ? scan_kernel<T, ROLE, true> : scan_kernel<T, ROLE, false>;
 #if defined(HK_CPU_EMULATION)
   (void)stream;
-  return hk_emulation::launch(scan_kernel<T, ROLE>, grid, kThreads, static_cast<size_t>(smem), p);
+  return hk_emulation::launch(kernel, grid, kThreads, static_cast<size_t>(smem), p);
 #else
   HK_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(scan_kernel<T, ROLE>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  scan_kernel<T, ROLE><<<grid, kThreads, static_cast<size_t>(smem), stream>>>(p);
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  kernel<<<grid, kThreads, static_cast<size_t>(smem), stream>>>(p);
   return cudaGetLastError();
 #endif
 }

@@ -25,7 +25,7 @@ import hadamard_kernels as hk
 from hadamard_kernels import _backend
 from hadamard_kernels.ops.linear_attention import cuda as la_cuda
 from hadamard_kernels.ops.linear_attention import reference
-from hadamard_kernels.ops.linear_attention.common import FEATURE_MAPS, MAX_HEAD_DIM
+from hadamard_kernels.ops.linear_attention.common import FEATURE_MAPS, MAX_HEAD_DIM, SegmentPlan
 
 EXT, EXT_MISSING = _backend.cuda_extension()
 needs_ext = pytest.mark.skipif(EXT is None, reason=f"hadamard_kernels._C not built: {EXT_MISSING}")
@@ -173,9 +173,10 @@ def cpu_inputs(B=2, T=130, H=2, K=40, V=24, *, dtype=torch.float32, feature_map=
 
 
 def check_emulated(inputs, *, feature_map="identity", normalize=False, scale=0.7, eps=1e-6, cu_seqlens=None,
-                   needs=None, final_grads=True, tol=None, seed=1):
+                   needs=None, final_grads=True, tol=None, seed=1, segment=None):
     """cuda.forward / cuda.backward (emulated kernels) against reference.forward / backward on float64 copies, with the
-    backend modules' own signatures (what op.py calls). Returns (outputs, gradients)."""
+    backend modules' own signatures (what op.py calls); segment: cut sequences into segments of that many chunks.
+    Returns (outputs, gradients)."""
     q, k, v, S0, z0 = inputs
     dtype, n = q.dtype, (q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1)
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
@@ -186,9 +187,9 @@ def check_emulated(inputs, *, feature_map="identity", normalize=False, scale=0.7
     grad_z = torch.randn(n, H, K, generator=g, dtype=torch.float64) if (final_grads and normalize) else None
     needs = needs or [True, True, True, S0 is not None, z0 is not None]
 
-    outs = la_cuda.forward(q, k, v, S0, z0, *options, True, cu_seqlens)
+    outs = la_cuda.forward(q, k, v, S0, z0, *options, True, cu_seqlens, segment=segment)
     grads = la_cuda.backward(grad_o.to(dtype), *(None if t is None else t.float() for t in (grad_S, grad_z)),
-                             q, k, v, S0, z0, *options, cu_seqlens, needs)
+                             q, k, v, S0, z0, *options, cu_seqlens, needs, segment=segment)
     wide = [None if t is None else t.double() for t in inputs]
     ref_outs = reference.forward(*wide, *options, True, cu_seqlens)
     ref_grads = reference.backward(grad_o, grad_S, grad_z, *wide, *options, cu_seqlens, needs)
@@ -295,6 +296,68 @@ def test_emulated_half_precision_guards(emulated, dtype):
                               state_scale=1e6, key_sum_scale=1e6), feature_map="elu1", normalize=True, scale=1.0)
     check_emulated(cpu_inputs(B=1, T=300, K=32, V=32, dtype=dtype, feature_map="elu1", normalize=True, states=False,
                               v_mean=3.0), feature_map="elu1", normalize=True)
+
+
+# ---------------------------------------------------------------- sequences split into segments
+def split_grids(N, nseg, H, K, V, normalize, passes):
+    """The grids (x, y) a split launcher enqueues: per pass the segment sums and the pass itself, one block per
+    (segment, head, 64 columns), and between them the segment scan, one block per (sequence, head, 256 elements of
+    the state and the normalize vector)."""
+    grids = []
+    for name in passes:
+        columns = K if name in ("dq", "dk") else V
+        vec = K if normalize and name != "dv" else 0
+        block = (N * nseg * H, math.ceil(columns / 64))
+        grids += [block, (N * H, math.ceil((K * V + vec) / 256)), block]
+    return grids
+
+
+@pytest.mark.parametrize("dtype", EMULATED_DTYPES, ids=str)
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalize"])
+def test_emulated_segment_split(emulated, dtype, normalize):
+    """Sequences of 4 chunks cut into segments of 1 and of 3 chunks (3 + 1), as few sequences x heads on many SMs
+    are on a GPU: the segment sums, their scan into start and final states (from the initial states, and from
+    zeros) and every pass from its segment's start state. The grids show that the split ran."""
+    B, H, K, V = 2, 2, 40, 72
+    for states in (True, False):
+        inputs = cpu_inputs(B=B, T=200, H=H, K=K, V=V, dtype=dtype, feature_map="elu1", normalize=normalize,
+                            states=states, seed=int(states))
+        for segment, nseg in ((1, 4), (3, 2)):
+            emulated.take_launched_grids()
+            check_emulated(inputs, feature_map="elu1", normalize=normalize, segment=segment)
+            passes = ["o", *(["o"] if normalize else []), "dq", "dk", "dv"]
+            assert emulated.take_launched_grids() == split_grids(B, nseg, H, K, V, normalize, passes)
+
+
+def test_emulated_segment_split_unneeded():
+    """A segment as long as the sequence is no split: one launch per pass."""
+    q = torch.empty(2, 200, 2, 8)
+    assert not SegmentPlan(q, None, 2, 2, 8, 4).split
+    assert SegmentPlan(q, None, 2, 2, 8, 3).split
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalize"])
+def test_emulated_segment_split_varlen(emulated, normalize):
+    """Packed sequences of 0, 1, 63, 0, 65, 71 and 63 tokens in segments of one chunk: 9 segments, on a grid sized
+    for 12 (the plan's bound without a host sync); empty sequences hand their initial state through."""
+    cu = [0, 0, 1, 64, 64, 129, 200, 263]
+    inputs = cpu_inputs(B=1, T=cu[-1], H=2, K=24, V=40, n=len(cu) - 1, dtype=torch.float16, feature_map="relu",
+                        normalize=normalize)
+    emulated.take_launched_grids()
+    outs, _ = check_emulated(inputs, feature_map="relu", normalize=normalize,
+                             cu_seqlens=torch.tensor(cu, dtype=torch.int32), segment=1)
+    assert emulated.take_launched_grids()[0] == (12 * 2, 1)
+    assert torch.equal(outs[1][[0, 3]], inputs[3][[0, 3]]), "an empty sequence's final state is its initial state"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_emulated_segment_split_guards_and_single_gradients(emulated, dtype):
+    """float16's state scaling from a segment's start state (a state of ~1e5 summed over segments), and each
+    gradient alone through the split passes."""
+    check_emulated(cpu_inputs(T=200, K=32, V=32, dtype=dtype, state_scale=1e5), scale=1e-3, segment=1)
+    inputs = cpu_inputs(B=1, T=150, H=2, K=36, V=20, dtype=dtype, feature_map="elu1", normalize=True)
+    for which in range(5):
+        check_emulated(inputs, feature_map="elu1", normalize=True, needs=[i == which for i in range(5)], segment=2)
 
 
 # ---------------------------------------------------------------- launchers refuse bad params without a GPU

@@ -11,6 +11,11 @@
 #include "linear_attention_f32.cu"
 #include "emulated_module.h"
 
+#include <pybind11/stl.h>
+
+#include <utility>
+#include <vector>
+
 namespace py = pybind11;
 namespace hk = hadamard_kernels;
 using hk_module::launcher;
@@ -39,8 +44,11 @@ PYBIND11_MODULE(hk_linear_attention_emulated, m) {
   pointer(cls, "grad_initial_key_sum", &P::grad_initial_key_sum);
   pointer(cls, "cu_seqlens", &P::cu_seqlens);
   pointer(cls, "workspace", &P::workspace);
+  pointer(cls, "segment_offsets", &P::segment_offsets);
+  pointer(cls, "segment_sequence", &P::segment_sequence);
   cls.def_readwrite("B", &P::B).def_readwrite("T", &P::T).def_readwrite("H", &P::H).def_readwrite("K", &P::K)
       .def_readwrite("V", &P::V).def_readwrite("N", &P::N)
+      .def_readwrite("segment_chunks", &P::segment_chunks).def_readwrite("segments", &P::segments)
       .def_readwrite("q_row_stride", &P::q_row_stride).def_readwrite("q_head_stride", &P::q_head_stride)
       .def_readwrite("k_row_stride", &P::k_row_stride).def_readwrite("k_head_stride", &P::k_head_stride)
       .def_readwrite("v_row_stride", &P::v_row_stride).def_readwrite("v_head_stride", &P::v_head_stride)
@@ -52,7 +60,15 @@ PYBIND11_MODULE(hk_linear_attention_emulated, m) {
       .def_readwrite("scale", &P::scale).def_readwrite("eps", &P::eps);
   launcher(m, "linear_attention_fwd", &hk::launch_linear_attention_fwd, /*release_gil=*/true);
   launcher(m, "linear_attention_bwd", &hk::launch_linear_attention_bwd, /*release_gil=*/true);
+  m.def("linear_attention_fwd_workspace_bytes", &hk::linear_attention_fwd_workspace_bytes);
   m.def("linear_attention_bwd_workspace_bytes", &hk::linear_attention_bwd_workspace_bytes);
+  // The grids (x, y) launched since the last call, in order.
+  m.def("take_launched_grids", [] {
+    std::vector<std::pair<unsigned, unsigned>> grids;
+    for (const dim3& g : hk_emulation::launched_grids) grids.emplace_back(g.x, g.y);
+    hk_emulation::launched_grids.clear();
+    return grids;
+  });
   // The dynamic shared memory of one block (dtype code, reduction dim), for cuda.py's copy of the formula.
   m.def("scan_shared_bytes", [](int dtype, int64_t da) {
     namespace d = hk::linear_attention_detail;

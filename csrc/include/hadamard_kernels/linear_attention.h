@@ -100,7 +100,13 @@ struct LinearAttentionParams {
   float* grad_initial_state = nullptr;        // backward output [N, H, K, V], or null
   float* grad_initial_key_sum = nullptr;      // backward output [N, H, K], or null; normalize only
   const int32_t* cu_seqlens = nullptr;  // [N + 1] token offsets of packed sequences (B == 1), or null (N = B)
-  void* workspace = nullptr;  // backward scratch of linear_attention_bwd_workspace_bytes(), 16-byte aligned
+  // Sequence split (SegmentPlan in hadamard_kernels/ops/linear_attention/common.py): with segment_chunks > 0 every
+  // sequence is cut into segments of that many 64-token chunks, and each pass runs one block per segment.
+  int64_t segment_chunks = 0;  // 0: a sequence is one segment
+  int64_t segments = 0;  // in all: N * ceil(ceil(T / 64) / segment_chunks), with cu_seqlens an upper bound
+  const int32_t* segment_offsets = nullptr;   // with cu_seqlens: [N + 1], the first segment of each sequence
+  const int32_t* segment_sequence = nullptr;  // with cu_seqlens: [segments], the sequence of each segment
+  void* workspace = nullptr;  // scratch of linear_attention_{fwd,bwd}_workspace_bytes(), 16-byte aligned
   int64_t B = 0, T = 0, H = 0, K = 0, V = 0;
   int64_t N = 0;  // sequences: B, or cu_seqlens entries - 1
   int64_t q_row_stride = 0, q_head_stride = 0;
@@ -117,7 +123,9 @@ struct LinearAttentionParams {
   float eps = 0.f;
 };
 
-// Bytes of scratch launch_linear_attention_bwd needs (0 for invalid params, or when normalize is off).
+// Bytes of scratch the launchers need: the segments' state sums when sequences are split, and in the backward with
+// normalize the per-token statistics (0 for invalid params, or when neither applies).
+int64_t linear_attention_fwd_workspace_bytes(const LinearAttentionParams& params);
 int64_t linear_attention_bwd_workspace_bytes(const LinearAttentionParams& params);
 
 // Enqueue the kernels on `stream`; return cudaErrorInvalidValue for bad params (K or V > kLinearAttentionMaxDim

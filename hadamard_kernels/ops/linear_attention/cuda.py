@@ -8,6 +8,11 @@ as exact fp32 FMAs (float32). Forward: one pass (A = phi(q), B = phi(k), C = v, 
 same kernel). Backward: with normalize a forward pass writes den_t and grad_o_t . o_t per token into a workspace
 (4 * (1 + ceil(V / 64)) * B * T * H bytes); then one pass per gradient asked for: dq forward in time, dk (and the
 key-sum gradient) and dv (and the state gradient) in reverse. Nothing else is kept between the passes.
+
+Parallelism: a pass has sequences x heads x ceil(columns / 64) blocks. When that leaves SMs idle (few heads, long
+T), `common.SegmentPlan` (the Triton backend's plan too) cuts every sequence into segments: each pass then sums
+every segment's state contribution, scans the sums into each segment's start state and runs one block per segment
+(csrc/linear_attention.cu), with the sums, 4 * segments * H * (K * V + K) bytes, in the workspace.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..._backend import require_cuda_extension
-from .common import FEATURE_MAPS
+from .common import FEATURE_MAPS, SegmentPlan
 
 # kLinearAttentionMaxDim in csrc/include/hadamard_kernels/linear_attention.h (exported as
 # _C.LINEAR_ATTENTION_MAX_DIM): a block keeps a [K or V, 64] slice of the fp32 state in shared memory.
@@ -66,10 +71,15 @@ def _state(t):
     return None if t is None else t.contiguous()
 
 
-def _params(ext, q, k, v, feature_map, normalize, scale, eps, cu_seqlens, **fields):
-    """LinearAttentionParams for q, k, v (as returned by _rows) and the options; `fields` adds the rest."""
+def _params(ext, q, k, v, feature_map, normalize, scale, eps, cu_seqlens, plan, **fields):
+    """LinearAttentionParams for q, k, v (as returned by _rows), the options and the segment plan; `fields` adds the
+    rest."""
     (q, q_rs, q_hs), (k, k_rs, k_hs), (v, v_rs, v_hs) = q, k, v
     B, T, H, K = q.shape
+    if plan.split:
+        tables = (plan.seg_off, plan.seg_seq) if plan.varlen else (None, None)
+        fields.update(segment_chunks=plan.L, segments=plan.G, segment_offsets=_ptr(tables[0]),
+                      segment_sequence=_ptr(tables[1]))
     return ext.LinearAttentionParams(
         q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), cu_seqlens=_ptr(cu_seqlens),
         B=B, T=T, H=H, K=K, V=v.shape[-1], N=B if cu_seqlens is None else cu_seqlens.shape[0] - 1,
@@ -79,6 +89,17 @@ def _params(ext, q, k, v, feature_map, normalize, scale, eps, cu_seqlens, **fiel
         normalize=bool(normalize), scale=float(scale), eps=float(eps), **fields)
 
 
+def _workspace(ext, params, backward, like):
+    """The launcher's scratch (`params.workspace` set), or None when it needs none. Returned to be kept alive until
+    the launch is enqueued."""
+    size = (ext.linear_attention_bwd_workspace_bytes if backward else ext.linear_attention_fwd_workspace_bytes)(params)
+    if not size:
+        return None
+    workspace = torch.empty(size, device=like.device, dtype=torch.uint8)
+    params.workspace = workspace.data_ptr()
+    return workspace
+
+
 def _out(shape, like):
     """A contiguous [B, T, H, D] output in like's dtype, with its row and head strides."""
     out = torch.empty(shape, device=like.device, dtype=like.dtype)
@@ -86,7 +107,8 @@ def _out(shape, like):
 
 
 def forward(q, k, v, initial_state, initial_key_sum, feature_map, normalize, scale, eps, output_final_state,
-            cu_seqlens):
+            cu_seqlens, *, segment=None):
+    """segment: force the segment length in chunks (tests of the split on small sizes)."""
     ext = require_cuda_extension()
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -97,16 +119,18 @@ def forward(q, k, v, initial_state, initial_key_sum, feature_map, normalize, sca
     initial_state, initial_key_sum = _state(initial_state), _state(initial_key_sum if normalize else None)
     cu_seqlens = None if cu_seqlens is None else cu_seqlens.contiguous()
     with torch.cuda.device(q.device):
-        params = _params(ext, _rows(q), _rows(k), _rows(v), feature_map, normalize, scale, eps, cu_seqlens,
+        plan = SegmentPlan(q, cu_seqlens, N, H, V, segment)
+        params = _params(ext, _rows(q), _rows(k), _rows(v), feature_map, normalize, scale, eps, cu_seqlens, plan,
                          o=o.data_ptr(), o_row_stride=o_rs, o_head_stride=o_hs,
                          initial_state=_ptr(initial_state), initial_key_sum=_ptr(initial_key_sum),
                          final_state=_ptr(final_state), final_key_sum=_ptr(final_key_sum))
+        workspace = _workspace(ext, params, False, q)  # noqa: F841 (alive until the launch is enqueued)
         ext.linear_attention_fwd(params, torch.cuda.current_stream().cuda_stream)
     return o, final_state, final_key_sum
 
 
 def backward(grad_o, grad_final_state, grad_final_key_sum, q, k, v, initial_state, initial_key_sum, feature_map,
-             normalize, scale, eps, cu_seqlens, needs):
+             normalize, scale, eps, cu_seqlens, needs, *, segment=None):
     need_q, need_k, need_v, need_state, need_key_sum = needs
     need_key_sum = need_key_sum and normalize
     if not (need_q or need_k or need_v or need_state or need_key_sum):
@@ -126,7 +150,9 @@ def backward(grad_o, grad_final_state, grad_final_key_sum, q, k, v, initial_stat
     grad_o, go_rs, go_hs = _rows(grad_o)
     cu_seqlens = None if cu_seqlens is None else cu_seqlens.contiguous()
     with torch.cuda.device(q.device):
-        params = _params(ext, _rows(q), _rows(k), _rows(v), feature_map, normalize, scale, eps, cu_seqlens,
+        # One plan for every pass: the dq / dk passes have ceil(K / 64) column blocks, the others ceil(V / 64).
+        plan = SegmentPlan(q, cu_seqlens, N, H, min(K, V), segment)
+        params = _params(ext, _rows(q), _rows(k), _rows(v), feature_map, normalize, scale, eps, cu_seqlens, plan,
                          grad_o=grad_o.data_ptr(), o_row_stride=go_rs, o_head_stride=go_hs,
                          dq=_ptr(dq), dq_row_stride=dq_rs, dq_head_stride=dq_hs,
                          dk=_ptr(dk), dk_row_stride=dk_rs, dk_head_stride=dk_hs,
@@ -134,7 +160,6 @@ def backward(grad_o, grad_final_state, grad_final_key_sum, q, k, v, initial_stat
                          initial_state=_ptr(initial_state), initial_key_sum=_ptr(initial_key_sum),
                          grad_final_state=_ptr(grad_final_state), grad_final_key_sum=_ptr(grad_final_key_sum),
                          grad_initial_state=_ptr(d_state), grad_initial_key_sum=_ptr(d_key_sum))
-        workspace = torch.empty(ext.linear_attention_bwd_workspace_bytes(params), device=q.device, dtype=torch.uint8)
-        params.workspace = _ptr(workspace) if workspace.numel() else 0
+        workspace = _workspace(ext, params, True, q)  # noqa: F841 (alive until the launch is enqueued)
         ext.linear_attention_bwd(params, torch.cuda.current_stream().cuda_stream)
     return dq, dk, dv, d_state, d_key_sum
