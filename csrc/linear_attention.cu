@@ -41,7 +41,7 @@ bool valid(const LinearAttentionParams& p) {
   if (p.cu_seqlens != nullptr ? p.B != 1 : p.N != p.B) return false;
   if (p.q == nullptr || p.k == nullptr || p.v == nullptr) return false;
   if (p.feature_map < 0 || p.feature_map >= kNumFeatureMaps) return false;
-  if (p.segment_chunks < 0) return false;
+  if ((p.T + kChunk - 1) / kChunk > INT_MAX || p.segment_chunks < 0) return false;  // chunk indices are int
   if (p.segment_chunks > 0) {
     // Without cu_seqlens the grid is exactly segments per sequence x N; with them an upper bound.
     if (p.cu_seqlens == nullptr ? p.segments != segments_needed(p) : p.segments < segments_needed(p)) return false;

@@ -105,7 +105,7 @@ struct ScanParams {
 // The tokens and chunks a block walks: its segment of a sequence.
 struct Segment {
   int64_t sequence = 0, bos = 0, len = 0;  // the sequence and its token rows [bos, bos + len)
-  int64_t c0 = 0, c1 = 0;                  // the segment's chunks [c0, c1) of that sequence (empty past the end)
+  int c0 = 0, c1 = 0;                      // the segment's chunks [c0, c1) of that sequence (empty past the end)
 };
 
 __device__ __forceinline__ Segment segment_of(const ScanParams& p, int64_t g) {
@@ -123,9 +123,9 @@ __device__ __forceinline__ Segment segment_of(const ScanParams& p, int64_t g) {
   }
   s.bos = p.cu_seqlens != nullptr ? p.cu_seqlens[s.sequence] : s.sequence * p.T;
   s.len = p.cu_seqlens != nullptr ? p.cu_seqlens[s.sequence + 1] - s.bos : p.T;
-  const int64_t chunks = (s.len + kChunk - 1) / kChunk;
-  s.c0 = p.seg_chunks > 0 ? min(j * p.seg_chunks, chunks) : 0;
-  s.c1 = p.seg_chunks > 0 ? min(s.c0 + p.seg_chunks, chunks) : chunks;
+  const int64_t chunks = (s.len + kChunk - 1) / kChunk;  // < 2^31: T < 2^37 (the launcher checks)
+  s.c0 = static_cast<int>(p.seg_chunks > 0 ? min(j * p.seg_chunks, chunks) : 0);
+  s.c1 = static_cast<int>(p.seg_chunks > 0 ? min(s.c0 + p.seg_chunks, chunks) : chunks);
   return s;
 }
 
@@ -505,7 +505,7 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(const ScanParams p) {
   if constexpr (kScaleState) state_exp = 14 - exponent_of(block_max(local_max, scratch));
   __syncthreads();
 
-  for (int64_t ci = 0; ci < seg.c1 - seg.c0; ++ci) {
+  for (int ci = 0; ci < seg.c1 - seg.c0; ++ci) {
     const int64_t chunk = kReverse ? seg.c1 - 1 - ci : seg.c0 + ci;
     const int64_t row0 = seg.bos + chunk * kChunk;  // token row of the chunk's first token
     const int rows = static_cast<int>(min(static_cast<int64_t>(kChunk), seg.len - chunk * kChunk));

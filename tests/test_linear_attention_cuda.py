@@ -369,8 +369,16 @@ def _params(**fields):
 
 
 @needs_ext
-@pytest.mark.parametrize("bad", [dict(K=MAX_HEAD_DIM + 1), dict(V=MAX_HEAD_DIM + 1), dict(T=0), dict(N=3),
-                                 dict(feature_map=3), dict(q=0), dict(dtype=7)], ids=str)
+@pytest.mark.parametrize("bad", [
+    dict(K=MAX_HEAD_DIM + 1), dict(V=MAX_HEAD_DIM + 1), dict(T=0), dict(N=3), dict(feature_map=3), dict(q=0),
+    dict(dtype=7),
+    # a split: a negative length, a grid that is not N x segments per sequence (T = 10 is one chunk), packed
+    # sequences without the segment tables or with a grid below the bound
+    dict(segment_chunks=-1), dict(segment_chunks=1, segments=3, workspace=256),
+    dict(B=1, N=2, cu_seqlens=256, segment_chunks=1, segments=3, workspace=256),
+    dict(B=1, N=2, cu_seqlens=256, segment_chunks=1, segments=2, segment_offsets=256, segment_sequence=256,
+         workspace=256),
+], ids=str)
 def test_launcher_errors_become_runtime_errors(bad):
     """Invalid params are refused before any launch (so this is safe on a GPU too) and raise RuntimeError."""
     params = _params(**bad)
@@ -396,6 +404,13 @@ def test_workspace_bytes():
     assert EXT.linear_attention_bwd_workspace_bytes(_params(V=130)) == (1 + 3) * 2 * 10 * 3 * 4
     assert EXT.linear_attention_bwd_workspace_bytes(_params(normalize=False)) == 0
     assert EXT.linear_attention_bwd_workspace_bytes(_params(K=MAX_HEAD_DIM + 1)) == 0
+    # A split adds the segment sums: [segments, H] states K x V and vectors K, float32 (T = 10: one chunk).
+    split = dict(segment_chunks=1, segments=2)
+    sums = 2 * 3 * (16 * 8 + 16) * 4
+    assert EXT.linear_attention_fwd_workspace_bytes(_params(**split)) == sums
+    assert EXT.linear_attention_fwd_workspace_bytes(_params()) == 0
+    assert EXT.linear_attention_bwd_workspace_bytes(_params(**split)) == (1 + 1) * 2 * 10 * 3 * 4 + sums
+    assert EXT.linear_attention_bwd_workspace_bytes(_params(**split, normalize=False)) == sums
 
 
 @needs_ext
@@ -459,6 +474,18 @@ def test_cuda_backend_runs_the_kernels(monkeypatch):
         monkeypatch.setattr(EXT, name, lambda *a, _o=original, _n=name: (calls.append(_n), _o(*a))[1])
     check(make_inputs(dtype=torch.bfloat16, feature_map="elu1", normalize=True), feature_map="elu1", normalize=True)
     assert calls == ["linear_attention_fwd", "linear_attention_bwd"]
+
+
+@cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_few_heads_long_sequence_split(dtype):
+    """1 sequence x 2 heads x 1 column block on a GPU of many SMs: the plan cuts the sequence into segments (the
+    emulation tests check the grids), and outputs and gradients still match over 4096 tokens."""
+    inputs = make_inputs(B=1, T=4096, H=2, K=64, V=64, dtype=dtype, feature_map="elu1", normalize=True)
+    plan = SegmentPlan(inputs[0], None, 1, 2, 64)
+    assert plan.split and plan.G > 2, "expected a split"
+    check(inputs, feature_map="elu1", normalize=True, scale=0.125)
 
 
 @cuda
