@@ -1,7 +1,8 @@
 // causal linear attention launchers (DESIGN.md §2): check the params, then run the scan passes of
 // linear_attention_kernels.cuh (compiled one dtype per translation unit, linear_attention_{f32,f16,bf16}.cu).
 //
-// Forward: one pass (A = phi(q), B = phi(k), C = v). Backward: with normalize, a forward pass that writes den_t
+// Forward: one pass (A = phi(q), B = phi(k), C = v), or with one token per sequence (T = 1 without cu_seqlens:
+// decoding) the decode kernel. Backward: with normalize, a forward pass that writes den_t
 // and grad_o_t . o_t per token into the workspace; then one pass per gradient asked for (dq; dk and d z_0;
 // dv and d S_0), each independent of the others.
 //
@@ -226,6 +227,9 @@ int64_t linear_attention_bwd_workspace_bytes(const LinearAttentionParams& p) {
 
 cudaError_t launch_linear_attention_fwd(const LinearAttentionParams& p, cudaStream_t stream) {
   if (!valid(p) || p.o == nullptr) return cudaErrorInvalidValue;
+  if (p.T == 1 && p.cu_seqlens == nullptr) {  // one token per sequence: decoding
+    return HK_DTYPE_SWITCH(p.dtype, T, [&] { return linear_attention_detail::launch_decode<T>(p, stream); });
+  }
   if (split(p) && (p.workspace == nullptr || !is_aligned(p.workspace, 16))) return cudaErrorInvalidValue;
   ScanParams s = forward_params(p);
   s.out = p.o;

@@ -757,12 +757,78 @@ cudaError_t launch_scan(const ScanParams& p, cudaStream_t stream) {
 #endif
 }
 
+// ---- one-token decode (T = 1 without cu_seqlens, as causal_linear_attention_step calls it), a path of its own:
+// S_1 = S_0 + phi(k)^T v, z_1 = z_0 + phi(k), o = scale * phi(q) S_1 (/ (phi(q) . z_1 + eps)). A scan block would
+// run 64 x 64 tiles for one valid row; here the cost is reading S_0 and writing S_1 once, in fp32 (no tensor cores
+// for a one-row product). A block owns one (sequence, head) and 64 state columns: thread (c, g) updates column c in
+// the rows i = g, g + 4, ... and keeps its part of phi(q) S_1; the 4 parts are added in a fixed order.
+constexpr int kDecodeColumns = 64;
+constexpr int kDecodeGroups = 4;
+constexpr int kDecodeThreads = kDecodeColumns * kDecodeGroups;
+
+template <typename T>
+__global__ void __launch_bounds__(kDecodeThreads) decode_kernel(const LinearAttentionParams p) {
+  __shared__ float phi_q[kMaxDim], phi_k[kMaxDim], key_sum[kMaxDim];
+  __shared__ float part[kDecodeGroups][kDecodeColumns];
+  const int tid = threadIdx.x, c = tid % kDecodeColumns, group = tid / kDecodeColumns;
+  const int64_t nh = blockIdx.x, n = nh / p.H, head = nh % p.H;  // token row n: B = N sequences of one token
+  const int64_t col = static_cast<int64_t>(blockIdx.y) * kDecodeColumns + c;
+  const Operand q{p.q, p.q_row_stride, p.q_head_stride}, k{p.k, p.k_row_stride, p.k_head_stride};
+  const Operand v{p.v, p.v_row_stride, p.v_head_stride};
+
+  for (int i = tid; i < p.K; i += kDecodeThreads) {
+    phi_q[i] = feature_map(p.feature_map, load_element<T>(q, n, head, i));
+    phi_k[i] = feature_map(p.feature_map, load_element<T>(k, n, head, i));
+    if (p.normalize) {
+      key_sum[i] = (p.initial_key_sum != nullptr ? p.initial_key_sum[nh * p.K + i] : 0.f) + phi_k[i];
+      if (p.final_key_sum != nullptr && blockIdx.y == 0) p.final_key_sum[nh * p.K + i] = key_sum[i];
+    }
+  }
+  __syncthreads();
+
+  float num = 0.f;
+  if (col < p.V) {
+    const float vc = load_element<T>(v, n, head, col);
+    const int64_t base = nh * p.K * p.V + col;
+    for (int i = group; i < p.K; i += kDecodeGroups) {
+      const float s = (p.initial_state != nullptr ? p.initial_state[base + i * p.V] : 0.f) + phi_k[i] * vc;
+      if (p.final_state != nullptr) p.final_state[base + i * p.V] = s;
+      num = fmaf(phi_q[i], s, num);
+    }
+  }
+  part[group][c] = num;
+  __syncthreads();
+  if (group == 0 && col < p.V) {
+    num = ((part[0][c] + part[1][c]) + part[2][c]) + part[3][c];
+    float out = num * p.scale;
+    if (p.normalize) {
+      float den = 0.f;  // every thread of the block forms the same dot from shared memory (broadcast reads)
+      for (int i = 0; i < p.K; ++i) den = fmaf(phi_q[i], key_sum[i], den);
+      out = normalized_output(num, den + p.eps, p.scale);
+    }
+    store_element(static_cast<T*>(p.o) + n * p.o_row_stride + head * p.o_head_stride + col, out);
+  }
+}
+
+template <typename T>
+cudaError_t launch_decode(const LinearAttentionParams& p, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(p.N * p.H), static_cast<unsigned>((p.V + kDecodeColumns - 1) / kDecodeColumns));
+#if defined(HK_CPU_EMULATION)
+  (void)stream;
+  return hk_emulation::launch(decode_kernel<T>, grid, kDecodeThreads, 0, p);
+#else
+  decode_kernel<T><<<grid, kDecodeThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+#endif
+}
+
 // Instantiated in linear_attention_{f32,f16,bf16}.cu.
 #define HK_LINEAR_ATTENTION_INSTANCES(PREFIX, T)                                        \
   PREFIX template cudaError_t launch_scan<T, kForward>(const ScanParams&, cudaStream_t); \
   PREFIX template cudaError_t launch_scan<T, kGradQ>(const ScanParams&, cudaStream_t);   \
   PREFIX template cudaError_t launch_scan<T, kGradK>(const ScanParams&, cudaStream_t);   \
-  PREFIX template cudaError_t launch_scan<T, kGradV>(const ScanParams&, cudaStream_t);
+  PREFIX template cudaError_t launch_scan<T, kGradV>(const ScanParams&, cudaStream_t);   \
+  PREFIX template cudaError_t launch_decode<T>(const LinearAttentionParams&, cudaStream_t);
 
 HK_LINEAR_ATTENTION_INSTANCES(extern, float)
 HK_LINEAR_ATTENTION_INSTANCES(extern, __half)

@@ -298,18 +298,58 @@ def test_emulated_half_precision_guards(emulated, dtype):
                               v_mean=3.0), feature_map="elu1", normalize=True)
 
 
+# ---------------------------------------------------------------- one-token decode
+@pytest.mark.parametrize("dtype", EMULATED_DTYPES, ids=str)
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalize"])
+def test_emulated_decode(emulated, dtype, feature_map, normalize):
+    """T = 1 (decoding) runs the decode kernel, one 256-thread block per (sequence, head, 64 columns), against the
+    reference; with and without states (K = 100: rows in 4 groups of unequal length; V = 72: two column blocks).
+    Not normalize without states: one token from zeros gives o = scale * v * (q.k) / (q.k + eps), whose dq and dk
+    vanish to leading order (no relative error to measure)."""
+    B, H, K, V = 3, 2, 100, 72
+    for states in (True,) if normalize else (True, False):
+        inputs = cpu_inputs(B=B, T=1, H=H, K=K, V=V, dtype=dtype, feature_map=feature_map, normalize=normalize,
+                            states=states, seed=int(states))
+        emulated.take_launches()
+        check_emulated(inputs, feature_map=feature_map, normalize=normalize, scale=0.1)
+        assert emulated.take_launches()[0] == (B * H, 2, 256), "the forward did not run the decode kernel"
+
+
+@pytest.mark.parametrize("dtype", EMULATED_DTYPES, ids=str)
+def test_emulated_decode_token_by_token(emulated, dtype):
+    """Decoding 70 tokens one at a time, the state handed over, gives the chunked forward's outputs and final state
+    (both within the dtype's tolerance of the float64 reference); without output_final_state no state comes back."""
+    q, k, v, S0, z0 = cpu_inputs(B=2, T=70, H=2, K=24, V=40, dtype=dtype, feature_map="elu1", normalize=True)
+    options = ("elu1", True, 0.5, 1e-6)
+    o_all, S_all, z_all = la_cuda.forward(q, k, v, S0, z0, *options, True, None)
+    S, z, steps = S0, z0, []
+    for t in range(q.shape[1]):
+        o_t, S, z = la_cuda.forward(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], S, z, *options, True, None)
+        steps.append(o_t)
+    wide = [x.double() for x in (q, k, v, S0, z0)]
+    o_ref, S_ref, z_ref = reference.forward(*wide, *options, True, None)
+    for name, got, chunked, ref in (("o", torch.cat(steps, 1), o_all, o_ref), ("S", S, S_all, S_ref),
+                                     ("z", z, z_all, z_ref)):
+        assert_close(f"{name} step by step", got, ref, dtype)
+        assert_close(f"{name} chunked", chunked, ref, dtype)
+    o_t, S_t, z_t = la_cuda.forward(q[:, :1], k[:, :1], v[:, :1], S0, z0, *options, False, None)
+    assert S_t is None and z_t is None
+    assert_close("o without the final state", o_t, o_ref[:, :1], dtype)
+
+
 # ---------------------------------------------------------------- sequences split into segments
-def split_grids(N, nseg, H, K, V, normalize, passes):
-    """The grids (x, y) a split launcher enqueues: per pass the segment sums and the pass itself, one block per
-    (segment, head, 64 columns), and between them the segment scan, one block per (sequence, head, 256 elements of
-    the state and the normalize vector)."""
-    grids = []
+def split_launches(N, nseg, H, K, V, normalize, passes):
+    """The launches (grid x, grid y, threads) a split launcher enqueues: per pass the segment sums and the pass
+    itself, one block of 128 threads per (segment, head, 64 columns), and between them the segment scan, one block
+    per (sequence, head, 256 elements of the state and the normalize vector)."""
+    launches = []
     for name in passes:
         columns = K if name in ("dq", "dk") else V
         vec = K if normalize and name != "dv" else 0
-        block = (N * nseg * H, math.ceil(columns / 64))
-        grids += [block, (N * H, math.ceil((K * V + vec) / 256)), block]
-    return grids
+        scan = (N * nseg * H, math.ceil(columns / 64), 128)
+        launches += [scan, (N * H, math.ceil((K * V + vec) / 256), 256), scan]
+    return launches
 
 
 @pytest.mark.parametrize("dtype", EMULATED_DTYPES, ids=str)
@@ -323,10 +363,10 @@ def test_emulated_segment_split(emulated, dtype, normalize):
         inputs = cpu_inputs(B=B, T=200, H=H, K=K, V=V, dtype=dtype, feature_map="elu1", normalize=normalize,
                             states=states, seed=int(states))
         for segment, nseg in ((1, 4), (3, 2)):
-            emulated.take_launched_grids()
+            emulated.take_launches()
             check_emulated(inputs, feature_map="elu1", normalize=normalize, segment=segment)
             passes = ["o", *(["o"] if normalize else []), "dq", "dk", "dv"]
-            assert emulated.take_launched_grids() == split_grids(B, nseg, H, K, V, normalize, passes)
+            assert emulated.take_launches() == split_launches(B, nseg, H, K, V, normalize, passes)
 
 
 def test_emulated_segment_split_unneeded():
@@ -343,10 +383,10 @@ def test_emulated_segment_split_varlen(emulated, normalize):
     cu = [0, 0, 1, 64, 64, 129, 200, 263]
     inputs = cpu_inputs(B=1, T=cu[-1], H=2, K=24, V=40, n=len(cu) - 1, dtype=torch.float16, feature_map="relu",
                         normalize=normalize)
-    emulated.take_launched_grids()
+    emulated.take_launches()
     outs, _ = check_emulated(inputs, feature_map="relu", normalize=normalize,
                              cu_seqlens=torch.tensor(cu, dtype=torch.int32), segment=1)
-    assert emulated.take_launched_grids()[0] == (12 * 2, 1)
+    assert emulated.take_launches()[0] == (12 * 2, 1, 128)
     assert torch.equal(outs[1][[0, 3]], inputs[3][[0, 3]]), "an empty sequence's final state is its initial state"
 
 

@@ -462,13 +462,18 @@ inline void prepare(Fiber& f, unsigned index) {
   start_context(f.context, f.stack.get(), kStackBytes, fiber_entry);
 }
 
-// The grid of every launch on this thread, in order (tests read it to see which kernels a launcher ran).
-inline thread_local std::vector<dim3> launched_grids;
+// The grid and block size of every launch on this thread, in order (tests read them to see which kernels a
+// launcher ran).
+struct Launched {
+  dim3 grid;
+  int threads;
+};
+inline thread_local std::vector<Launched> launches;
 
 // Runs kernel(params) on grid.x * grid.y blocks of `threads` threads, one block after another.
 template <class Params>
 cudaError_t launch(void (*kernel)(Params), dim3 grid, int threads, size_t smem, const Params& params) {
-  launched_grids.push_back(grid);
+  launches.push_back({grid, threads});
   static thread_local Launch<Params> current;
   current = {kernel, &params};
   gridDim = grid;

@@ -13,7 +13,7 @@
 
 #include <pybind11/stl.h>
 
-#include <utility>
+#include <tuple>
 #include <vector>
 
 namespace py = pybind11;
@@ -62,12 +62,12 @@ PYBIND11_MODULE(hk_linear_attention_emulated, m) {
   launcher(m, "linear_attention_bwd", &hk::launch_linear_attention_bwd, /*release_gil=*/true);
   m.def("linear_attention_fwd_workspace_bytes", &hk::linear_attention_fwd_workspace_bytes);
   m.def("linear_attention_bwd_workspace_bytes", &hk::linear_attention_bwd_workspace_bytes);
-  // The grids (x, y) launched since the last call, in order.
-  m.def("take_launched_grids", [] {
-    std::vector<std::pair<unsigned, unsigned>> grids;
-    for (const dim3& g : hk_emulation::launched_grids) grids.emplace_back(g.x, g.y);
-    hk_emulation::launched_grids.clear();
-    return grids;
+  // The launches (grid x, grid y, threads per block) since the last call, in order.
+  m.def("take_launches", [] {
+    std::vector<std::tuple<unsigned, unsigned, int>> out;
+    for (const hk_emulation::Launched& l : hk_emulation::launches) out.emplace_back(l.grid.x, l.grid.y, l.threads);
+    hk_emulation::launches.clear();
+    return out;
   });
   // The dynamic shared memory of one block (dtype code, reduction dim), for cuda.py's copy of the formula.
   m.def("scan_shared_bytes", [](int dtype, int64_t da) {

@@ -5,9 +5,11 @@ One kernel template, a chunked scan, runs every pass: a block owns one (sequence
 walks the sequence in chunks of 64 tokens and keeps its slice of the state in fp32 shared memory; inside a chunk
 the masked (A B^T ∘ M) C and the state product A S run on tensor cores (float16/bfloat16, fp32 accumulation) or
 as exact fp32 FMAs (float32). Forward: one pass (A = phi(q), B = phi(k), C = v, the normalizer in fp32 in the
-same kernel). Backward: with normalize a forward pass writes den_t and grad_o_t . o_t per token into a workspace
-(4 * (1 + ceil(V / 64)) * B * T * H bytes); then one pass per gradient asked for: dq forward in time, dk (and the
-key-sum gradient) and dv (and the state gradient) in reverse. Nothing else is kept between the passes.
+same kernel); one token per sequence (T = 1 without cu_seqlens: decoding) runs a decode kernel instead, which
+reads the state and writes the new one once, in fp32. Backward: with normalize a forward pass writes den_t and
+grad_o_t . o_t per token into a workspace (4 * (1 + ceil(V / 64)) * B * T * H bytes); then one pass per gradient
+asked for: dq forward in time, dk (and the key-sum gradient) and dv (and the state gradient) in reverse. Nothing
+else is kept between the passes.
 
 Parallelism: a pass has sequences x heads x ceil(columns / 64) blocks. When that leaves SMs idle (few heads, long
 T), `common.SegmentPlan` (the Triton backend's plan too) cuts every sequence into segments: each pass then sums
