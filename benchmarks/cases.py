@@ -116,6 +116,20 @@ def linear_attention_masked(q: Tensor, k: Tensor, v: Tensor, feature_map: str = 
     return scale * o
 
 
+def linear_attention_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, key_sum: Tensor | None = None,
+                          feature_map: str = "identity", normalize: bool = False, scale: float = 1.0,
+                          eps: float = 1e-6) -> Tensor:
+    """One decoding step as a user writes it in PyTorch: q, k [B, 1, H, Dk], v [B, 1, H, Dv], the state [B, H, Dk, Dv]
+    (and key sum [B, H, Dk]) in float32 -> o [B, 1, H, Dv] from S + phi(k)^T v (the new state, not returned here;
+    computed as a decoder must)."""
+    phi_q, phi_k = (_FEATURE_MAPS[feature_map](t[:, 0]).float() for t in (q, k))  # [B, H, Dk]
+    S = state + phi_k[..., None] * v[:, 0, :, None, :].float()
+    o = torch.einsum("bhk,bhkv->bhv", phi_q, S)
+    if normalize:
+        o = o / (torch.einsum("bhk,bhk->bh", phi_q, key_sum + phi_k)[..., None] + eps)
+    return (scale * o).to(q.dtype)[:, None]
+
+
 def linear_attention_chunked(q: Tensor, k: Tensor, v: Tensor, feature_map: str = "identity", normalize: bool = False,
                              scale: float = 1.0, eps: float = 1e-6, chunk: int = CHUNK) -> Tensor:
     """The same function by chunks, as a user writes it in PyTorch when the T x T scores do not fit (no Python loop):
@@ -203,15 +217,23 @@ class ProviderUnavailable(Exception):
     this message, not an error."""
 
 
-def import_fla_chunk_linear_attn() -> Callable:
-    """flash-linear-attention's chunk_linear_attn (package fla-core, or flash-linear-attention before the split)."""
+def _import_fla_linear_attn(name: str) -> Callable:
+    """fla.ops.linear_attn.<name> (package fla-core, or flash-linear-attention before the split)."""
     try:
-        from fla.ops.linear_attn import chunk_linear_attn
+        import fla.ops.linear_attn as module
     except Exception as exc:  # ImportError, or an install that fails at import (e.g. a missing dependency)
         raise ProviderUnavailable(
             f"flash-linear-attention is not installed ({type(exc).__name__}: {exc}); put its wheels in .whl/ "
             "(benchmarks/README.md)") from exc
-    return chunk_linear_attn
+    return getattr(module, name)
+
+
+def import_fla_chunk_linear_attn() -> Callable:
+    return _import_fla_linear_attn("chunk_linear_attn")
+
+
+def import_fla_fused_recurrent_linear_attn() -> Callable:
+    return _import_fla_linear_attn("fused_recurrent_linear_attn")
 
 
 def fla_version() -> str | None:
@@ -223,6 +245,22 @@ def fla_version() -> str | None:
         except importlib.metadata.PackageNotFoundError:
             pass
     return None
+
+
+def fla_step(feature_map: str, normalize: bool, scale: float) -> Callable[..., Tensor]:
+    """What an fla user decodes with: the feature map in PyTorch, then fused_recurrent_linear_attn with the state
+    handed in and the new one returned. fla keeps no key sum between calls (its normalize divides by this call's
+    tokens only), so normalize is not the same function and is left out."""
+    if normalize:
+        raise ProviderUnavailable("fla's recurrent normalize has no key-sum state: not the same function")
+    fused_recurrent_linear_attn = import_fla_fused_recurrent_linear_attn()
+    phi = _FEATURE_MAPS[feature_map]
+
+    def step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, key_sum: Tensor | None = None) -> Tensor:
+        return fused_recurrent_linear_attn(phi(q), phi(k), v, scale=scale, initial_state=state,
+                                           output_final_state=True)[0]
+
+    return step
 
 
 def fla_forward(feature_map: str, normalize: bool, scale: float) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
@@ -400,7 +438,8 @@ MASKED_FORM_MAX_BYTES = 4 * 2**30
 class LinearAttentionCase(_Timed):
     """One causal_linear_attention benchmark: q, k [B, T, H, Dk], v [B, T, H, Dv], dtype and options. `eager` picks
     the eager baseline's form: "masked", "chunked" or "auto" (masked when its T x T scores fit
-    MASKED_FORM_MAX_BYTES)."""
+    MASKED_FORM_MAX_BYTES). decode: one decoding step (T = 1) from a float32 state [B, H, Dk, Dv] (and key sum),
+    returning the new one (causal_linear_attention_step); timed fwd only, as inference runs it."""
 
     label: str
     B: int
@@ -414,6 +453,7 @@ class LinearAttentionCase(_Timed):
     scale: float = 1.0
     eps: float = 1e-6
     eager: str = "auto"
+    decode: bool = False
 
     op: ClassVar[str] = "linear_attention"
     providers: ClassVar[tuple[str, ...]] = ("eager", "compiled", "fla", "triton", "cuda")
@@ -424,9 +464,22 @@ class LinearAttentionCase(_Timed):
         "(the key-sum column); backward 2× forward (dQ, dK, dV, dS). Bytes: q, k, v, o forward; q, k, v, o, do, dq, "
         "dk, dv forward+backward (each once: the byte floor)")
 
+    def __post_init__(self):
+        if self.decode and self.T != 1:
+            raise ValueError(f"a decode case has T = 1, got T = {self.T}")
+
+    def runs(self, device: str) -> list[tuple[str, str]]:
+        pairs = super().runs(device)
+        return [(p, m) for p, m in pairs if m == "fwd"] if self.decode else pairs
+
     @property
     def shape(self) -> str:
         return f"B={self.B} T={self.T} H={self.H} Dk={self.Dk} Dv={self.Dv}"
+
+    @property
+    def state_bytes(self) -> int:
+        """The float32 state (and key sum) a decode step reads and writes."""
+        return 4 * self.B * self.H * self.Dk * (self.Dv + self.normalize) if self.decode else 0
 
     @property
     def scores_bytes(self) -> int:
@@ -440,6 +493,8 @@ class LinearAttentionCase(_Timed):
 
     @property
     def eager_description(self) -> str:
+        if self.decode:
+            return "one step: S + phi(k)^T v, then phi(q) S (/ phi(q) . z), in float32"
         gb = f"{self.scores_bytes / 1e9:.3g} GB"
         if self.eager_form == "masked":
             return f"masked form ((phi(Q) phi(K)^T) ∘ M) V, T x T scores {gb}"
@@ -448,6 +503,8 @@ class LinearAttentionCase(_Timed):
     @property
     def options(self) -> str:
         options = [self.feature_map, f"normalize (eps {self.eps:g})" if self.normalize else "no normalize"]
+        if self.decode:
+            options.append("decode step with state")
         if self.scale != 1.0:
             options.append(f"scale {self.scale:.4g}")
         return ", ".join(options)
@@ -458,19 +515,21 @@ class LinearAttentionCase(_Timed):
     def describe(self) -> dict:
         return dict(self._common(), B=self.B, T=self.T, H=self.H, Dk=self.Dk, Dv=self.Dv,
                     feature_map=self.feature_map, normalize=self.normalize, scale=self.scale, eps=self.eps,
-                    eager=self.eager_description)
+                    decode=self.decode, eager=self.eager_description)
 
     def flops(self, mode: str) -> int:
         value_dim = self.Dv + self.normalize
-        fwd = self.B * self.T * self.H * (2 * CHUNK * (self.Dk + value_dim) + 4 * self.Dk * value_dim)
+        intra = 0 if self.decode else 2 * CHUNK * (self.Dk + value_dim)  # a step has no chunk to mask
+        fwd = self.B * self.T * self.H * (intra + 4 * self.Dk * value_dim)
         return _by_mode(mode, fwd, 2 * fwd)
 
     def min_bytes(self, mode: str) -> int:
         """fwd: read q, k, v, write o; bwd: read q, k, v, do, write dq, dk, dv; fwd+bwd: q, k, v, o, do, dq, dk, dv
-        once each (a fused forward + backward need not read q, k, v twice)."""
+        once each (a fused forward + backward need not read q, k, v twice). A decode step also reads the state and
+        writes the new one (fwd only)."""
         qk, v = self.B * self.T * self.H * self.Dk, self.B * self.T * self.H * self.Dv
         n = {"fwd": 2 * qk + 2 * v, "bwd": 4 * qk + 3 * v, "fwd+bwd": 4 * qk + 4 * v}[_base_mode(mode)]
-        return _itemsize(self.dtype) * n
+        return _itemsize(self.dtype) * n + 2 * self.state_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -704,8 +763,13 @@ def linear_attention_cases(quick: bool = False) -> list[LinearAttentionCase]:
                                  max_autotune=(B, T) == (1, 8192)) for B, T, H, D in shapes]
     if quick:
         return plain[:1]
+    decode = [  # one decoding step of 64 sequences, 32 heads of 128: 268 MB of float32 state in and out
+        LinearAttentionCase("decode-64x32x128", B=64, T=1, H=32, Dk=128, Dv=128, scale=128 ** -0.5, decode=True),
+        LinearAttentionCase("decode-64x32x128-elu1-norm", B=64, T=1, H=32, Dk=128, Dv=128, feature_map="elu1",
+                            normalize=True, decode=True),
+    ]
     return plain + [LinearAttentionCase(f"{B}x{T}x{H}x{D}-elu1-norm", B=B, T=T, H=H, Dk=D, Dv=D, feature_map="elu1",
-                                        normalize=True) for B, T, H, D in shapes]
+                                        normalize=True) for B, T, H, D in shapes] + decode
 
 
 def poly_sa_cases(quick: bool = False) -> list[PolySACase]:
@@ -922,6 +986,24 @@ def _linear_attention_workload(case: LinearAttentionCase, provider: str, device,
     inputs = [_randn(g, shape, 1.0, device, case.dtype).to(dtype).requires_grad_()
               for shape in (qk_shape, qk_shape, v_shape)]
     grad_out = _randn(g, v_shape, 1.0, device, case.dtype).to(dtype)
+    if case.decode:
+        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        state = _randn(g, (case.B, case.H, case.Dk, case.Dv), 1.0, device, torch.float32).to(state_dtype)
+        # a key sum of ~1000 positive features: a decoder some way into its sequence
+        key_sum = (_randn(g, (case.B, case.H, case.Dk), 1.0, device, torch.float32).abs() * 1000 + 1).to(state_dtype)
+        states = (state, key_sum if case.normalize else None)
+        options = dict(feature_map=case.feature_map, normalize=case.normalize, scale=case.scale)
+        if provider == "fla":
+            fn = functools.partial(fla_step(case.feature_map, case.normalize, case.scale), *inputs, *states)
+        elif provider in BASELINES:
+            eager = _baseline(functools.partial(linear_attention_step, eps=case.eps, **options), provider)
+            fn = functools.partial(eager, *inputs, *states)
+        else:
+            step = functools.partial(hk.causal_linear_attention_step, *inputs,
+                                     states if case.normalize else state, eps=case.eps, backend=backend_of(provider),
+                                     **options)
+            fn = lambda: step()[0]  # noqa: E731 (o; the new state is written too)
+        return Workload(fn, inputs, grad_out)
     if provider == "fla":
         fn = fla_forward(case.feature_map, case.normalize, case.scale)
     else:

@@ -160,6 +160,18 @@ cudaError_t launch_segment_scan(const SegmentScanParams& p, int64_t sequences, c
 #endif
 }
 
+// s reading its start states from / writing its end states to the segment buffers (row-major [segments, H, da, dv]
+// and [segments, H, dvec]), null: none.
+ScanParams with_states(ScanParams s, const float* in, const float* vec_in, float* out, float* vec_out) {
+  s.state_in = in;
+  s.vec_in = vec_in;
+  s.state_out = out;
+  s.vec_out = vec_out;
+  s.state_da_stride = s.dv;
+  s.state_dv_stride = 1;
+  return s;
+}
+
 // Run pass ROLE with its inputs and outputs in `s`: directly, or split (see the top of this file) with the segment
 // sums in `sums`.
 template <int ROLE>
@@ -169,16 +181,10 @@ cudaError_t run_pass(const LinearAttentionParams& p, const ScanParams& s, float*
   const bool has_vec = s.normalize && ROLE != d::kGradV;
   float* const vec_sums = has_vec ? sums + p.segments * p.H * p.K * p.V : nullptr;
 
-  ScanParams sum = s;
+  ScanParams sum = with_states(s, nullptr, nullptr, sums, vec_sums);  // from zero, into the segment buffers
   sum.sums = true;
   sum.stats = false;
   sum.out = nullptr;
-  sum.state_in = nullptr;
-  sum.vec_in = nullptr;
-  sum.state_out = sums;
-  sum.vec_out = vec_sums;
-  sum.state_da_stride = s.dv;
-  sum.state_dv_stride = 1;
   HK_RETURN_IF_ERROR(dispatch<ROLE>(sum, p.dtype, stream));
 
   SegmentScanParams scan;
@@ -199,14 +205,7 @@ cudaError_t run_pass(const LinearAttentionParams& p, const ScanParams& s, float*
   scan.reverse = ROLE == d::kGradK || ROLE == d::kGradV;
   HK_RETURN_IF_ERROR(launch_segment_scan(scan, p.N, stream));
 
-  ScanParams run = s;
-  run.state_in = sums;
-  run.vec_in = vec_sums;
-  run.state_out = nullptr;
-  run.vec_out = nullptr;
-  run.state_da_stride = s.dv;
-  run.state_dv_stride = 1;
-  return dispatch<ROLE>(run, p.dtype, stream);
+  return dispatch<ROLE>(with_states(s, sums, vec_sums, nullptr, nullptr), p.dtype, stream);
 }
 
 // Floats of the backward's per-token statistics with normalize: den [B*T, H], then the partial sums of

@@ -45,6 +45,9 @@ TINY = [
     cases.PolyGateCase("tiny-noshift", B=2, W=3, H=5, C=7, spatial=False, dtype=torch.float32),
     cases.LRNNCase("lrnn", "tiny", M=7, d=3, rank=5, dbar=4, activation="spder", dtype=torch.float32),
     cases.LRNNCase("LRNN", "tiny", M=7, d=2, rank=6, dbar=3, layers=3, dtype=torch.float32),
+    cases.LinearAttentionCase("tiny-decode", B=3, T=1, H=2, Dk=5, Dv=4, dtype=torch.float32, scale=0.5, decode=True),
+    cases.LinearAttentionCase("tiny-decode-norm", B=3, T=1, H=2, Dk=5, Dv=4, dtype=torch.float32, feature_map="elu1",
+                              normalize=True, decode=True),
 ]
 
 
@@ -250,6 +253,41 @@ def test_linear_attention_case_counts():
     assert forms["1x8192x96x128"] == "chunked", "12.9 GB of T x T scores: the chunked form"
     assert forms["8x2048x32x256"] == forms["8x1024x8x64"] == "masked"
     assert all(c.feature_map == "elu1" and c.scale == 1.0 for c in cases.linear_attention_cases() if c.normalize)
+
+
+def test_linear_attention_decode_case():
+    """A decode step: T = 1 from a float32 state, timed fwd only (inference); no intra-chunk FLOPs; the state read and
+    written counts in the bytes. Its eager step equals the op: TINY's decode cases pass the accuracy gate."""
+    case = cases.LinearAttentionCase("x", B=2, T=1, H=3, Dk=8, Dv=6, decode=True)
+    assert {m for _, m in case.runs("cuda")} == {"fwd"} and {m for _, m in case.runs("cpu")} == {"fwd"}
+    assert case.flops("fwd") == 2 * 3 * 4 * 8 * 6
+    assert case.min_bytes("fwd") == 2 * (2 * 2 * 3 * 8 + 2 * 2 * 3 * 6) + 2 * 4 * 2 * 3 * 8 * 6
+    normalized = dataclasses.replace(case, normalize=True)
+    assert normalized.min_bytes("fwd") - case.min_bytes("fwd") == 2 * 4 * 2 * 3 * 8, "the key sum in and out"
+    with pytest.raises(ValueError, match="T = 1"):
+        cases.LinearAttentionCase("x", B=2, T=5, H=3, Dk=8, Dv=6, decode=True)
+    assert {c.label for c in cases.linear_attention_cases() if c.decode} == {"decode-64x32x128",
+                                                                             "decode-64x32x128-elu1-norm"}
+
+
+def fake_fused_recurrent_linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=False):
+    """fla's recurrent op on its documented semantics: o_t = scale * q_t S_t, S_t = S_{t-1} + k_t^T v_t."""
+    S = initial_state.clone()
+    outs = []
+    for t in range(q.shape[1]):
+        S = S + k[:, t, :, :, None].float() * v[:, t, :, None, :].float()
+        outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t].float(), S))
+    return torch.stack(outs, 1).to(q.dtype), (S if output_final_state else None)
+
+
+def test_fla_decode_provider(monkeypatch):
+    """The decode adapter hands fla the state and asks for the new one; fla's normalize has no key-sum state, so
+    the normalize case is skipped, not compared."""
+    monkeypatch.setattr(cases, "import_fla_fused_recurrent_linear_attn", lambda: fake_fused_recurrent_linear_attn)
+    plain, norm = TINY[-2:]
+    assert cases.check_accuracy(plain, cases.make_workload(plain, "fla", "cpu"), "cpu")["accurate"]
+    with pytest.raises(cases.ProviderUnavailable, match="key-sum state"):
+        cases.make_workload(norm, "fla", "cpu")
 
 
 def test_every_provider_sees_the_same_inputs():
