@@ -121,8 +121,8 @@ struct SegmentScanParams {
 
 constexpr int kScanThreads = 256;
 
-// One thread per element of a (sequence, head)'s state and vector, sequential over the sequence's segments: the
-// sums are added in fp32 in the order the unsplit pass would meet them.
+// One thread per element of a (sequence, head)'s state and vector, sequential over the sequence's segments in the
+// pass's direction, in fp32.
 __global__ void __launch_bounds__(kScanThreads) segment_scan_kernel(const SegmentScanParams p) {
   const int64_t nh = blockIdx.x, n = nh / p.H, h = nh % p.H;
   const int64_t e = static_cast<int64_t>(blockIdx.y) * kScanThreads + threadIdx.x;

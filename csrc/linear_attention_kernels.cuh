@@ -3,8 +3,10 @@
 //
 // One kernel template, the chunked scan, serves the forward and the three gradient passes. A block owns one
 // (sequence, head) and a 64-column slice [c0, c0 + 64) of the output; it walks the sequence in chunks of 64
-// tokens (forward or reverse) and keeps the running state S [da, 64] in fp32 shared memory. For a chunk with
-// operands A, B [64, da] and C [64, dv] (rows past the sequence end are 0):
+// tokens (forward or reverse) and keeps the running state S [da, 64] in fp32 shared memory. (A split pass gives
+// each block a segment of the sequence and its start state, after the same template, as SUMS, has summed the
+// segments' S updates: linear_attention.cu. One-token decoding has a kernel of its own, at the end.)
+// For a chunk with operands A, B [64, da] and C [64, dv] (rows past the sequence end are 0):
 //   out = (A B^T ∘ M) C + A S_prev       (M: s <= t forward, s >= t reverse)
 //   S  += B^T C
 // The forward is A = phi(q), B = phi(k), C = v. With G = d o / d num (grad_o times scale, / den when normalize)

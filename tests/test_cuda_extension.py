@@ -111,10 +111,11 @@ def test_poly_chain_forward_kernels_do_not_spill():
 @needs_cuobjdump
 def test_linear_attention_kernels_stay_in_registers():
     """The linear attention scan kernel's 24 instances per architecture (3 dtypes x 4 passes, each also as the segment
-    sums of a split pass), the decode kernel's 3 and the segment scan. ptxas aims most of them at 168 registers or fewer (three blocks of 128
-    threads per SM) and pays for that with a few spilled registers in two instances (the float16 forward on sm_80, the
-    float32 dv segment sums on sm_90a: 12-16 bytes); asking for no spills at all takes the 16-bit passes to 172-197
-    registers, two blocks per SM (docs/decisions.md). A spill beyond those few bytes fails here."""
+    sums of a split pass), the decode kernel's 3 and the segment scan. ptxas aims most scan instances at 168
+    registers or fewer (three blocks of 128 threads per SM) and pays for that with a few spilled registers in two
+    (the float16 forward on sm_80, the float32 dv segment sums on sm_90a: 12-16 bytes); asking for no spills at all
+    takes the 16-bit passes to 172-197 registers, two blocks per SM (docs/decisions.md). A spill beyond those few
+    bytes fails here."""
     for arch in ("sm_80", "sm_90a"):
         kernels = {n: r for n, r in _resources(arch).items() if "linear_attention" in n}
         scans = [n for n in kernels if "scan_kernelI" in n]
