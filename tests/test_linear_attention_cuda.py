@@ -318,9 +318,9 @@ def test_emulated_decode(emulated, dtype, feature_map, normalize):
 
 @pytest.mark.parametrize("dtype", EMULATED_DTYPES, ids=str)
 def test_emulated_decode_token_by_token(emulated, dtype):
-    """Decoding 70 tokens one at a time, the state handed over, gives the chunked forward's outputs and final state
+    """Decoding 20 tokens one at a time, the state handed over, gives the chunked forward's outputs and final state
     (both within the dtype's tolerance of the float64 reference); without output_final_state no state comes back."""
-    q, k, v, S0, z0 = cpu_inputs(B=2, T=70, H=2, K=24, V=40, dtype=dtype, feature_map="elu1", normalize=True)
+    q, k, v, S0, z0 = cpu_inputs(B=2, T=20, H=2, K=24, V=40, dtype=dtype, feature_map="elu1", normalize=True)
     options = ("elu1", True, 0.5, 1e-6)
     o_all, S_all, z_all = la_cuda.forward(q, k, v, S0, z0, *options, True, None)
     S, z, steps = S0, z0, []
@@ -355,18 +355,17 @@ def split_launches(N, nseg, H, K, V, normalize, passes):
 @pytest.mark.parametrize("dtype", EMULATED_DTYPES, ids=str)
 @pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalize"])
 def test_emulated_segment_split(emulated, dtype, normalize):
-    """Sequences of 4 chunks cut into segments of 1 and of 3 chunks (3 + 1), as few sequences x heads on many SMs
-    are on a GPU: the segment sums, their scan into start and final states (from the initial states, and from
-    zeros) and every pass from its segment's start state. The grids show that the split ran."""
-    B, H, K, V = 2, 2, 40, 72
-    for states in (True, False):
-        inputs = cpu_inputs(B=B, T=200, H=H, K=K, V=V, dtype=dtype, feature_map="elu1", normalize=normalize,
-                            states=states, seed=int(states))
-        for segment, nseg in ((1, 4), (3, 2)):
-            emulated.take_launches()
-            check_emulated(inputs, feature_map="elu1", normalize=normalize, segment=segment)
-            passes = ["o", *(["o"] if normalize else []), "dq", "dk", "dv"]
-            assert emulated.take_launches() == split_launches(B, nseg, H, K, V, normalize, passes)
+    """Sequences of 3 chunks cut into segments of 1 chunk (from initial states) and of 2 chunks (2 + 1, from zeros),
+    as few sequences x heads on many SMs are on a GPU: the segment sums, their scan into start and final states and
+    every pass from its segment's start state. The launches show that the split ran."""
+    B, H, K, V = 2, 2, 24, 72
+    for segment, nseg, states in ((1, 3, True), (2, 2, False)):
+        inputs = cpu_inputs(B=B, T=150, H=H, K=K, V=V, dtype=dtype, feature_map="elu1", normalize=normalize,
+                            states=states, seed=segment)
+        emulated.take_launches()
+        check_emulated(inputs, feature_map="elu1", normalize=normalize, segment=segment)
+        passes = ["o", *(["o"] if normalize else []), "dq", "dk", "dv"]
+        assert emulated.take_launches() == split_launches(B, nseg, H, K, V, normalize, passes)
 
 
 def test_emulated_segment_split_unneeded():
@@ -394,8 +393,8 @@ def test_emulated_segment_split_varlen(emulated, normalize):
 def test_emulated_segment_split_guards_and_single_gradients(emulated, dtype):
     """float16's state scaling from a segment's start state (a state of ~1e5 summed over segments), and each
     gradient alone through the split passes."""
-    check_emulated(cpu_inputs(T=200, K=32, V=32, dtype=dtype, state_scale=1e5), scale=1e-3, segment=1)
-    inputs = cpu_inputs(B=1, T=150, H=2, K=36, V=20, dtype=dtype, feature_map="elu1", normalize=True)
+    check_emulated(cpu_inputs(B=1, T=150, K=32, V=32, dtype=dtype, state_scale=1e5), scale=1e-3, segment=1)
+    inputs = cpu_inputs(B=1, T=130, H=2, K=36, V=20, dtype=dtype, feature_map="elu1", normalize=True)
     for which in range(5):
         check_emulated(inputs, feature_map="elu1", normalize=True, needs=[i == which for i in range(5)], segment=2)
 
