@@ -560,7 +560,12 @@ class PolySACase(_Timed):
         return self.N
 
     def describe(self) -> dict:
-        return dict(self._common(), B=self.B, N=self.N, C=self.C)
+        return dict(self._common(), B=self.B, N=self.N, C=self.C, input_bytes=self.input_bytes)
+
+    @property
+    def input_bytes(self) -> int:
+        """z, the three weights and alpha, beta: what issue 16 bounds the saved-for-backward bytes by."""
+        return _itemsize(self.dtype) * (self.B * self.N * self.C + 3 * self.C * self.C + 2)
 
     def flops(self, mode: str) -> int:
         fwd = 6 * self.B * self.N * self.C * self.C

@@ -579,6 +579,36 @@ def test_goals():
     assert not any(g["case"].startswith("poly_chain-sw") for g in report.goals(rep)), "sweeps have no goals"
 
 
+def test_goals_of_linear_attention_and_poly_sa_and_a_forward_only_case():
+    """Issue 15's goals (>= 2x fla, within 2x of the byte floor) and issue 16's (>= 2x torch.compile, saved bytes <=
+    the inputs'); a decode step, timed forward only, is summarised by its forward and has no goals."""
+    la = cases.LinearAttentionCase("fake", B=8, T=1024, H=8, Dk=64, Dv=64)
+    step = cases.LinearAttentionCase("fake-decode", B=64, T=1, H=32, Dk=128, Dv=128, decode=True)
+    sa = cases.PolySACase("fake", B=64, N=197, C=384)
+    floor_ms = la.min_bytes("fwd+bwd") / 3000e9 * 1e3  # the copy ceiling of GPU_META
+    entries = [dict(GPU_META), _test_entry(la, "fla", "fwd+bwd", ms=3 * floor_ms),
+               _test_entry(la, "triton", "fwd+bwd", ms=1.5 * floor_ms),
+               _test_entry(step, "eager", "fwd", ms=0.4), _test_entry(step, "cuda", "fwd", ms=0.1),
+               _test_entry(sa, "compiled", "fwd+bwd", ms=3.0), _test_entry(sa, "cuda", "fwd+bwd", ms=2.0)]
+    entries[-1]["saved_bytes"] = int(1.25 * sa.input_bytes)
+    rep = report.derive(report.from_record(entries))
+    found = {(g["case"], g["goal"]): g for g in report.goals(rep)}
+    fla = found[("linear_attention-fake-bf16", "fwd+bwd ≥ 2× fla")]
+    assert fla["met"] and fla["value"] == pytest.approx(2.0) and fla["backend"] == "triton"
+    floor = found[("linear_attention-fake-bf16", "fwd+bwd within 2× of the byte floor")]
+    assert floor["met"] and floor["value"] == pytest.approx(1.5)
+    assert not any(g["case"] == step.id for g in report.goals(rep)), "no goal for the decode step"
+    compiled = found[("poly_sa-fake-bf16", "fwd+bwd ≥ 2× torch.compile")]
+    assert compiled["met"] is False and compiled["value"] == pytest.approx(1.5)
+    saved = found[("poly_sa-fake-bf16", "saved for the backward ≤ the inputs")]
+    assert saved["met"] is False and saved["value"] == pytest.approx(1.25)
+    md = report.render_markdown(rep)
+    for expected in ("1.50× the byte floor | met", "1.25× the inputs | missed: 25% over", "25% short",
+                     "| linear_attention-fake-decode-bf16 | cuda | 0.100 (fwd) |", "4.00×"):
+        assert expected in md, f"{expected!r} missing from the markdown:\n{md}"
+    _table_widths_agree(md)
+
+
 def _table_widths_agree(md: str) -> None:
     for block in md.split("\n\n"):
         table = [line for line in block.splitlines() if line.startswith("|")]
