@@ -133,6 +133,11 @@ def _notes(entry, drawn: set[str]) -> str:
                      if r["provider"] not in drawn and r["status"] != "ok")
 
 
+def headline_key(entry) -> str:
+    """The mode a case is judged and drawn by: fwd+bwd, or fwd for a case timed forward only (a decoding step)."""
+    return "fwd_bwd" if any(r.get("ms_fwd_bwd") is not None for r in entry["rows"]) else "fwd"
+
+
 def render_svg(report: dict) -> str:
     meta = report["meta"]
     entries = _fixed_cases(report)
@@ -144,7 +149,7 @@ def render_svg(report: dict) -> str:
     y_bottom = TOP + len(entries) * ROW_H
     where = f"{meta['device']}, {meta.get('time_utc')}, commit {meta['commit']}"
     if gpu:
-        title = f"hadamard_kernels, forward+backward: {where}"
+        title = f"hadamard_kernels, forward+backward (cases marked (fwd): forward only): {where}"
     else:
         title = f"CPU times, forward+backward: {where}"
         svg.text(8, 34, "a pipeline check of the reference, the Triton interpreter and eager on a CPU: not kernel "
@@ -156,7 +161,7 @@ def render_svg(report: dict) -> str:
     axes = []
     if gpu:
         ceil = report["ceilings"]
-        speedups = [r.get("speedup_vs_eager_fwd_bwd") for e in entries for r in e["rows"]]
+        speedups = [r.get(f"speedup_vs_eager_{headline_key(e)}") for e in entries for r in e["rows"]]
         lo, hi = log_range([v for v in speedups if v], (0.5, 2.0))
         axes.append(("speedup", _Axis(x0[0], lo, hi, log=True)))
         _panel(svg, axes[0][1], "speed-up over eager (log axis)", log_ticks(lo, hi), "×", y_bottom, unit_line=1.0)
@@ -169,7 +174,7 @@ def render_svg(report: dict) -> str:
         _panel(svg, gbps_axis, "GB/s (compulsory bytes)", _linear_ticks(ceil["copy_gbps"]), "", y_bottom,
                ceiling=(ceil["copy_gbps"], f"copy {ceil['copy_gbps']:.0f}"))
     else:
-        times = [r.get("ms_fwd_bwd") for e in entries for r in e["rows"]]
+        times = [r.get(f"ms_{headline_key(e)}") for e in entries for r in e["rows"]]
         lo, hi = log_range([v for v in times if v], (0.1, 1.0))
         axes.append(("cpu_ms", _Axis(x0[0], lo, hi, log=True)))
         _panel(svg, axes[0][1], "CPU ms per call (log axis)", log_ticks(lo, hi), "", y_bottom)
@@ -178,11 +183,12 @@ def render_svg(report: dict) -> str:
         if i % 2:
             svg.parts.append(f'<rect x="0" y="{y - ROW_H / 2:.1f}" width="{width}" height="{ROW_H}" fill="#f4f4f4" '
                              f'fill-opacity="0.6"/>')
-        svg.text(LABEL_W - 8, y + 4, entry["case"]["id"], text_anchor="end")
+        key = headline_key(entry)
+        svg.text(LABEL_W - 8, y + 4, entry["case"]["id"] + (" (fwd)" if key == "fwd" else ""), text_anchor="end")
         drawn: set[str] = set()
         for kind, axis in axes:
             for row in entry["rows"]:
-                value = _value(kind, row)
+                value = _value(kind, row, key)
                 if value is None:
                     continue
                 drawn.add(row["provider"])
@@ -191,23 +197,23 @@ def render_svg(report: dict) -> str:
             if gpu and kind == "tflops" and entry["case"]["dtype"] == "fp32":
                 fp32 = report["ceilings"]["matmul_tflops_fp32"]
                 svg.line(axis.x(fp32), y - ROW_H / 2 + 2, axis.x(fp32), y + ROW_H / 2 - 2, colour="#000", width=1.5)
-            if gpu and kind == "tflops" and not entry["case"].get("flops_fwd_bwd"):
+            if gpu and kind == "tflops" and not entry["case"].get(f"flops_{key}"):
                 svg.text(axis.x0 + 4, y + 4, "no FLOPs counted (memory-bound)", fill="#777", font_size="9")
         if notes := _notes(entry, drawn):
             svg.text(x0[-1] + PANEL_W + GAP_W / 2, y + 4, notes, fill="#a00", font_size="10")
     return svg.done()
 
 
-def _value(kind: str, row: dict) -> float | None:
+def _value(kind: str, row: dict, key: str = "fwd_bwd") -> float | None:
     if row["status"] != "ok" and kind != "cpu_ms":
         return None
     if kind == "speedup":
-        return row.get("speedup_vs_eager_fwd_bwd")  # eager itself has none: it is the 1x line
+        return row.get(f"speedup_vs_eager_{key}")  # eager itself has none: it is the 1x line
     if kind == "tflops":
-        return row.get("tflops_fwd_bwd")
+        return row.get(f"tflops_{key}")
     if kind == "gbps":
-        return row.get("gbps_fwd_bwd")
-    return row.get("ms_fwd_bwd") if row["status"] in ("ok", "wrong") else None
+        return row.get(f"gbps_{key}")
+    return row.get(f"ms_{key}") if row["status"] in ("ok", "wrong") else None
 
 
 def _label(kind: str, provider: str, value: float) -> str:

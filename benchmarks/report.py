@@ -268,11 +268,6 @@ def render_markdown(report: dict) -> str:
     return "\n".join(out)
 
 
-def _headline(entry) -> str:
-    """The mode a case is judged by: fwd+bwd, or fwd for a case timed forward only (a decoding step)."""
-    return "fwd_bwd" if any(r.get("ms_fwd_bwd") is not None for r in entry["rows"]) else "fwd"
-
-
 def _best_ours(entry, key: str = "fwd_bwd") -> dict | None:
     ours = [r for r in entry["rows"] if r["provider"] not in cases.BASELINES and r["status"] == "ok"
             and r.get(f"ms_{key}") is not None]
@@ -393,7 +388,7 @@ def _summary(report) -> list[str]:
                "saved (eager)", *(f"vs {b}" for b in baselines)]
     rows = []
     for entry in fixed:
-        key = _headline(entry)
+        key = chart.headline_key(entry)
         best = _best_ours(entry, key)
         if best is None:
             statuses = ", ".join(f"{r['provider']} {r['status']}" for r in entry["rows"]

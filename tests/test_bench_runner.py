@@ -607,6 +607,8 @@ def test_goals_of_linear_attention_and_poly_sa_and_a_forward_only_case():
                      "| linear_attention-fake-decode-bf16 | cuda | 0.100 (fwd) |", "4.00×"):
         assert expected in md, f"{expected!r} missing from the markdown:\n{md}"
     _table_widths_agree(md)
+    svg = chart.render_svg(rep)
+    assert "linear_attention-fake-decode-bf16 (fwd)" in svg and "cuda 4× over eager" in svg, "the step's forward drawn"
 
 
 def _table_widths_agree(md: str) -> None:
