@@ -6,10 +6,13 @@
 #include "cuda_emulation.h"
 
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <tuple>
+#include <vector>
 
 namespace hk_module {
 
@@ -58,6 +61,17 @@ void launcher(py::module_& m, const char* name, cudaError_t (*launch)(const P&, 
     } else {
       check(launch(p, nullptr), name);
     }
+  });
+}
+
+// m.take_launches(): the launches (grid x, grid y, threads per block) since the last call, in order, so a test can
+// assert which kernels a launcher ran and on how many blocks.
+inline void launch_log(py::module_& m) {
+  m.def("take_launches", [] {
+    std::vector<std::tuple<unsigned, unsigned, int>> out;
+    for (const hk_emulation::Launched& l : hk_emulation::launches) out.emplace_back(l.grid.x, l.grid.y, l.threads);
+    hk_emulation::launches.clear();
+    return out;
   });
 }
 

@@ -11,11 +11,6 @@
 #include "linear_attention_f32.cu"
 #include "emulated_module.h"
 
-#include <pybind11/stl.h>
-
-#include <tuple>
-#include <vector>
-
 namespace py = pybind11;
 namespace hk = hadamard_kernels;
 using hk_module::launcher;
@@ -62,13 +57,7 @@ PYBIND11_MODULE(hk_linear_attention_emulated, m) {
   launcher(m, "linear_attention_bwd", &hk::launch_linear_attention_bwd, /*release_gil=*/true);
   m.def("linear_attention_fwd_workspace_bytes", &hk::linear_attention_fwd_workspace_bytes);
   m.def("linear_attention_bwd_workspace_bytes", &hk::linear_attention_bwd_workspace_bytes);
-  // The launches (grid x, grid y, threads per block) since the last call, in order.
-  m.def("take_launches", [] {
-    std::vector<std::tuple<unsigned, unsigned, int>> out;
-    for (const hk_emulation::Launched& l : hk_emulation::launches) out.emplace_back(l.grid.x, l.grid.y, l.threads);
-    hk_emulation::launches.clear();
-    return out;
-  });
+  hk_module::launch_log(m);
   // The dynamic shared memory of one block (dtype code, reduction dim), for cuda.py's copy of the formula.
   m.def("scan_shared_bytes", [](int dtype, int64_t da) {
     namespace d = hk::linear_attention_detail;
