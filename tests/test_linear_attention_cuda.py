@@ -368,11 +368,13 @@ def test_emulated_segment_split(emulated, dtype, normalize):
         assert emulated.take_launches() == split_launches(B, nseg, H, K, V, normalize, passes)
 
 
-def test_emulated_segment_split_unneeded():
-    """A segment as long as the sequence is no split: one launch per pass."""
+def test_segment_plan_splits_only_shorter_segments():
+    """A segment as long as the sequence (4 chunks) is no split; on a CPU tensor only a forced length splits."""
     q = torch.empty(2, 200, 2, 8)
     assert not SegmentPlan(q, None, 2, 2, 8, 4).split
-    assert SegmentPlan(q, None, 2, 2, 8, 3).split
+    assert not SegmentPlan(q, None, 2, 2, 8).split, "the CPU has no SMs to fill"
+    plan = SegmentPlan(q, None, 2, 2, 8, 3)
+    assert plan.split and (plan.L, plan.nseg, plan.G) == (3, 2, 4)
 
 
 @pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalize"])
