@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..._backend import require_cuda_extension
-from .common import FEATURE_MAPS, SegmentPlan
+from .common import FEATURE_MAPS, SegmentPlan, properties
 
 # kLinearAttentionMaxDim in csrc/include/hadamard_kernels/linear_attention.h (exported as
 # _C.LINEAR_ATTENTION_MAX_DIM): a block keeps a [K or V, 64] slice of the fp32 state in shared memory.
@@ -49,7 +49,7 @@ def unsupported(q, k, v, initial_state, initial_key_sum, feature_map, normalize,
                 f"K, V <= {MAX_DIM}, got K={K}, V={V}")
     if q.device.type == "cuda":
         # GPUs with 99 KB per block (sm_86, sm_89) fit every 16-bit size up to K, V = 192 and float32 up to 64.
-        limit = getattr(torch.cuda.get_device_properties(q.device), "shared_memory_per_block_optin", None)
+        limit = getattr(properties(q), "shared_memory_per_block_optin", None)
         if limit and (need := shared_bytes(q.dtype, K, V)) > limit:
             return (f"K={K}, V={V} in {q.dtype} need {need} bytes of shared memory per block, this GPU allows "
                     f"{limit}")
