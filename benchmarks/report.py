@@ -316,8 +316,12 @@ def _goal_list(case: dict) -> list[tuple[str, str, float]]:
                 ("fwd+bwd ≥ 70% of the copy bandwidth", "gbps_pct_fwd_bwd", 70.0),
                 ("saves nothing beyond a and b (and the parameters)", "saved_extra_bytes", 0.0)]
     if case["op"] in ("lrnn", "LRNN"):
+        # Issue 17 bounds the activation part's memory by 1/dbar of eager's; the whole fwd+bwd peak is measured,
+        # which the activations dominate at these shapes (inputs of 2 coordinates, small weights).
         return [("fwd+bwd ≥ 3× eager", "speedup_vs_eager_fwd_bwd", 3.0),
-                ("fwd+bwd ≥ 2× torch.compile", "speedup_vs_compiled_fwd_bwd", 2.0)]
+                ("fwd+bwd ≥ 2× torch.compile", "speedup_vs_compiled_fwd_bwd", 2.0),
+                (f"fwd+bwd peak memory ≤ 1/dbar = 1/{case['dbar']} of eager's", "peak_ratio_eager",
+                 1.0 / case["dbar"])]
     return []
 
 
@@ -340,7 +344,8 @@ def goals(report: dict) -> list[dict]:
             elif best is not None:
                 value = best.get(measure)
             lower_is_better = measure.startswith(("peak_ratio_", "byte_floor_x_", "saved_"))
-            met = None if value is None else (value < threshold if measure.startswith("peak_ratio_") else
+            strict = measure.startswith("peak_ratio_") and threshold == 1.0  # "below the baseline's"
+            met = None if value is None else (value < threshold if strict else
                                               value <= threshold if lower_is_better else value >= threshold)
             out.append(dict(case=entry["case"]["id"], goal=what, measure=measure, threshold=threshold, value=value,
                             met=met, backend=None if best is None else best["provider"]))
@@ -371,7 +376,7 @@ def _goals_table(rows: list[dict]) -> list[str]:
         elif g["measure"] == "saved_extra_bytes":
             verdict = f"missed: {_mib(g['value'])} more"
         elif g["measure"].startswith("peak_ratio_"):
-            verdict = f"missed: {100 * (g['value'] - 1):.0f}% more memory"
+            verdict = f"missed: {100 * (g['value'] / g['threshold'] - 1):.0f}% more memory"
         elif g["measure"].startswith(("byte_floor_x_", "saved_")):
             verdict = f"missed: {100 * (g['value'] / g['threshold'] - 1):.0f}% over"
         else:

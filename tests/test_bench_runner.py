@@ -611,6 +611,17 @@ def test_goals_of_linear_attention_and_poly_sa_and_a_forward_only_case():
     assert "linear_attention-fake-decode-bf16 (fwd)" in svg and "cuda 4× over eager" in svg, "the step's forward drawn"
 
 
+def test_lrnn_memory_goal():
+    """Issue 17: fwd+bwd peak memory at most 1/dbar of eager's (here dbar 8: 10 MiB against eager's 40 is 2x the
+    goal)."""
+    inr = cases.LRNNCase("lrnn", "fake", M=65536, d=2, rank=256, dbar=8)
+    entries = [dict(GPU_META), _test_entry(inr, "eager", "fwd+bwd", ms=4.0), _test_entry(inr, "cuda", "fwd+bwd")]
+    rep = report.derive(report.from_record(entries))
+    goal = {g["goal"]: g for g in report.goals(rep)}["fwd+bwd peak memory ≤ 1/dbar = 1/8 of eager's"]
+    assert goal["value"] == pytest.approx(0.25) and goal["met"] is False
+    assert "missed: 100% more memory" in report.render_markdown(rep)
+
+
 def _table_widths_agree(md: str) -> None:
     for block in md.split("\n\n"):
         table = [line for line in block.splitlines() if line.startswith("|")]
