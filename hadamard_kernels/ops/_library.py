@@ -53,8 +53,11 @@ def autocast_inputs(*args):
     if not isinstance(like, torch.Tensor):
         return args
     device = like.device.type
-    # The meta device (a model built or traced without data) has no autocast.
-    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+    # The meta device (a model built or traced without data) has no autocast. torch.compile before torch 2.13 cannot
+    # trace is_autocast_available (fullgraph fails), so a traced call asks is_autocast_enabled only.
+    if device == "meta" or (not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device)):
+        return args
+    if not torch.is_autocast_enabled(device):
         return args
     dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64

@@ -1,0 +1,117 @@
+"""context_parallel_linear_attention: a sequence split over the ranks of a gloo process group (CPU processes) gives
+the rows, final state and gradients of one causal_linear_attention call on the whole sequence."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from utils import assert_close
+
+import hadamard_kernels as hk
+from hadamard_kernels.ops.linear_attention.common import state_dtype
+
+PIECES = (70, 0, 53)  # rank 0 crosses a chunk boundary, rank 1 holds no token
+# Rank r's loss counts the final state with weight FINAL_WEIGHTS[r]; they add up to 1, so the sum of the ranks'
+# losses is the one-call loss, and the final state's gradient must be gathered from every rank.
+FINAL_WEIGHTS = (0.5, 0.25, 0.25)
+CASES = [  # backend, dtype, feature_map, normalize, initial state
+    ("reference", torch.float64, "identity", False, False),
+    ("reference", torch.float64, "elu1", True, True),
+    ("reference", torch.float64, "relu", False, True),
+    ("triton", torch.float64, "elu1", True, False),
+    ("triton", torch.float32, "identity", False, True),
+]
+
+
+def _inputs(dtype, normalize, with_initial, total_tokens):
+    """The whole sequence's inputs and loss weights, the same on every rank (seeded)."""
+    g = torch.Generator().manual_seed(0)
+    B, H, K, V = 2, 2, 5, 7  # odd head dims
+    q, k, v = (torch.randn(B, total_tokens, H, d, generator=g, dtype=dtype) for d in (K, K, V))
+    state = None
+    if with_initial:
+        S = torch.randn(B, H, K, V, generator=g, dtype=torch.float64).to(state_dtype(dtype))
+        state = (S, torch.rand(B, H, K, generator=g, dtype=S.dtype) + 1) if normalize else S
+    weight_o = torch.randn(B, total_tokens, H, V, generator=g, dtype=dtype)
+    weight_final = [torch.randn(B, H, K, V, generator=g, dtype=torch.float64),
+                    torch.randn(B, H, K, generator=g, dtype=torch.float64)]
+    return q, k, v, state, weight_o, weight_final
+
+
+def _leaves(x):
+    if x is None:
+        return None
+    if isinstance(x, tuple):
+        return tuple(_leaves(t) for t in x)
+    return x.detach().clone().requires_grad_()
+
+
+def _flat(x):
+    return [] if x is None else list(x) if isinstance(x, tuple) else [x]
+
+
+def _loss(o, final, weight_o, weight_final, final_weight):
+    loss = (o * weight_o).sum()
+    for f, w in zip(_flat(final), weight_final):
+        loss = loss + final_weight * (f * w.to(f.dtype)).sum()
+    return loss
+
+
+def _check_case(rank, backend, dtype, feature_map, normalize, with_initial):
+    begin, end = sum(PIECES[:rank]), sum(PIECES[:rank + 1])
+    q, k, v, state, weight_o, weight_final = _inputs(dtype, normalize, with_initial, sum(PIECES))
+    options = dict(feature_map=feature_map, normalize=normalize, scale=0.7, output_final_state=True, backend=backend)
+
+    whole = [_leaves(t) for t in (q, k, v)]
+    whole_state = _leaves(state)
+    o, final = hk.causal_linear_attention(*whole, initial_state=whole_state, **options)
+    inputs = whole + _flat(whole_state)
+    grads = torch.autograd.grad(_loss(o, final, weight_o, weight_final, 1.0), inputs)
+
+    piece = [_leaves(t[:, begin:end]) for t in (q, k, v)]
+    piece_state = _leaves(state) if rank == 0 else None
+    o_piece, final_piece = hk.context_parallel_linear_attention(*piece, initial_state=piece_state, **options)
+    piece_inputs = piece + _flat(piece_state)
+    piece_grads = torch.autograd.grad(
+        _loss(o_piece, final_piece, weight_o[:, begin:end], weight_final, FINAL_WEIGHTS[rank]), piece_inputs)
+
+    case = f"rank {rank}, {backend} {dtype} {feature_map} normalize={normalize} initial={with_initial}"
+    assert_close(f"o ({case})", o_piece, o[:, begin:end])
+    for name, got, want in zip(("final state", "final key sum"), _flat(final_piece), _flat(final)):
+        assert_close(f"{name} ({case})", got, want)
+    for name, got, want in zip(("dq", "dk", "dv"), piece_grads[:3], grads[:3]):
+        assert_close(f"{name} ({case})", got, want[:, begin:end])
+    if rank == 0:
+        for name, got, want in zip(("d initial state", "d initial key sum"), piece_grads[3:], grads[3:]):
+            assert_close(f"{name} ({case})", got, want)
+
+
+def _worker(rank, world, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for case in CASES:
+            _check_case(rank, *case)
+        x = torch.zeros(1, 3, 1, 4)
+        if rank == 1:  # raises before any collective, so the other ranks do not wait for it
+            with pytest.raises(ValueError, match="initial_state.*rank 0 only"):
+                hk.context_parallel_linear_attention(x, x, x, initial_state=torch.zeros(1, 1, 4, 4))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_pieces_over_ranks_equal_one_call():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(len(PIECES), os.path.join(tmp, "rendezvous")), nprocs=len(PIECES), join=True)
+
+
+def test_needs_a_process_group():
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    x = torch.zeros(1, 3, 1, 4)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        hk.context_parallel_linear_attention(x, x, x)
