@@ -91,11 +91,33 @@ def _check_case(rank, backend, dtype, feature_map, normalize, with_initial):
             assert_close(f"{name} ({case})", got, want)
 
 
+def _check_module(rank):
+    """LinearSelfAttention(x_piece, context_parallel_group=...): the rows of the whole sequence's output, and the
+    weight gradients summed over the ranks (what data parallel training all-reduces) are the whole sequence's."""
+    begin, end = sum(PIECES[:rank]), sum(PIECES[:rank + 1])
+    torch.manual_seed(0)
+    attn = hk.nn.LinearSelfAttention(12, num_heads=3, feature_map="elu1", normalize=True).double()
+    x = torch.randn(2, sum(PIECES), 12, dtype=torch.float64)
+    weight = torch.randn_like(x)
+    out = attn(x)
+    grads = torch.autograd.grad((out * weight).sum(), list(attn.parameters()))
+    out_piece = attn(x[:, begin:end], context_parallel_group=dist.group.WORLD)
+    piece_grads = torch.autograd.grad((out_piece * weight[:, begin:end]).sum(), list(attn.parameters()))
+    assert_close(f"module output (rank {rank})", out_piece, out[:, begin:end])
+    for (name, _), got, want in zip(attn.named_parameters(), piece_grads, grads):
+        got = got.clone()
+        dist.all_reduce(got)
+        assert_close(f"d {name} summed over ranks (rank {rank})", got, want)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        attn(x[:1], cu_seqlens=torch.tensor([0, 5], dtype=torch.int32), context_parallel_group=dist.group.WORLD)
+
+
 def _worker(rank, world, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         for case in CASES:
             _check_case(rank, *case)
+        _check_module(rank)
         x = torch.zeros(1, 3, 1, 4)
         if rank == 1:  # raises before any collective, so the other ranks do not wait for it
             with pytest.raises(ValueError, match="initial_state.*rank 0 only"):

@@ -4,7 +4,7 @@
 (arXiv 2504.13112, §S.2): submodules `W_q`, `W_k`, `W_v` (nn.Linear hidden -> hidden, created in that order, so the
 same seed gives the same weights), output `((Q K^T) ∘ M) V` with the lower-triangular mask M, no 1/sqrt(d) scaling,
 no normalizer and no output projection. Options beyond the survey: heads, a feature map, the normalizer, and the
-recurrent state for decoding one token at a time. The math runs in the fused op `causal_linear_attention`.
+recurrent state for decoding one token at a time, sequences split over ranks (context parallel). The math runs in the fused op `causal_linear_attention`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,11 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .. import _checks
-from ..ops.linear_attention import causal_linear_attention, causal_linear_attention_step
+from ..ops.linear_attention import (
+    causal_linear_attention,
+    causal_linear_attention_step,
+    context_parallel_linear_attention,
+)
 from ..ops.linear_attention.common import FEATURE_MAPS
 
 
@@ -21,9 +25,11 @@ class LinearSelfAttention(nn.Module):
     o_t = scale * sum_{s<=t} (phi(q_t).phi(k_s)) v_s (divided by sum_{s<=t} phi(q_t).phi(k_s) + eps when
     normalize), with q, k, v = W_q x, W_k x, W_v x.
 
-    `forward(x, state=None, output_final_state=False, cu_seqlens=None)`: `state` continues a sequence from a
+    `forward(x, state=None, output_final_state=False, cu_seqlens=None, context_parallel_group=None)`: `state` continues a sequence from a
     previous call (float32 [B, H, Dh, Dh], or the tuple (S, z) with normalize); with output_final_state=True it
-    returns (out, new_state). `step(x_t, state)` decodes one token [B, 1, hidden_dim] (or [B, hidden_dim])."""
+    returns (out, new_state). With context_parallel_group (a torch.distributed group), x is this rank's piece of the
+    sequences, as hk.context_parallel_linear_attention takes it (state then on rank 0 only). `step(x_t, state)`
+    decodes one token [B, 1, hidden_dim] (or [B, hidden_dim])."""
 
     def __init__(self, hidden_dim: int, *, num_heads: int = 1, feature_map: str = "identity",
                  normalize: bool = False, scale: float = 1.0, eps: float = 1e-6, bias: bool = True,
@@ -57,10 +63,18 @@ class LinearSelfAttention(nn.Module):
         return dict(feature_map=self.feature_map, normalize=self.normalize, scale=self.scale, eps=self.eps,
                     backend=self.backend)
 
-    def forward(self, x: Tensor, state=None, output_final_state: bool = False, cu_seqlens: Tensor | None = None):
+    def forward(self, x: Tensor, state=None, output_final_state: bool = False, cu_seqlens: Tensor | None = None,
+                context_parallel_group=None):
         q, k, v = self._heads(x)
-        out = causal_linear_attention(q, k, v, initial_state=state, output_final_state=output_final_state,
-                                      cu_seqlens=cu_seqlens, **self._options())
+        if context_parallel_group is not None:  # x is this rank's piece of the sequences
+            if cu_seqlens is not None:
+                raise ValueError("cu_seqlens cannot be combined with context_parallel_group (packed sequences are not "
+                                 "split over ranks)")
+            out = context_parallel_linear_attention(q, k, v, group=context_parallel_group, initial_state=state,
+                                                    output_final_state=output_final_state, **self._options())
+        else:
+            out = causal_linear_attention(q, k, v, initial_state=state, output_final_state=output_final_state,
+                                          cu_seqlens=cu_seqlens, **self._options())
         if output_final_state:
             o, new_state = out
             return o.flatten(2), new_state
