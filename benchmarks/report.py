@@ -243,6 +243,8 @@ def render_markdown(report: dict) -> str:
         out += _summary(report) + [""]
         if goal_rows := goals(report):
             out += _goals_table(goal_rows) + [""]
+        if table := auto_table(report):
+            out += _auto_table_lines(table) + [""]
     fixed = [e for e in report["cases"] if not e["case"].get("sweep")]
     for entry in fixed:
         out += _case_table(entry, gpu) + [""]
@@ -384,6 +386,106 @@ def _goals_table(rows: list[dict]) -> list[str]:
         cells.append([g["case"], g["backend"] or "—", g["goal"], _goal_value(g), verdict])
     return (["## Goals of the issues (the fastest correct backend of ours)", ""]
             + _table(["case", "backend", "goal", "measured", "verdict"], cells))
+
+
+# ---------------------------------------------------------------- auto's table, as measured
+# The ops of _backend.AUTO_PREFERENCE whose speed each case measures (the module cases time the op inside them).
+AUTO_OPS = {"poly_chain": ("poly_chain",), "CCP": ("poly_chain",), "poly_ncp": ("poly_ncp",), "NCP": ("poly_ncp",),
+            "linear_attention": ("causal_linear_attention",), "poly_sa": ("poly_sa_pool", "poly_sa"),
+            "poly_gate": ("poly_gate",), "lrnn": ("lrnn_product",), "LRNN": ("lrnn_product",)}
+# The name a GPU test's id carries for each op (its file or test name).
+_TEST_FAMILY = {"poly_chain": "poly_chain", "poly_ncp": "poly_ncp", "causal_linear_attention": "linear_attention",
+                "poly_sa_pool": "poly_sa", "poly_sa": "poly_sa", "poly_gate": "poly_gate", "lrnn_product": "lrnn"}
+AUTO_BACKENDS = ("triton", "cuda")  # what auto picks among; cuda-wgmma is the cuda backend with an opt-in
+_OPT_IN = {"cuda-wgmma": "cuda"}
+
+
+def _gpu_test_failures(meta: dict, op: str, backend: str) -> int | None:
+    """Failed GPU tests of this op that concern the backend (one that names no backend counts against each), or
+    None where the GPU tests gave no verdict (not run, interrupted: pytest's exit status other than 0 or 1)."""
+    tests = meta.get("gpu_tests")
+    if tests is None or str(tests.get("rc")) not in ("0", "1"):
+        return None
+    named = re.compile(r"(?<![a-z])(cuda|wgmma|triton)(?![a-z])")
+    count = 0
+    for test in tests.get("failed", []):
+        if _TEST_FAMILY[op] not in test:
+            continue
+        backends = {"cuda" if m == "wgmma" else m for m in named.findall(test)}
+        count += backend in backends or not backends
+    return count
+
+
+def auto_table(report: dict) -> list[dict]:
+    """Per op of _backend.AUTO_PREFERENCE that the run timed: each backend's correct / timed cases, the cases it was
+    fastest in, its score (geometric mean over the op's cases of its time over the fastest correct backend's, fwd+bwd
+    or the forward for forward-only cases; 1.0 = fastest everywhere) and its GPU test failures; and the order this
+    suggests. DESIGN.md's rule: a backend is ranked only once its GPU tests passed and it was correct in every case it
+    ran; those are ordered by score, and a backend of today's table that is not ranked stays behind them (auto must
+    not fall back to the reference for a CUDA tensor it supports). Without a verdict of the GPU tests, today's order."""
+    from hadamard_kernels import _backend
+
+    meta = report["meta"]
+    by_op: dict[str, list[dict]] = {}
+    for entry in report["cases"]:
+        for op in AUTO_OPS.get(entry["case"]["op"], ()):
+            by_op.setdefault(op, []).append(entry)
+    out = []
+    for op, entries in by_op.items():
+        stats = {b: dict(backend=b, ok=0, timed=0, fastest=0, ratios=[]) for b in (*AUTO_BACKENDS, *_OPT_IN)}
+        for entry in entries:
+            key = chart.headline_key(entry)
+            rows = {r["provider"]: r for r in entry["rows"] if r["provider"] in stats}
+            ok = {p: r[f"ms_{key}"] for p, r in rows.items() if r["status"] == "ok" and r.get(f"ms_{key}")}
+            for p, r in rows.items():
+                stats[p]["timed"] += r["status"] != "skipped"
+                stats[p]["ok"] += p in ok
+                if p in ok:
+                    stats[p]["ratios"].append(ok[p] / min(ok.values()))
+                    stats[p]["fastest"] += ok[p] == min(ok.values())
+        current = tuple(_backend.AUTO_PREFERENCE.get(op, _backend.DEFAULT_PREFERENCE))
+        rows, ranked = [], []
+        for b, st in stats.items():
+            if not st["timed"]:
+                continue
+            ratios = st.pop("ratios")
+            st["score"] = math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None
+            st["gpu_test_failures"] = _gpu_test_failures(meta, op, _OPT_IN.get(b, b))
+            st["qualified"] = (st["ok"] == st["timed"] and st["gpu_test_failures"] == 0)
+            rows.append(st)
+            if st["qualified"] and b in AUTO_BACKENDS:
+                ranked.append(st)
+        if any(r["gpu_test_failures"] is None for r in rows):
+            suggested, reason = current, "the GPU tests gave no verdict: today's order"
+        else:
+            suggested = tuple(r["backend"] for r in sorted(ranked, key=lambda r: r["score"]))
+            suggested += tuple(b for b in current if b not in suggested)
+            reason = "ranked by score" + ("; not ranked, kept behind: " + ", ".join(
+                b for b in current if b not in {r["backend"] for r in ranked}) if set(current) - {
+                r["backend"] for r in ranked} else "")
+        out.append(dict(op=op, cases=len(entries), rows=rows, current=current, suggested=suggested, reason=reason))
+    return out
+
+
+def _auto_table_lines(table: list[dict]) -> list[str]:
+    cells = []
+    for t in table:
+        for r in t["rows"]:
+            failures = r["gpu_test_failures"]
+            cells.append([t["op"], r["backend"] + (" (opt-in)" if r["backend"] in _OPT_IN else ""),
+                          f"{r['ok']} / {r['timed']} of {t['cases']}", str(r["fastest"]), _fmt(r["score"], ".2f"),
+                          "no verdict" if failures is None else "passed" if failures == 0 else f"{failures} failed"])
+    lines = ["## Auto's table, as measured", "",
+             "A backend leads auto's choice for an op only once its GPU tests passed and it measured fastest "
+             "(DESIGN.md). Score: the geometric mean over the cases that time the op of the backend's time over the "
+             "fastest correct backend's (fwd+bwd; the forward for forward-only cases); 1.00 is fastest in every case. "
+             "Ranked: correct in every case it ran and no failed GPU test of the op naming it (or no backend).", ""]
+    lines += _table(["op", "backend", "correct / timed", "fastest in", "score", "GPU tests"], cells)
+    lines += ["", "Suggested `AUTO_PREFERENCE` (hadamard_kernels/_backend.py):", "", "```python",
+              "AUTO_PREFERENCE = {"]
+    lines += [f"    {t['op']!r}: {t['suggested']!r},  # {t['reason']}"
+              + ("" if t["suggested"] == t["current"] else f"; today {t['current']!r}") for t in table]
+    return lines + ["}", "```"]
 
 
 def _summary(report) -> list[str]:

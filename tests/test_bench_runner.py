@@ -622,6 +622,57 @@ def test_lrnn_memory_goal():
     assert "missed: 100% more memory" in report.render_markdown(rep)
 
 
+def _auto_record(tests=None, cuda_status="ok"):
+    chain = cases.Case("poly_chain", "fake", M=4096, d=1024, k=1024, N=2)
+    small = cases.Case("poly_chain", "small", M=4096, d=64, k=64, N=2)
+    step = cases.LinearAttentionCase("fake-decode", B=64, T=1, H=32, Dk=128, Dv=128, decode=True)
+    entries = [dict(GPU_META)] + ([dict(type="stages", gpu_tests=tests)] if tests is not None else [])
+    entries += [_test_entry(chain, "triton", "fwd+bwd", ms=2.0), _test_entry(chain, "cuda", "fwd+bwd", ms=1.0),
+                _test_entry(chain, "cuda-wgmma", "fwd+bwd", ms=0.5),
+                _test_entry(small, "triton", "fwd+bwd", ms=1.0),
+                _test_entry(small, "cuda", "fwd+bwd", status=cuda_status, ms=1.5),
+                _test_entry(step, "triton", "fwd", ms=0.2), _test_entry(step, "cuda", "fwd", ms=0.1)]
+    return report.derive(report.from_record(entries))
+
+
+def test_auto_table_from_the_measurements():
+    """Issue 19: auto's table ordered by what was recorded, only for backends whose GPU tests passed and whose results
+    were correct; today's order where the GPU tests gave no verdict."""
+    passed = dict(summary="10 passed in 5.0s", failed=[], rc=0)
+    table = {t["op"]: t for t in report.auto_table(_auto_record(passed))}
+    chain = table["poly_chain"]
+    rows = {r["backend"]: r for r in chain["rows"]}
+    # cuda: 1/2 of the fastest (0.5, behind the opt-in wgmma kernel) and 1.5x triton's 1.0: geomean sqrt(2 * 1.5)
+    assert rows["cuda"]["score"] == pytest.approx((2.0 * 1.5) ** 0.5) and rows["cuda"]["fastest"] == 0
+    assert rows["triton"]["score"] == pytest.approx(4.0 ** 0.5) and rows["triton"]["fastest"] == 1
+    assert rows["cuda-wgmma"]["fastest"] == 1 and rows["cuda-wgmma"]["ok"] == 1
+    assert chain["suggested"] == ("cuda", "triton"), "ranked by score; the opt-in kernel is not a backend of its own"
+    la = table["causal_linear_attention"]
+    assert la["suggested"] == ("cuda", "triton") and la["cases"] == 1, "a forward-only case ranks by its forward"
+
+    failed = dict(summary="1 failed, 9 passed in 5.0s", rc=1,
+                  failed=["FAILED tests/test_poly_chain.py::test_gpu_shapes[cuda-bfloat16-ccp]",
+                          "FAILED tests/test_lrnn.py::test_gpu_shapes[triton-sin]"])
+    table = {t["op"]: t for t in report.auto_table(_auto_record(failed))}
+    assert table["poly_chain"]["suggested"] == ("triton",), "a failed GPU test of the op keeps cuda out"
+    assert {r["backend"]: r["gpu_test_failures"] for r in table["poly_chain"]["rows"]}["cuda-wgmma"] == 1
+    assert table["causal_linear_attention"]["suggested"] == ("cuda", "triton"), "another op's failure does not count"
+
+    table = {t["op"]: t for t in report.auto_table(_auto_record(passed, cuda_status="wrong"))}
+    assert table["poly_chain"]["suggested"] == ("triton",), "a wrong result in one case keeps cuda out"
+
+    table = {t["op"]: t for t in report.auto_table(_auto_record(None))}
+    assert table["poly_chain"]["suggested"] == ("triton",) and "no verdict" in table["poly_chain"]["reason"]
+    interrupted = dict(passed, rc=124)
+    assert report.auto_table(_auto_record(interrupted))[0]["suggested"] == ("triton",)
+
+    md = report.render_markdown(_auto_record(passed))
+    for expected in ("## Auto's table, as measured", "| poly_chain | cuda-wgmma (opt-in) | 1 / 1 of 2 | 1 | 1.00 |",
+                     "    'poly_chain': ('cuda', 'triton'),  # ranked by score; today ('triton',)"):
+        assert expected in md, f"{expected!r} missing from the markdown:\n{md}"
+    _table_widths_agree(md)
+
+
 def _table_widths_agree(md: str) -> None:
     for block in md.split("\n\n"):
         table = [line for line in block.splitlines() if line.startswith("|")]
