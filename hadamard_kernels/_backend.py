@@ -23,7 +23,8 @@ ENV_CUDA_WGMMA = "HADAMARD_KERNELS_CUDA_WGMMA"
 # Auto's choice per op for CUDA tensors, first available (and supporting the call) wins; then reference.
 # DESIGN.md's rule: a backend joins or moves to the front only once its GPU tests passed and it measured fastest on
 # a GPU, both recorded in benchmarks/results/; until then auto uses triton. The cuda kernels are not in the table
-# yet: their GPU run is not recorded there (ask for them with backend="cuda").
+# yet: their GPU run is not recorded there (ask for them with backend="cuda"). A GPU run's report has the order its
+# measurements suggest ("Auto's table, as measured", benchmarks/report.py auto_table).
 AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
     "poly_chain": ("triton",),
     "poly_ncp": ("triton",),
