@@ -45,6 +45,7 @@
 #include <type_traits>
 
 #include "hadamard_kernels/common.h"
+#include "hadamard_kernels/cp_async.h"
 #include "hadamard_kernels/linear_attention.h"
 #include "hadamard_kernels/mma_sync.h"
 
@@ -147,12 +148,14 @@ constexpr int kTileLd = kBlock + Elem<T>::kPad;  // elements per row of a shared
 template <typename T>
 constexpr int kTileElems = kChunk * kTileLd<T>;
 
-// Dynamic shared memory of one block: the four [64, 64] tiles A, B, C, P and the fp32 state [da_pad, 64].
+// Dynamic shared memory of one block: the four [64, 64] tiles A, B, C, P, the fp32 state [da_pad, 64] and, for
+// 16-bit inputs, the staging area of the next step's raw A, B, C ([64][64] each, unpadded).
 template <typename T>
 constexpr int64_t shared_bytes(int64_t da) {
   const int64_t da_pad = (da + kBlock - 1) / kBlock * kBlock;
-  return 4 * kTileElems<T> * static_cast<int64_t>(sizeof(typename Elem<T>::Bits)) +
-         da_pad * kStateLd * static_cast<int64_t>(sizeof(float));
+  const int64_t elem = static_cast<int64_t>(sizeof(typename Elem<T>::Bits));
+  return 4 * kTileElems<T> * elem + da_pad * kStateLd * static_cast<int64_t>(sizeof(float)) +
+         (sizeof(T) == 2 ? 3 * kChunk * kBlock * elem : 0);
 }
 
 template <typename T>
@@ -384,42 +387,127 @@ __device__ __forceinline__ void state_product(float (&acc)[kPerThread], const ty
 }
 
 // ---- global -> shared
+//
+// A [64, 64] operand tile is read as 16-byte vectors, consecutive threads on consecutive vectors of a row; thread
+// tid owns vectors tid + i * kThreads. Each element becomes phi(x) (PHI) times row_scale[row] (when given) in the
+// compute tile; elements past `rows` valid rows or `cols` columns become 0 (after phi, so elu1's phi(0) = 1 never
+// leaks into a sum). float32 tiles are loaded synchronously (load_tile). 16-bit tiles are pipelined: a step's raw
+// tiles are copied into a staging area with cp.async while the previous step computes (stage_tile), then converted
+// by the same threads (convert_tile; a thread reads only the vectors it copied, so its own cp.async wait suffices).
 
-// Loads rows [0, 64) x columns [col0, col0 + 64) of operand x at token rows row0.. and `head` into a shared
-// tile: element -> phi (PHI) -> times row_scale[row] (when given). Elements past `rows` valid rows or `cols`
-// columns become 0 (after phi, so elu1's phi(0) = 1 never leaks into a sum). 16-byte loads where aligned.
+template <typename T>
+struct TileVectors {
+  using Bits = typename Elem<T>::Bits;
+  static constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte vector
+  static constexpr int kPerRow = kBlock / kVec;
+  static constexpr int kPerThread = kChunk * kBlock / (kVec * kThreads);
+  union Vector {
+    uint4 u;
+    Bits e[kVec];
+  };
+  // Vector i of this thread: its row and first column in the tile.
+  static __device__ __forceinline__ int row(int i) { return (threadIdx.x + i * kThreads) / kPerRow; }
+  static __device__ __forceinline__ int col(int i) { return ((threadIdx.x + i * kThreads) % kPerRow) * kVec; }
+};
+
+// The vector of raw elements at tile row r, column c + [0, kVec) of operand x; whether 16-byte loads are possible is
+// `vec`. Elements past rows / cols are 0.
+template <typename T>
+__device__ __forceinline__ typename TileVectors<T>::Vector fetch_vector(const typename Elem<T>::Bits* base,
+                                                                       int64_t row_stride, bool vec, int r, int rows,
+                                                                       int64_t col, int64_t cols) {
+  using V = TileVectors<T>;
+  typename V::Vector in;
+  if (r < rows && vec && col + V::kVec <= cols) {
+    in.u = *reinterpret_cast<const uint4*>(base + r * row_stride + col);
+  } else {
+#pragma unroll
+    for (int e = 0; e < V::kVec; ++e) {
+      in.e[e] = (r < rows && col + e < cols) ? base[r * row_stride + col + e] : typename Elem<T>::Bits(0);
+    }
+  }
+  return in;
+}
+
+// The compute tile's vector from raw elements: phi, the row scale and the zeros past rows / cols.
+template <typename T, bool PHI>
+__device__ __forceinline__ uint4 transform_vector(typename TileVectors<T>::Vector in, int r, int rows, int64_t col,
+                                                  int64_t cols, int fm, const float* row_scale) {
+  using V = TileVectors<T>;
+  typename V::Vector out;
+  const float sc = row_scale != nullptr ? row_scale[r] : 1.f;
+#pragma unroll
+  for (int e = 0; e < V::kVec; ++e) {
+    float f = bits_to_float<T>(in.e[e]);
+    if constexpr (PHI) f = feature_map(fm, f);
+    out.e[e] = float_to_bits<T>((r < rows && col + e < cols) ? f * sc : 0.f);
+  }
+  return out.u;
+}
+
+template <typename T>
+__device__ __forceinline__ const typename Elem<T>::Bits* tile_base(const Operand& x, int64_t row0, int64_t head) {
+  return static_cast<const typename Elem<T>::Bits*>(x.ptr) + row0 * x.row_stride + head * x.head_stride;
+}
+
+template <typename T>
+__device__ __forceinline__ bool vector_loads(const typename Elem<T>::Bits* base, const Operand& x) {
+  return is_aligned(base, 16) && x.row_stride % TileVectors<T>::kVec == 0;
+}
+
+// Rows [0, 64) x columns [col0, col0 + 64) of operand x at token rows row0.. and `head`, loaded synchronously and
+// transformed into the compute tile dst.
 template <typename T, bool PHI>
 __device__ __forceinline__ void load_tile(typename Elem<T>::Bits* dst, const Operand& x, int64_t row0, int64_t head,
                                           int rows, int64_t col0, int64_t cols, int fm, const float* row_scale) {
-  using Bits = typename Elem<T>::Bits;
-  constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte vector
-  constexpr int kVecsPerRow = kBlock / kVec;
-  constexpr int kVecs = kChunk * kBlock / (kVec * kThreads);
-  const Bits* base = static_cast<const Bits*>(x.ptr) + row0 * x.row_stride + head * x.head_stride;
-  const bool vec = is_aligned(base, 16) && x.row_stride % kVec == 0;
+  using V = TileVectors<T>;
+  const auto* base = tile_base<T>(x, row0, head);
+  const bool vec = vector_loads<T>(base, x);
 #pragma unroll
-  for (int i = 0; i < kVecs; ++i) {
-    const int v = threadIdx.x + i * kThreads;  // consecutive threads take consecutive vectors of a row
-    const int r = v / kVecsPerRow, c = (v % kVecsPerRow) * kVec;
+  for (int i = 0; i < V::kPerThread; ++i) {
+    const int r = V::row(i), c = V::col(i);
+    const auto in = fetch_vector<T>(base, x.row_stride, vec, r, rows, col0 + c, cols);
+    *reinterpret_cast<uint4*>(dst + r * kTileLd<T> + c) = transform_vector<T, PHI>(in, r, rows, col0 + c, cols, fm,
+                                                                                    row_scale);
+  }
+}
+
+// The same tile's raw elements into the staging tile `stage` ([64][64], unpadded): cp.async for whole aligned
+// vectors, synchronous element loads at a ragged column end or without 16-byte alignment; vectors past rows / cols
+// are left as they are (convert_tile writes zeros there without reading them).
+template <typename T>
+__device__ __forceinline__ void stage_tile(typename Elem<T>::Bits* stage, const Operand& x, int64_t row0,
+                                           int64_t head, int rows, int64_t col0, int64_t cols) {
+  using V = TileVectors<T>;
+  const auto* base = tile_base<T>(x, row0, head);
+  const bool vec = vector_loads<T>(base, x);
+#pragma unroll
+  for (int i = 0; i < V::kPerThread; ++i) {
+    const int r = V::row(i), c = V::col(i);
     const int64_t col = col0 + c;
-    union {
-      uint4 u;
-      Bits e[kVec];
-    } in, out;
-    if (r < rows && vec && col + kVec <= cols) {
-      in.u = *reinterpret_cast<const uint4*>(base + r * x.row_stride + col);
+    auto* dst = stage + r * kBlock + c;
+    if (r >= rows || col >= cols) continue;
+    if (vec && col + V::kVec <= cols) {
+      cp_async_16(dst, base + r * x.row_stride + col, true);
     } else {
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) in.e[e] = (r < rows && col + e < cols) ? base[r * x.row_stride + col + e] : Bits(0);
+      *reinterpret_cast<uint4*>(dst) = fetch_vector<T>(base, x.row_stride, vec, r, rows, col, cols).u;
     }
-    const float sc = row_scale != nullptr ? row_scale[r] : 1.f;
+  }
+}
+
+// stage_tile's copy into the compute tile dst, transformed. Reads only this thread's vectors of `stage`, after its
+// cp_async_wait for them.
+template <typename T, bool PHI>
+__device__ __forceinline__ void convert_tile(typename Elem<T>::Bits* dst, const typename Elem<T>::Bits* stage,
+                                             int rows, int64_t col0, int64_t cols, int fm, const float* row_scale) {
+  using V = TileVectors<T>;
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) {
-      float f = bits_to_float<T>(in.e[e]);
-      if constexpr (PHI) f = feature_map(fm, f);
-      out.e[e] = float_to_bits<T>((r < rows && col + e < cols) ? f * sc : 0.f);
-    }
-    *reinterpret_cast<uint4*>(dst + r * kTileLd<T> + c) = out.u;
+  for (int i = 0; i < V::kPerThread; ++i) {
+    const int r = V::row(i), c = V::col(i);
+    typename V::Vector in;
+    in.u = *reinterpret_cast<const uint4*>(stage + r * kBlock + c);  // past rows / cols: stale, replaced by 0
+    *reinterpret_cast<uint4*>(dst + r * kTileLd<T> + c) = transform_vector<T, PHI>(in, r, rows, col0 + c, cols, fm,
+                                                                                    row_scale);
   }
 }
 
@@ -455,6 +543,7 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(const ScanParams p) {
   constexpr bool kPhiC = ROLE == kGradQ || ROLE == kGradK;     // C is phi(k) (or phi(q))
   constexpr bool kScaleState = std::is_same_v<T, __half> && !SUMS;  // SUMS never feeds the state to an MMA
   constexpr int ld = kTileLd<T>;
+  constexpr bool kStaged = sizeof(T) == 2;  // 16-bit tiles pipelined through the staging area (see load_tile)
 
 #if defined(HK_CPU_EMULATION)
   unsigned char* const smem_raw = hk_emulation::dynamic_shared_memory();
@@ -466,6 +555,10 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(const ScanParams p) {
   Bits* const tile_c = tile_b + kTileElems<T>;
   Bits* const tile_p = tile_c + kTileElems<T>;
   float* const state = reinterpret_cast<float*>(tile_p + kTileElems<T>);  // [da_pad][kStateLd]
+  // 16-bit inputs: the raw tiles of the next step, [64][64] each (shared_bytes).
+  Bits* const stage_a = reinterpret_cast<Bits*>(state + ((p.da + kBlock - 1) / kBlock) * kBlock * kStateLd);
+  Bits* const stage_b = stage_a + kChunk * kBlock;
+  Bits* const stage_c = stage_b + kChunk * kBlock;
   __shared__ float vec[kMaxDim];          // forward: key sum z [da]; dq / dk: the extra state row [64]
   __shared__ float row_scale[kChunk];     // gradient passes: d num_t / d o_t over F (the row-scaled operand)
   __shared__ float dden[kChunk];          // gradient passes with normalize: d den_t
@@ -484,6 +577,28 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(const ScanParams p) {
   const int slices = static_cast<int>((p.da + kBlock - 1) / kBlock);
   const bool ext = p.normalize && (ROLE == kGradQ || ROLE == kGradK);
   const bool norm_fwd = p.normalize && ROLE == kForward;
+  const int chunks = seg.c1 - seg.c0;
+
+  // Chunk ci of the walk: its first token row and its number of valid rows.
+  auto chunk_rows = [&](int ci, int64_t& row0, int& rows) {
+    const int64_t chunk = kReverse ? seg.c1 - 1 - ci : seg.c0 + ci;
+    row0 = seg.bos + chunk * kChunk;
+    rows = static_cast<int>(min(static_cast<int64_t>(kChunk), seg.len - chunk * kChunk));
+  };
+  // 16-bit inputs: step (ci, j) (chunk ci, reduction slice j) stages its raw A_j, B_j and, at j = 0, C while the
+  // step before it computes.
+  auto stage_step = [&](int ci, int j) {
+    int64_t row0;
+    int rows;
+    chunk_rows(ci, row0, rows);
+    if (j == 0) stage_tile<T>(stage_c, p.c, row0, head, rows, col0, p.dv);
+    if constexpr (!SUMS) stage_tile<T>(stage_a, p.a, row0, head, rows, static_cast<int64_t>(j) * kBlock, p.da);
+    stage_tile<T>(stage_b, p.b, row0, head, rows, static_cast<int64_t>(j) * kBlock, p.da);
+    cp_async_commit();
+  };
+  if constexpr (kStaged) {
+    if (chunks > 0) stage_step(0, 0);  // in flight while the initial state loads
+  }
 
   // Initial state [da, 64] (zeros past da and past the valid columns) and the normalize vector.
   float local_max = 0.f;  // max finite |S| over the elements this thread owns (float16 state scaling)
@@ -507,10 +622,10 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(const ScanParams p) {
   if constexpr (kScaleState) state_exp = 14 - exponent_of(block_max(local_max, scratch));
   __syncthreads();
 
-  for (int ci = 0; ci < seg.c1 - seg.c0; ++ci) {
-    const int64_t chunk = kReverse ? seg.c1 - 1 - ci : seg.c0 + ci;
-    const int64_t row0 = seg.bos + chunk * kChunk;  // token row of the chunk's first token
-    const int rows = static_cast<int>(min(static_cast<int64_t>(kChunk), seg.len - chunk * kChunk));
+  for (int ci = 0; ci < chunks; ++ci) {
+    int64_t row0;  // token row of the chunk's first token
+    int rows;
+    chunk_rows(ci, row0, rows);
     local_max = 0.f;
 
     // Gradient passes: the per-token factor d num_t / d o_t (scale / den_t, or scale) as F * row_scale[t] with
@@ -535,8 +650,10 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(const ScanParams p) {
       __syncthreads();
     }
 
-    load_tile<T, kPhiC>(tile_c, p.c, row0, head, rows, col0, p.dv, p.feature_map,
-                        ROLE == kGradV ? row_scale : nullptr);
+    const float* const c_scale = ROLE == kGradV ? row_scale : nullptr;
+    const float* const a_scale = ROLE == kGradQ ? row_scale : nullptr;
+    const float* const b_scale = ROLE == kGradK ? row_scale : nullptr;
+    if constexpr (!kStaged) load_tile<T, kPhiC>(tile_c, p.c, row0, head, rows, col0, p.dv, p.feature_map, c_scale);
 
     float acc_o[kPerThread], acc_p[kPerThread];
 #pragma unroll
@@ -546,13 +663,23 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(const ScanParams p) {
     for (int j = 0; j < slices; ++j) {
       const int k0 = j * kBlock;
       const int klen = static_cast<int>(min(static_cast<int64_t>(kBlock), p.da - k0));
-      if constexpr (!SUMS) {
-        load_tile<T, kPhiAB>(tile_a, p.a, row0, head, rows, k0, p.da, p.feature_map,
-                             ROLE == kGradQ ? row_scale : nullptr);
+      if constexpr (kStaged) {
+        cp_async_wait<0>();  // this thread's copies of the step; it converts only those
+        if (j == 0) convert_tile<T, kPhiC>(tile_c, stage_c, rows, col0, p.dv, p.feature_map, c_scale);
+        if constexpr (!SUMS) convert_tile<T, kPhiAB>(tile_a, stage_a, rows, k0, p.da, p.feature_map, a_scale);
+        convert_tile<T, kPhiAB>(tile_b, stage_b, rows, k0, p.da, p.feature_map, b_scale);
+      } else {
+        if constexpr (!SUMS) load_tile<T, kPhiAB>(tile_a, p.a, row0, head, rows, k0, p.da, p.feature_map, a_scale);
+        load_tile<T, kPhiAB>(tile_b, p.b, row0, head, rows, k0, p.da, p.feature_map, b_scale);
       }
-      load_tile<T, kPhiAB>(tile_b, p.b, row0, head, rows, k0, p.da, p.feature_map,
-                           ROLE == kGradK ? row_scale : nullptr);
       __syncthreads();
+      if constexpr (kStaged) {  // the next step's copies run under this step's products
+        if (j + 1 < slices) {
+          stage_step(ci, j + 1);
+        } else if (ci + 1 < chunks) {
+          stage_step(ci + 1, 0);
+        }
+      }
 
       float* const s_j = state + k0 * kStateLd;
       if constexpr (!SUMS) {

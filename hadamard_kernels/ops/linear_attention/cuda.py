@@ -32,11 +32,11 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def shared_bytes(dtype, K, V) -> int:
     """Shared memory of one block of the scan kernel, the largest over the passes (their reduction dim is K or V):
-    shared_bytes() in csrc/linear_attention_kernels.cuh (four [64, 64] tiles and the fp32 state [dim, 64 + 4])
-    plus its static arrays."""
-    elem, pad = (4, 4) if dtype == torch.float32 else (2, 8)
+    shared_bytes() in csrc/linear_attention_kernels.cuh (four [64, 64] tiles, the fp32 state [dim, 64 + 4] and, for
+    16-bit inputs, three [64, 64] staging tiles) plus its static arrays."""
+    elem, pad, staged = (4, 4, 0) if dtype == torch.float32 else (2, 8, 3)
     dim = -(-max(K, V) // 64) * 64
-    return 4 * 64 * (64 + pad) * elem + dim * 68 * 4 + 4 * (256 + 7 * 64 + 4)
+    return (4 * 64 * (64 + pad) + staged * 64 * 64) * elem + dim * 68 * 4 + 4 * (256 + 7 * 64 + 4)
 
 
 def unsupported(q, k, v, initial_state, initial_key_sum, feature_map, normalize, scale, eps, output_final_state,
@@ -48,7 +48,7 @@ def unsupported(q, k, v, initial_state, initial_key_sum, feature_map, normalize,
         return (f"the cuda kernels keep a [K or V, 64] slice of the fp32 state in shared memory and support "
                 f"K, V <= {MAX_DIM}, got K={K}, V={V}")
     if q.device.type == "cuda":
-        # GPUs with 99 KB per block (sm_86, sm_89) fit every 16-bit size up to K, V = 192 and float32 up to 64.
+        # GPUs with 99 KB per block (sm_86, sm_89) fit every 16-bit size up to K, V = 128 and float32 up to 64.
         limit = getattr(properties(q), "shared_memory_per_block_optin", None)
         if limit and (need := shared_bytes(q.dtype, K, V)) > limit:
             return (f"K={K}, V={V} in {q.dtype} need {need} bytes of shared memory per block, this GPU allows "
