@@ -410,8 +410,8 @@ struct TileVectors {
   static __device__ __forceinline__ int col(int i) { return ((threadIdx.x + i * kThreads) % kPerRow) * kVec; }
 };
 
-// The vector of raw elements at tile row r, column c + [0, kVec) of operand x; whether 16-byte loads are possible is
-// `vec`. Elements past rows / cols are 0.
+// The raw elements of tile row r, columns col + [0, kVec), of the operand at `base`; `vec`: 16-byte loads are
+// possible. Elements past rows / cols are 0.
 template <typename T>
 __device__ __forceinline__ typename TileVectors<T>::Vector fetch_vector(const typename Elem<T>::Bits* base,
                                                                        int64_t row_stride, bool vec, int r, int rows,
