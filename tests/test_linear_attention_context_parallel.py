@@ -3,6 +3,7 @@ the rows, final state and gradients of one causal_linear_attention call on the w
 
 from __future__ import annotations
 
+import datetime
 import os
 import tempfile
 
@@ -113,7 +114,9 @@ def _check_module(rank):
 
 
 def _worker(rank, world, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # A rank that fails ends the run (spawn stops the others); the timeout bounds a collective left waiting anyway.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
     try:
         for case in CASES:
             _check_case(rank, *case)
