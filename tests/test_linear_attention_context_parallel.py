@@ -92,6 +92,33 @@ def _check_case(rank, backend, dtype, feature_map, normalize, with_initial):
             assert_close(f"{name} ({case})", got, want)
 
 
+# Packed sequences over ranks: (pieces, cu_seqlens of the whole batch). Sequences that span two ranks across an empty
+# one, three ranks, a rank inside one sequence, empty sequences, a rank starting exactly at a boundary, and two
+# sequences each spanning two ranks (rank 2's start state must leave out rank 0's piece of the first).
+PACKED = [((70, 0, 53), (0, 30, 100, 101, 123)),
+          ((40, 30, 53), (0, 10, 10, 90, 123)),
+          ((40, 30, 53), (0, 40, 70, 123)),
+          ((40, 30, 53), (0, 50, 123))]
+
+
+def _check_packed(rank, pieces, offsets, backend, dtype, feature_map, normalize):
+    begin, end = sum(pieces[:rank]), sum(pieces[:rank + 1])
+    q, k, v, _, weight_o, _ = _inputs(dtype, normalize, False, sum(pieces))
+    q, k, v, weight_o = (t[:1] for t in (q, k, v, weight_o))
+    cu = torch.tensor(offsets, dtype=torch.int32)
+    options = dict(feature_map=feature_map, normalize=normalize, scale=0.7)
+    whole = [_leaves(t.double()) for t in (q, k, v)]  # the float64 reference of the whole batch: the oracle
+    o = hk.causal_linear_attention(*whole, cu_seqlens=cu, backend="reference", **options)
+    grads = torch.autograd.grad((o * weight_o.double()).sum(), whole)
+    piece = [_leaves(t[:, begin:end]) for t in (q, k, v)]
+    o_piece = hk.context_parallel_linear_attention(*piece, cu_seqlens=cu, backend=backend, **options)
+    piece_grads = torch.autograd.grad((o_piece * weight_o[:, begin:end]).sum(), piece)
+    case = f"rank {rank}, pieces {pieces}, cu_seqlens {offsets}, {backend} {dtype} {feature_map} normalize={normalize}"
+    assert_close(f"o ({case})", o_piece, o[:, begin:end])
+    for name, got, want in zip(("dq", "dk", "dv"), piece_grads, grads):
+        assert_close(f"{name} ({case})", got, want[:, begin:end])
+
+
 def _check_module(rank):
     """LinearSelfAttention(x_piece, context_parallel_group=...): the rows of the whole sequence's output, and the
     weight gradients summed over the ranks (what data parallel training all-reduces) are the whole sequence's."""
@@ -109,8 +136,10 @@ def _check_module(rank):
         got = got.clone()
         dist.all_reduce(got)
         assert_close(f"d {name} summed over ranks (rank {rank})", got, want)
-    with pytest.raises(ValueError, match="cu_seqlens"):
-        attn(x[:1], cu_seqlens=torch.tensor([0, 5], dtype=torch.int32), context_parallel_group=dist.group.WORLD)
+    cu = torch.tensor([0, 50, 123], dtype=torch.int32)  # packed: two sequences, each spanning two ranks
+    out = attn(x[:1], cu_seqlens=cu)
+    out_piece = attn(x[:1, begin:end], cu_seqlens=cu, context_parallel_group=dist.group.WORLD)
+    assert_close(f"module output, packed (rank {rank})", out_piece, out[:, begin:end])
 
 
 def _worker(rank, world, init_file):
@@ -121,6 +150,15 @@ def _worker(rank, world, init_file):
         for case in CASES:
             _check_case(rank, *case)
         _check_module(rank)
+        for i, (pieces, offsets) in enumerate(PACKED):
+            _check_packed(rank, pieces, offsets, "reference", torch.float64, "elu1", i % 2 == 0)
+        _check_packed(rank, *PACKED[1], "triton", torch.float32, "relu", True)
+        x = torch.zeros(1, PIECES[rank], 1, 4)
+        with pytest.raises(NotImplementedError, match="output_final_state"):
+            hk.context_parallel_linear_attention(x, x, x, cu_seqlens=torch.tensor([0, 123], dtype=torch.int32),
+                                                 output_final_state=True)
+        with pytest.raises(ValueError, match="end at T = 123"):  # the whole batch's length, not the piece's
+            hk.context_parallel_linear_attention(x, x, x, cu_seqlens=torch.tensor([0, PIECES[rank]], dtype=torch.int32))
         x = torch.zeros(1, 3, 1, 4)
         if rank == 1:  # raises before any collective, so the other ranks do not wait for it
             with pytest.raises(ValueError, match="initial_state.*rank 0 only"):

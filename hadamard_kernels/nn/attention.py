@@ -28,7 +28,8 @@ class LinearSelfAttention(nn.Module):
     `forward(x, state=None, output_final_state=False, cu_seqlens=None, context_parallel_group=None)`: `state` continues a sequence from a
     previous call (float32 [B, H, Dh, Dh], or the tuple (S, z) with normalize); with output_final_state=True it
     returns (out, new_state). With context_parallel_group (a torch.distributed group), x is this rank's piece of the
-    sequences, as hk.context_parallel_linear_attention takes it (state then on rank 0 only). `step(x_t, state)`
+    sequences, as hk.context_parallel_linear_attention takes it (state then on rank 0 only; cu_seqlens, if given,
+    the whole packed batch's offsets). `step(x_t, state)`
     decodes one token [B, 1, hidden_dim] (or [B, hidden_dim])."""
 
     def __init__(self, hidden_dim: int, *, num_heads: int = 1, feature_map: str = "identity",
@@ -67,11 +68,9 @@ class LinearSelfAttention(nn.Module):
                 context_parallel_group=None):
         q, k, v = self._heads(x)
         if context_parallel_group is not None:  # x is this rank's piece of the sequences
-            if cu_seqlens is not None:
-                raise ValueError("cu_seqlens cannot be combined with context_parallel_group (packed sequences are not "
-                                 "split over ranks)")
             out = context_parallel_linear_attention(q, k, v, group=context_parallel_group, initial_state=state,
-                                                    output_final_state=output_final_state, **self._options())
+                                                    output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                                    **self._options())
         else:
             out = causal_linear_attention(q, k, v, initial_state=state, output_final_state=output_final_state,
                                           cu_seqlens=cu_seqlens, **self._options())

@@ -12,10 +12,17 @@ The backward runs the exchange reversed: a piece's sum enters the start state of
 state, so its gradient is the sum of theirs; one all_gather again. A rank sends B x H x Dk x (Dv + 1) floats in the
 forward (Dv without normalize) and twice that in the backward, whatever T; all_gather rather than a chain of sends
 keeps it one step of latency. Autograd needs every rank to run the backward (the exchange is a collective).
+
+Packed sequences (cu_seqlens over the whole packed batch) may span ranks. Each rank learns every rank's piece length
+(one small all_gather), so every rank knows which sequences each piece starts and ends in; the exchange then carries
+each rank's last sequence's partial sum, and a rank whose first sequence began earlier starts it from the sum of
+the pieces of that sequence on the ranks before it.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 from typing import Optional
 
 import torch
@@ -23,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._library import autocast_inputs
-from .common import check_args, state_dtype
+from .common import check_args, check_cu_seqlens, state_dtype
 from .op import _split_state, causal_linear_attention
 from .reference import phi, phi_grad
 
@@ -58,36 +65,46 @@ def _all_gather(x: Tensor, group) -> Tensor:
     return torch.stack(parts)
 
 
-class _RankPrefix(torch.autograd.Function):
-    """(sum_{i < rank} x_i, sum_i x_i) over the ranks of the group, x flat."""
+class _RankMix(torch.autograd.Function):
+    """y_j = sum_i mix[rank, j, i] x_i over the ranks i of the group: the start states (and total) each rank needs
+    from the pieces' sums. x flat; mix [world, outputs, world] of 0/1, the same on every rank. The backward gathers
+    every rank's output gradients: x_i's gradient is sum_{r, j} mix[r, j, i] dy_{r, j}."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        rank = dist.get_rank(group)
+    def forward(ctx, x, mix, group):
         gathered = _all_gather(x, group)  # [world, n]
-        ctx.group = group
-        return gathered[:rank].sum(0), gathered.sum(0)
+        ctx.group, ctx.mix = group, mix
+        return tuple(weights.to(x.dtype) @ gathered for weights in mix[dist.get_rank(group)])
 
     @staticmethod
-    def backward(ctx, grad_before, grad_total):
-        rank = dist.get_rank(ctx.group)
-        gathered = _all_gather(torch.stack([grad_before, grad_total]), ctx.group)  # [world, 2, n]
-        # x_i enters the prefix of every later rank and the total of every rank.
-        return gathered[rank + 1:, 0].sum(0) + gathered[:, 1].sum(0), None
+    def backward(ctx, *grads):
+        gathered = _all_gather(torch.stack(grads), ctx.group)  # [world, outputs, n]
+        weights = ctx.mix[:, :, dist.get_rank(ctx.group)].to(gathered.dtype)  # [world, outputs]
+        return torch.einsum("ro,ron->n", weights, gathered), None, None
+
+
+def _piece_lengths(t: int, device, group) -> list[int]:
+    """Every rank's number of tokens (one small all_gather and a host sync)."""
+    return _all_gather(torch.tensor([t], dtype=torch.int64, device=device), group).flatten().tolist()
+
+
+def _flat_state(state, key_sum, normalize):
+    return torch.cat([state.flatten()] + ([key_sum.flatten()] if normalize else []))
 
 
 def context_parallel_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, feature_map: str = "identity",
                                       normalize: bool = False, scale: float = 1.0, eps: float = 1e-6,
                                       initial_state=None, output_final_state: bool = False,
-                                      backend: Optional[str] = None):
-    """causal_linear_attention of a sequence split over the ranks of `group` (None: the default group).
+                                      cu_seqlens: Optional[Tensor] = None, backend: Optional[str] = None):
+    """causal_linear_attention of sequences split over the ranks of `group` (None: the default group).
 
     q, k [B, T_r, H, Dk], v [B, T_r, H, Dv]: rank r's piece, the tokens after those of ranks 0..r-1 (T_r may differ
     between ranks, and be 0; B, H, Dk, Dv and the dtype must be the same on every rank). Returns rank r's outputs
     o [B, T_r, H, Dv], equal to the same rows of one causal_linear_attention call on the whole sequence, gradients
     included. initial_state: the state before rank 0's first token, given on rank 0 only (None elsewhere).
     output_final_state=True returns (o, final_state), the state after the last rank's last token, on every rank.
-    Other arguments as causal_linear_attention's; packed sequences (cu_seqlens) are not supported here.
+    cu_seqlens: packed sequences (B = 1), the int32 offsets [n + 1] of the whole packed batch, the same on every
+    rank; a sequence may span ranks. initial_state and output_final_state are not supported with it.
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("context_parallel_linear_attention needs an initialized torch.distributed process group "
@@ -95,29 +112,72 @@ def context_parallel_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, group=
     q, k, v = autocast_inputs(q, k, v)
     state, key_sum = _split_state(initial_state, normalize)
     check_args(q, k, v, state, key_sum, feature_map, normalize, None)
-    rank = dist.get_rank(group)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
     if initial_state is not None and rank != 0:
         raise ValueError(f"initial_state is the state before rank 0's tokens: pass it on rank 0 only, got one on "
                          f"rank {rank}")
-
+    options = dict(feature_map=feature_map, normalize=normalize, scale=scale, eps=eps, backend=backend)
     batch, _, heads, head_dim = q.shape
     shape = (batch, heads, head_dim, v.shape[-1])
-    piece_state, piece_key_sum = _PieceSum.apply(k, v, feature_map)
-    # One flat buffer per exchange: the state, then (with normalize) the key sum. Rank 0's initial state travels
-    # inside its piece: every later start state and the total include it.
-    sizes = [piece_state.numel()] + ([piece_key_sum.numel()] if normalize else [])
-    piece = torch.cat([piece_state.flatten()] + ([piece_key_sum.flatten()] if normalize else []))
-    initial = None
-    if state is not None:
-        initial = torch.cat([state.flatten()] + ([key_sum.flatten()] if normalize else []))
-        piece = piece + initial
-    before, total = _RankPrefix.apply(piece, group)
-    start = before if initial is None else initial  # rank 0 starts from the initial state (before is 0 there)
+    sizes = [math.prod(shape)] + ([math.prod(shape[:3])] if normalize else [])
+
+    def piece_sum(k_part, v_part):
+        """The flat state contribution of these tokens: the state, then (with normalize) the key sum."""
+        return _flat_state(*_PieceSum.apply(k_part, v_part, feature_map), normalize)
 
     def unflatten(flat):
         parts = flat.split(sizes)
         return (parts[0].view(shape), parts[1].view(shape[:3])) if normalize else parts[0].view(shape)
 
-    o = causal_linear_attention(q, k, v, feature_map=feature_map, normalize=normalize, scale=scale, eps=eps,
-                                initial_state=unflatten(start), backend=backend)
+    if cu_seqlens is not None:
+        if initial_state is not None or output_final_state:
+            raise NotImplementedError("context_parallel_linear_attention with cu_seqlens supports neither "
+                                      "initial_state nor output_final_state")
+        return _packed(q, k, v, cu_seqlens, group, rank, world, piece_sum, unflatten, options)
+
+    # Rank 0's initial state travels inside its piece: every later start state and the total include it.
+    piece = piece_sum(k, v)
+    initial = None if state is None else _flat_state(state, key_sum, normalize)
+    if initial is not None:
+        piece = piece + initial
+    mix = torch.stack([torch.stack([torch.arange(world) < r, torch.ones(world, dtype=torch.bool)])
+                       for r in range(world)])  # [world, (before, total), world]
+    before, total = _RankMix.apply(piece, mix, group)
+    start = before if initial is None else initial  # rank 0 starts from the initial state (before is 0 there)
+    o = causal_linear_attention(q, k, v, initial_state=unflatten(start), **options)
     return (o, unflatten(total)) if output_final_state else o
+
+
+def _packed(q, k, v, cu_seqlens, group, rank, world, piece_sum, unflatten, options):
+    """The cu_seqlens form. Every rank finds every rank's first and last sequence from the pieces' lengths; the
+    only state a rank needs from the others is its first sequence's, when that sequence began on an earlier rank:
+    the sum of the last-sequence pieces of the ranks before it that end inside that sequence."""
+    if q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens, q, k, v must have batch size 1 (packed sequences), got B = {q.shape[0]}")
+    lengths = _piece_lengths(q.shape[1], q.device, group)
+    begins = [sum(lengths[:r]) for r in range(world + 1)]
+    check_cu_seqlens(cu_seqlens, q.new_empty((1, begins[-1], 0, 0)))  # the whole packed batch
+    offsets = cu_seqlens.tolist()
+
+    def sequence_at(token):  # the sequence holding this token (a non-empty one)
+        return bisect.bisect_right(offsets, token) - 1
+
+    first = [sequence_at(begins[r]) if lengths[r] else -1 for r in range(world)]
+    last = [sequence_at(begins[r + 1] - 1) if lengths[r] else -1 for r in range(world)]
+    # Rank r's first sequence began on an earlier rank: it needs the pieces of the ranks before it that end in it.
+    continues = [lengths[r] > 0 and offsets[first[r]] < begins[r] for r in range(world)]
+    mix = torch.tensor([[[continues[r] and i < r and last[i] == first[r] for i in range(world)]]
+                        for r in range(world)])  # [world, 1, world]
+    T = lengths[rank]
+    # This rank's sequences as local offsets: first[rank] .. last[rank], clipped to the piece.
+    local = [0] + [offsets[s] - begins[rank] for s in range(first[rank] + 1, last[rank] + 1)] + [T] if T else [0, 0]
+    tail = local[-2]  # where this rank's last sequence starts in the piece
+    (start,) = _RankMix.apply(piece_sum(k[:, tail:], v[:, tail:]), mix, group)
+    # The first sequence runs from `start` even where it begins on this rank (start is 0 there), and an empty piece
+    # too: the backward of every rank then reaches the exchange, a collective that needs them all.
+    head = local[1]
+    outs = [causal_linear_attention(q[:, :head], k[:, :head], v[:, :head], initial_state=unflatten(start), **options)]
+    if head < T:
+        cu = torch.tensor(local[1:], dtype=torch.int32, device=q.device) - head
+        outs.append(causal_linear_attention(q[:, head:], k[:, head:], v[:, head:], cu_seqlens=cu, **options))
+    return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
