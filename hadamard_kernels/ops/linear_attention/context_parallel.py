@@ -73,13 +73,14 @@ class _RankMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mix, group):
         gathered = _all_gather(x, group)  # [world, n]
+        mix = mix.to(device=x.device, dtype=x.dtype)  # built on the host; x may be on a GPU
         ctx.group, ctx.mix = group, mix
-        return tuple(weights.to(x.dtype) @ gathered for weights in mix[dist.get_rank(group)])
+        return tuple(weights @ gathered for weights in mix[dist.get_rank(group)])
 
     @staticmethod
     def backward(ctx, *grads):
         gathered = _all_gather(torch.stack(grads), ctx.group)  # [world, outputs, n]
-        weights = ctx.mix[:, :, dist.get_rank(ctx.group)].to(gathered.dtype)  # [world, outputs]
+        weights = ctx.mix[:, :, dist.get_rank(ctx.group)]  # [world, outputs]
         return torch.einsum("ro,ron->n", weights, gathered), None, None
 
 
