@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from utils import assert_close
+from utils import assert_close, cuda, requires_cuda
 
 import hadamard_kernels as hk
 from hadamard_kernels.ops.linear_attention.common import state_dtype
@@ -178,3 +178,33 @@ def test_needs_a_process_group():
     x = torch.zeros(1, 3, 1, 4)
     with pytest.raises(RuntimeError, match="init_process_group"):
         hk.context_parallel_linear_attention(x, x, x)
+
+
+def _one_gpu_worker(rank, init_file):
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=1,
+                            timeout=datetime.timedelta(seconds=300))
+    try:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(1, 300, 4, 64, device="cuda", generator=g) for _ in range(3))
+        cu = torch.tensor([0, 100, 300], dtype=torch.int32, device="cuda")
+        for packed in (None, cu):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            o = hk.context_parallel_linear_attention(*leaves, feature_map="elu1", normalize=True, cu_seqlens=packed)
+            grads = torch.autograd.grad(o.sum(), leaves)
+            ref = [t.double().cpu().requires_grad_() for t in (q, k, v)]
+            o_ref = hk.causal_linear_attention(*ref, feature_map="elu1", normalize=True,
+                                               cu_seqlens=None if packed is None else packed.cpu())
+            grads_ref = torch.autograd.grad(o_ref.sum(), ref)
+            assert_close(f"o (packed={packed is not None})", o, o_ref)
+            for name, got, want in zip(("dq", "dk", "dv"), grads, grads_ref):
+                assert_close(f"{name} (packed={packed is not None})", got, want)
+    finally:
+        dist.destroy_process_group()
+
+
+@cuda
+@requires_cuda
+def test_one_rank_over_nccl_on_a_gpu():
+    """The exchange on CUDA tensors over NCCL (one rank: one GPU), against the float64 reference."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_one_gpu_worker, args=(os.path.join(tmp, "rendezvous"),), nprocs=1, join=True)
