@@ -3,8 +3,9 @@
 `LinearSelfAttention(hidden_dim)` is a drop-in for the instructional module of the Hadamard-product survey
 (arXiv 2504.13112, §S.2): submodules `W_q`, `W_k`, `W_v` (nn.Linear hidden -> hidden, created in that order, so the
 same seed gives the same weights), output `((Q K^T) ∘ M) V` with the lower-triangular mask M, no 1/sqrt(d) scaling,
-no normalizer and no output projection. Options beyond the survey: heads, a feature map, the normalizer, and the
-recurrent state for decoding one token at a time, sequences split over ranks (context parallel). The math runs in the fused op `causal_linear_attention`.
+no normalizer and no output projection. Options beyond the survey: heads, a feature map, the normalizer, the
+recurrent state for decoding one token at a time, and sequences split over ranks (context parallel). The math runs
+in the fused op `causal_linear_attention`.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ class LinearSelfAttention(nn.Module):
     o_t = scale * sum_{s<=t} (phi(q_t).phi(k_s)) v_s (divided by sum_{s<=t} phi(q_t).phi(k_s) + eps when
     normalize), with q, k, v = W_q x, W_k x, W_v x.
 
-    `forward(x, state=None, output_final_state=False, cu_seqlens=None, context_parallel_group=None)`: `state` continues a sequence from a
-    previous call (float32 [B, H, Dh, Dh], or the tuple (S, z) with normalize); with output_final_state=True it
-    returns (out, new_state). With context_parallel_group (a torch.distributed group), x is this rank's piece of the
-    sequences, as hk.context_parallel_linear_attention takes it (state then on rank 0 only; cu_seqlens, if given,
-    the whole packed batch's offsets). `step(x_t, state)`
-    decodes one token [B, 1, hidden_dim] (or [B, hidden_dim])."""
+    `forward(x, state=None, output_final_state=False, cu_seqlens=None, context_parallel_group=None)`: `state`
+    continues a sequence from a previous call (float32 [B, H, Dh, Dh], or the tuple (S, z) with normalize); with
+    output_final_state=True it returns (out, new_state). With context_parallel_group (a torch.distributed group), x
+    is this rank's piece of the sequences, as hk.context_parallel_linear_attention takes it (state then on rank 0
+    only; cu_seqlens, if given, the whole packed batch's offsets). `step(x_t, state)` decodes one token
+    [B, 1, hidden_dim] (or [B, hidden_dim])."""
 
     def __init__(self, hidden_dim: int, *, num_heads: int = 1, feature_map: str = "identity",
                  normalize: bool = False, scale: float = 1.0, eps: float = 1e-6, bias: bool = True,
