@@ -458,11 +458,10 @@ def auto_table(report: dict) -> list[dict]:
         if any(r["gpu_test_failures"] is None for r in rows):
             suggested, reason = current, "the GPU tests gave no verdict: today's order"
         else:
-            suggested = tuple(r["backend"] for r in sorted(ranked, key=lambda r: r["score"]))
-            suggested += tuple(b for b in current if b not in suggested)
-            reason = "ranked by score" + ("; not ranked, kept behind: " + ", ".join(
-                b for b in current if b not in {r["backend"] for r in ranked}) if set(current) - {
-                r["backend"] for r in ranked} else "")
+            by_score = tuple(r["backend"] for r in sorted(ranked, key=lambda r: r["score"]))
+            unranked = tuple(b for b in current if b not in by_score)
+            suggested = by_score + unranked
+            reason = "ranked by score" + (f"; not ranked, kept behind: {', '.join(unranked)}" if unranked else "")
         out.append(dict(op=op, cases=len(entries), rows=rows, current=current, suggested=suggested, reason=reason))
     return out
 

@@ -658,6 +658,11 @@ def test_auto_table_from_the_measurements():
     assert {r["backend"]: r["gpu_test_failures"] for r in table["poly_chain"]["rows"]}["cuda-wgmma"] == 1
     assert table["causal_linear_attention"]["suggested"] == ("cuda", "triton"), "another op's failure does not count"
 
+    triton_failed = dict(failed, failed=["FAILED tests/test_poly_chain.py::test_gpu_shapes[triton-float16-ccp]"])
+    chain = report.auto_table(_auto_record(triton_failed))[0]
+    assert chain["suggested"] == ("cuda", "triton") and chain["reason"].endswith("kept behind: triton"), (
+        "a backend of today's table that is not ranked stays as the fallback behind the ranked ones")
+
     table = {t["op"]: t for t in report.auto_table(_auto_record(passed, cuda_status="wrong"))}
     assert table["poly_chain"]["suggested"] == ("triton",), "a wrong result in one case keeps cuda out"
 
