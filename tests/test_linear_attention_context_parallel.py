@@ -1,5 +1,6 @@
-"""context_parallel_linear_attention: a sequence split over the ranks of a gloo process group (CPU processes) gives
-the rows, final state and gradients of one causal_linear_attention call on the whole sequence."""
+"""context_parallel_linear_attention: a sequence (or a packed batch) split over the ranks of a gloo process group
+(CPU processes) gives the rows, final state and gradients of one causal_linear_attention call on the whole of it; on
+a GPU, the same over NCCL with one rank."""
 
 from __future__ import annotations
 
