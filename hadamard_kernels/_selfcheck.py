@@ -66,8 +66,12 @@ def _poly_gate_case(gen):
 
 
 def _ragged_mask(z, lengths):
-    """(B, N) bool on z's device: the first lengths[b] tokens of row b are real (a row of length 0 has none)."""
-    return torch.arange(z.shape[1], device=z.device)[None, :] < torch.tensor(lengths, device=z.device)[:, None]
+    """(B, N) bool on z's device: the first lengths[b] tokens of row b are real (a row of length 0 has none). Built
+    by device fills, not a copy from host memory, so the case runs inside a CUDA graph capture too."""
+    counts = torch.zeros(len(lengths), dtype=torch.long, device=z.device)
+    for row, length in enumerate(lengths):
+        counts[row] = length
+    return torch.arange(z.shape[1], device=z.device)[None, :] < counts[:, None]
 
 
 def _poly_sa_inputs(gen, B=3, N=19, C=27):

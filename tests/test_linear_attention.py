@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from utils import HAS_CUDA, assert_close, cpu_backends, cuda, forward_backward, gpu_backends, requires_cuda
+from utils import (HAS_CUDA, assert_close, capture_cuda_graph, cpu_backends, cuda, forward_backward, gpu_backends,
+                   requires_cuda)
 
 import hadamard_kernels as hk
 from hadamard_kernels.ops.linear_attention.common import FEATURE_MAPS, state_dtype
@@ -451,6 +452,60 @@ def test_gpu_varlen_and_decode(backend):
         o_t, state = hk.causal_linear_attention_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], state,
                                                      feature_map="elu1", normalize=True, backend=backend)
         assert_close(f"o at step {t}", o_t, whole[0][:, t:t + 1].double(), torch.bfloat16)
+
+
+def test_cu_seqlens_values_are_not_read_during_cuda_graph_capture(monkeypatch):
+    """A host read of a device tensor is an error while a CUDA graph is captured, so the check then leaves
+    cu_seqlens' values alone (the eager warm-up call a capture needs checked them) but still checks the rest."""
+    from hadamard_kernels.ops.linear_attention import common
+
+    q = torch.zeros(1, 10, 1, 4)
+    decreasing = torch.tensor([0, 7, 3, 10], dtype=torch.int32)
+    assert not common._capturing_cuda_graph(q)  # CPU tensors are never captured
+    with pytest.raises(ValueError, match="non-decreasing"):
+        common.check_cu_seqlens(decreasing, q)
+    monkeypatch.setattr(common, "_capturing_cuda_graph", lambda t: True)
+    assert common.check_cu_seqlens(decreasing, q) == 3
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        common.check_cu_seqlens(decreasing.long(), q)
+
+
+@cuda
+@requires_cuda
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_gpu_cuda_graphs_of_packed_sequences_and_of_a_decode_step(backend):
+    """Packed sequences (cu_seqlens) and a decoding step, each captured in a CUDA graph: replays give the eager
+    results, and a decode graph replayed token by token (its state copied back between replays, as a serving loop
+    does) gives the chunked op's outputs."""
+    n = len(CU_SEQLENS) - 1
+    q, k, v, S0, z0 = make_inputs(B=1, T=CU_SEQLENS[-1], n=n, dtype=torch.float32, device="cuda",
+                                  feature_map="elu1", normalize=True)
+    cu = torch.tensor(CU_SEQLENS, dtype=torch.int32, device="cuda")
+    packed = lambda: call(q, k, v, S0, z0, cu_seqlens=cu, feature_map="elu1", normalize=True,  # noqa: E731
+                          backend=backend)
+    graph, captured = capture_cuda_graph(packed)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    for name, out, ref in zip(OUT_NAMES, captured, packed()):
+        assert_close(f"packed {name}", out, ref.double(), torch.float32)
+
+    q, k, v, S0, z0 = make_inputs(B=2, T=6, H=4, Dk=64, Dv=48, dtype=torch.float32, device="cuda",
+                                  feature_map="elu1", normalize=True)
+    whole = call(q, k, v, S0, z0, feature_map="elu1", normalize=True, backend="reference")
+    token = [t[:, :1].clone() for t in (q, k, v)]
+    state = (S0.clone(), z0.clone())
+    decode = lambda: hk.causal_linear_attention_step(*token, state, feature_map="elu1",  # noqa: E731
+                                                     normalize=True, backend=backend)
+    graph, (o_t, (S_t, z_t)) = capture_cuda_graph(decode)
+    for t in range(q.shape[1]):
+        for static, values in zip(token, (q, k, v)):
+            static.copy_(values[:, t:t + 1])
+        graph.replay()
+        assert_close(f"decoded o at token {t}", o_t, whole[0][:, t:t + 1].double(), torch.float32)
+        state[0].copy_(S_t)
+        state[1].copy_(z_t)
+    assert_close("decoded final state", state[0], whole[1].double(), torch.float32)
+    assert_close("decoded final key sum", state[1], whole[2].double(), torch.float32)
 
 
 @cuda

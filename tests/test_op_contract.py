@@ -1,14 +1,16 @@
 """The contract every op family keeps, checked once for all of them over `hadamard_kernels._selfcheck.CASES`
 (a family joins these tests by adding its case there): the backend asked for (by argument or by
 $HADAMARD_KERNELS_BACKEND) is the one whose kernels run, forward and backward; NaN in the backward propagates as in
-the reference; torch.autocast casts activations and leaves float64 alone; meta tensors give the output's shape."""
+the reference; torch.autocast casts activations and leaves float64 alone; meta tensors give the output's shape; on a
+GPU, the fused backends never synchronise the host and run inside a captured CUDA graph."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
-from utils import assert_close, cpu_backends, dispatched_ops, forward_backward
+from utils import (assert_close, capture_cuda_graph, cpu_backends, cuda, dispatched_ops, forward_backward,
+                   gpu_backends, requires_cuda)
 
 from hadamard_kernels import _backend, _selfcheck
 
@@ -125,3 +127,61 @@ def test_meta_tensors_give_the_output_shape(name):
     expected = call(*inputs, backend="reference")
     out = call(*[t.to("meta") for t in inputs], backend="reference")
     assert out.device.type == "meta" and out.shape == expected.shape and out.dtype == expected.dtype
+
+
+# ---------------------------------------------------------------- host syncs and CUDA graphs (GPU)
+def gradient_step(call, inputs, backend):
+    """`step()` -> (output, gradients of the float inputs) for `call` on `inputs`, whose output gradient is made
+    here, once, so the step itself only launches the op's work (no copy from the host)."""
+    leaves = [t.detach().requires_grad_() if t.is_floating_point() else t for t in inputs]
+    floats = [t for t in leaves if t.is_floating_point()]
+    grad_out = torch.randn(call(*inputs, backend="reference").shape, generator=torch.Generator().manual_seed(5))
+    grad_out = grad_out.to(inputs[0])
+
+    def step():
+        out = call(*leaves, backend=backend)
+        return (out, *torch.autograd.grad(out, floats, grad_out))
+
+    return step
+
+
+@cuda
+@requires_cuda
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("name", CASES)
+def test_fused_backends_never_sync_the_host(name, backend):
+    """Forward and backward launch work and return: no host synchronisation (an .item(), a read of a device value,
+    a copy from pageable host memory), which would stall the queue every call and make CUDA graph capture fail."""
+    inputs, call = case_inputs(name, torch.float32)
+    step = gradient_step(call, [t.cuda() for t in inputs], backend)
+    step()  # compiles and autotunes (which synchronise) before the checked call
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+@cuda
+@requires_cuda
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("name", CASES)
+def test_cuda_graph_replays_forward_and_backward(name, backend):
+    """The op's forward and backward captured in one CUDA graph (what torch.compile(mode="reduce-overhead") and
+    decoding loops do): a replay on new input values gives what an eager call on them gives."""
+    inputs, call = case_inputs(name, torch.float32)
+    static = [t.cuda() for t in inputs]
+    step = gradient_step(call, static, backend)
+    graph, captured = capture_cuda_graph(step)
+    captured = [t.detach() for t in captured]
+    for seed in (1, 2):
+        fresh, _ = CASES[name](torch.Generator().manual_seed(seed))
+        for target, values in zip(static, fresh):
+            target.copy_(values)
+        graph.replay()
+        expected = step()
+        for i, (out, ref) in enumerate(zip(captured, expected)):
+            assert_close(f"{name} replay {seed}, output {i} (0: the op's, then gradients)", out, ref.double(),
+                         torch.float32)

@@ -194,3 +194,20 @@ def dispatched_ops():
 
     with Recorder():
         yield names
+
+
+# ---------------------------------------------------------------- CUDA graphs (GPU tests)
+def capture_cuda_graph(step):
+    """Captures one call of `step` in a CUDA graph after warming it up on a side stream (compiles, autotuning and
+    lazy allocations happen outside the capture, as torch.cuda.graphs requires). Returns (graph, the captured call's
+    outputs): each `graph.replay()` recomputes them in place from the tensors the step read."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, outputs

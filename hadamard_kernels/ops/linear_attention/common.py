@@ -36,7 +36,7 @@ def check_cu_seqlens(cu_seqlens, q) -> int:
         raise ValueError(f"with cu_seqlens, q, k, v must have batch size 1 (packed sequences), got B = {q.shape[0]}")
     if cu_seqlens.shape[0] < 2:
         raise ValueError(f"cu_seqlens must have at least 2 entries (n + 1 for n sequences), got {cu_seqlens.shape[0]}")
-    if not _symbolic_any(cu_seqlens, q):
+    if not _symbolic_any(cu_seqlens, q) and not _capturing_cuda_graph(q):
         offsets = cu_seqlens.cpu()  # one host sync: the values decide correctness, so they are checked
         if offsets[0] != 0 or offsets[-1] != q.shape[1]:
             raise ValueError(f"cu_seqlens must start at 0 and end at T = {q.shape[1]}, got "
@@ -48,6 +48,12 @@ def check_cu_seqlens(cu_seqlens, q) -> int:
 
 def _symbolic_any(*tensors) -> bool:
     return any(_is_symbolic(t) for t in tensors)
+
+
+def _capturing_cuda_graph(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream: a host read of a device tensor is an error
+    there, so values are not checked (the eager call that a capture needs before it checked them)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def check_args(q, k, v, initial_state, initial_key_sum, feature_map, normalize, cu_seqlens) -> None:

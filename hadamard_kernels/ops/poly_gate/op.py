@@ -71,8 +71,9 @@ def poly_gate(a: Tensor, b: Tensor, ln1_weight: Tensor, ln1_bias: Tensor, ln2_we
         a, b, ln1_weight, ln1_bias, ln2_weight, ln2_bias, alpha)
     if alpha is not None and not isinstance(alpha, torch.Tensor):
         value = _checks.check_finite_float("alpha", alpha)
-        alpha = torch.tensor(value, dtype=a.dtype if isinstance(a, torch.Tensor) else None,
-                             device=a.device if isinstance(a, torch.Tensor) else None)
+        # A fill on the device, not a copy from host memory: no host sync, and a CUDA graph can capture it.
+        alpha = (torch.full((), value, dtype=a.dtype, device=a.device) if isinstance(a, torch.Tensor)
+                 else torch.tensor(value))
     # Checked here too, so wrong types get a ValueError rather than the schema's cast error.
     check_args(a, b, ln1_weight, ln1_bias, ln2_weight, ln2_bias, alpha, eps, spatial_shift)
     return poly_gate_op(a, b, ln1_weight, ln1_bias, ln2_weight, ln2_bias, alpha, float(eps), spatial_shift, backend)

@@ -102,7 +102,8 @@ def _scalar_tensor(name, value, like):
     value = _checks.check_finite_float(name, value)
     if not isinstance(like, Tensor):
         return torch.tensor(value)
-    return torch.tensor(value, dtype=like.dtype, device=like.device)
+    # A fill on the device, not a copy from host memory: no host sync, and a CUDA graph can capture it.
+    return torch.full((), value, dtype=like.dtype, device=like.device)
 
 
 def poly_sa(z: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, alpha: Tensor | float, beta: Tensor | float, *,
