@@ -2,7 +2,8 @@
 
 - collects bench_*.py (one file per family; each names its ops in OPS) and parametrizes their test with the
   (case, provider, mode) triples of suite.params: the GPU cases on a GPU, the tiny CPU cases on a CPU;
-- orders the tests case by case (the quick cases of every family first), so a run cut short has covered every family;
+- orders the tests by `suite.run_key` (every case's headline mode first, max-autotune last), then case by
+  case (the quick cases of every family first), so a run cut short has covered every family;
 - options: --bench-quick, --bench-ops, --bench-providers, --bench-part K/M (every M-th case from the K-th), a time
   budget after which no test starts (--bench-time-budget S), and --bench-record FILE: every test's result is appended
   to FILE as one JSON line when it ends (so an interrupted run keeps what it measured), and the tests FILE already
@@ -107,19 +108,22 @@ def recorded_ids(path: Path | None) -> set[str]:
 def pytest_collection_modifyitems(session, config, items):
     order = {case: i for i, case in enumerate(suite.selected_cases())}
 
-    def key(item):
+    def case_index(item) -> int:
         spec = getattr(item, "callspec", None)
-        case = spec.params.get("case") if spec is not None else None
-        if case not in order:  # e.g. the placeholder of a family with no case here
-            return (len(order), 0)
-        return (order[case], case.runs(suite.DEVICE).index((spec.params["provider"],
-                                                                            spec.params["mode"])))
+        # len(order): not a case of this run (e.g. the placeholder of a family with no case here)
+        return order.get(spec.params.get("case") if spec is not None else None, len(order))
+
+    def key(item):
+        index = case_index(item)
+        if index == len(order):
+            return (0, index, 0)
+        return suite.run_key(index, *(item.callspec.params[name] for name in ("case", "provider", "mode")))
 
     items.sort(key=key)
     done = recorded_ids(config._bench_record)
     keep, drop = [], []
     for item in items:  # (a family with no case selected here has only pytest's empty-parameter-set item: dropped)
-        index = key(item)[0]
+        index = case_index(item)
         wanted = index < len(order) and suite.in_part(index, config._bench_part) and item.nodeid not in done
         (keep if wanted else drop).append(item)
     if drop:

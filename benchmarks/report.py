@@ -641,12 +641,39 @@ def write_report(report: dict, out_dir: Path, copy_to: Path | None = None) -> li
     return paths
 
 
+SHARD_MARK = "=== shard "  # run_gpu.sh starts each parallel test process's part of the log with "=== shard K/M"
+_NO_SUMMARY = "no pytest summary line (interrupted or crashed?)"
+
+
+def _pytest_summary(lines: list[str]) -> str | None:
+    return next((line for line in reversed(lines)
+                 if re.search(r"\b(passed|failed|error|errors|skipped|deselected|no tests ran)\b", line)
+                 and re.search(r"\bin [\d.]+s\b", line)), None)
+
+
 def parse_pytest_log(text: str) -> dict:
     """The final summary line of `pytest -q` output ("2 failed, 118 passed in 95.1s") and the FAILED/ERROR test ids
-    of its short summary."""
+    of its short summary. A log of several shards (parts headed by SHARD_MARK lines) gets one summary of them all:
+    the counts added up (deselected left out: each shard deselects the others' tests), the longest shard's time, and
+    the shards that printed no summary."""
     lines = [line.strip().strip("=").strip() for line in text.splitlines()]
-    summary = next((line for line in reversed(lines)
-                    if re.search(r"\b(passed|failed|error|errors|skipped|deselected|no tests ran)\b", line)
-                    and re.search(r"\bin [\d.]+s\b", line)), None)
     failed = [line.split(" - ")[0] for line in lines if line.startswith(("FAILED ", "ERROR "))]
-    return {"summary": summary or "no pytest summary line (interrupted or crashed?)", "failed": failed}
+    starts = [i for i, line in enumerate(text.splitlines()) if line.startswith(SHARD_MARK)]
+    if not starts:
+        return {"summary": _pytest_summary(lines) or _NO_SUMMARY, "failed": failed}
+    counts: dict[str, int] = {}
+    seconds, missing = 0.0, []
+    for start, end in zip(starts, [*starts[1:], len(lines)]):
+        summary = _pytest_summary(lines[start + 1:end])
+        if summary is None:
+            missing.append(lines[start].removeprefix("shard "))
+            continue
+        for number, kind in re.findall(r"(\d+) (failed|passed|skipped|errors?|xfailed|xpassed)\b", summary):
+            kind = "error" if kind == "errors" else kind
+            counts[kind] = counts.get(kind, 0) + int(number)
+        seconds = max(seconds, float(re.search(r"\bin ([\d.]+)s\b", summary).group(1)))
+    summary = ", ".join(f"{n} {kind}{'s' if kind == 'error' and n != 1 else ''}" for kind, n in counts.items())
+    summary = f"{summary or 'no tests ran'} in {seconds:.2f}s ({len(starts)} shards in parallel; the longest)"
+    if missing:
+        summary += f"; no summary line from shard {', '.join(missing)} (interrupted or crashed?)"
+    return {"summary": summary, "failed": failed}

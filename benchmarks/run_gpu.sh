@@ -20,8 +20,9 @@
 # set, env.txt, build.log, tests.log and memcheck.log are written there as the run goes (so a run cut short still
 # returns them), then the report, the record and the pytest-benchmark JSON.
 # Budget (seconds): RUN_GPU_BUDGET_S for the whole script, default 570; the build stops at 180, the tests at
-# RUN_GPU_TESTS_S (default 150), memcheck at RUN_GPU_MEMCHECK_S (default 60); 0 skips either stage. The
-# benchmarks get the rest and start no test in the last 60 s.
+# RUN_GPU_TESTS_S (default 150; the tests run as RUN_GPU_TEST_SHARDS parallel processes, default 6), memcheck at
+# RUN_GPU_MEMCHECK_S (default 60); 0 skips either stage. The benchmarks get the rest and start no test in the last
+# 60 s.
 set -uo pipefail  # not -e: every stage runs whatever the previous one returned
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -30,6 +31,7 @@ BUDGET_S=${RUN_GPU_BUDGET_S:-570}
 BUILD_LIMIT_S=180
 TESTS_LIMIT_S=${RUN_GPU_TESTS_S:-150}
 MEMCHECK_LIMIT_S=${RUN_GPU_MEMCHECK_S:-60}
+SHARDS=${RUN_GPU_TEST_SHARDS:-6}
 RESULTS=benchmarks/results
 LOGS=${OUT:-$(mktemp -d)}
 mkdir -p "$RESULTS" "$LOGS"
@@ -78,11 +80,31 @@ section "GPU tests"
 if [ "$TESTS_LIMIT_S" -le 0 ]; then
   echo "GPU tests skipped (RUN_GPU_TESTS_S=$TESTS_LIMIT_S)"
 else
-  # SIGINT, not SIGTERM: an interrupted pytest still prints its summary of what ran.
-  timeout -s INT -k 20 "$TESTS_LIMIT_S" "$PY" -m pytest -q -m cuda tests -rfE --durations=10 2>&1 \
-    | tee "$LOGS/tests.log"
-  tests_rc=${PIPESTATUS[0]}
-  echo "tests exit status $tests_rc (124: stopped at the ${TESTS_LIMIT_S}s limit)"
+  # A GPU test spends most of its time compiling Triton kernels on one CPU core, so SHARDS pytest processes share
+  # the GPU; each takes the test files in turn (--shard, tests/conftest.py), so a stage cut short has covered every
+  # family. SIGINT, not SIGTERM: an interrupted pytest still prints its summary of what ran.
+  pids=()
+  for k in $(seq 1 "$SHARDS"); do
+    timeout -s INT -k 20 "$TESTS_LIMIT_S" "$PY" -m pytest -q -m cuda tests -rfE --durations=5 --shard "$k/$SHARDS" \
+      >"$LOGS/tests-$k.log" 2>&1 &
+    pids+=($!)
+  done
+  tests_rc=0
+  for pid in "${pids[@]}"; do
+    wait "$pid"
+    rc=$?
+    # The stage's status: 1 (a test failed) over 124 (the time limit) over any other failure.
+    if [ "$rc" -eq 1 ] || { [ "$rc" -ne 0 ] && [ "$tests_rc" -ne 1 ] && [ "$tests_rc" -ne 124 ]; }; then
+      tests_rc=$rc
+    fi
+  done
+  for k in $(seq 1 "$SHARDS"); do  # the "=== shard" lines are what benchmarks/report.py splits the log at
+    echo "=== shard $k/$SHARDS"
+    cat "$LOGS/tests-$k.log"
+  done >"$LOGS/tests.log"
+  rm -f "$LOGS"/tests-*.log
+  grep -E "^(FAILED|ERROR) |^=== shard | in [0-9.]+s" "$LOGS/tests.log"
+  echo "tests exit status $tests_rc (124: stopped at the ${TESTS_LIMIT_S}s limit; $SHARDS shards)"
   stage_args+=(--tests-log "$LOGS/tests.log" --tests-rc "$tests_rc")
 fi
 

@@ -65,6 +65,24 @@ def params(ops: tuple[str, ...]) -> list:
             and not (SELECTION.quick and (provider == "max-autotune" or (DEVICE == "cpu" and mode != "fwd+bwd")))]
 
 
+def run_priority(case: cases.AnyCase, provider: str, mode: str) -> int:
+    """The tests run by priority, then case by case, so a run cut short by its budget (one GPU call rarely fits the
+    suite) has the numbers the issues' goals are judged by: 0 every case's headline mode (fwd+bwd; fwd for a case
+    timed forward only), 1 its other modes, 2 the size sweeps, 3 max-autotune (minutes of compiling per case)."""
+    if provider == "max-autotune":
+        return 3
+    if case.sweep:
+        return 2
+    headline = "fwd+bwd" if any(m == "fwd+bwd" for _, m in case.runs(DEVICE)) else "fwd"
+    return 0 if mode == headline else 1
+
+
+def run_key(case_index: int, case: cases.AnyCase, provider: str, mode: str) -> tuple[int, int, int]:
+    """Where a test runs: by its priority, then its case's place in the run (`case_index`), then its place among
+    the case's runs."""
+    return run_priority(case, provider, mode), case_index, case.runs(DEVICE).index((provider, mode))
+
+
 def parse_part(value: str | None) -> tuple[int, int] | None:
     """"K/M" -> (K, M) with 1 <= K <= M; None stays None."""
     if value is None:

@@ -184,6 +184,32 @@ def test_case_counts():
         case.flops("backward")
 
 
+def test_gpu_run_order_takes_every_headline_first(monkeypatch):
+    """One GPU call runs a few minutes of a suite that needs far more: the headline mode of every case (fwd+bwd; fwd
+    for a decode step) for every provider but max-autotune comes before any other mode, quick cases first; the
+    size sweeps and then max-autotune come last."""
+    import suite
+
+    monkeypatch.setattr(suite, "DEVICE", "cuda")
+    every = cases.all_cases()
+    runs = sorted((suite.run_key(i, case, provider, mode), case, provider, mode)
+                  for i, case in enumerate(every) for provider, mode in case.runs("cuda"))
+    priorities = [key[0] for key, *_ in runs]
+    assert priorities == sorted(priorities) and set(priorities) == {0, 1, 2, 3}
+    headline = [(case, provider, mode) for key, case, provider, mode in runs if key[0] == 0]
+    main_cases = [case for case in every if not case.sweep]
+    assert {case for case, _, _ in headline} == set(main_cases)
+    assert all(mode == ("fwd" if case.decode else "fwd+bwd") for case, _, mode in headline
+               if isinstance(case, cases.LinearAttentionCase))
+    assert all(mode == "fwd+bwd" and provider != "max-autotune" for case, provider, mode in headline
+               if not isinstance(case, cases.LinearAttentionCase))
+    quick = cases.all_cases(quick=True)
+    first_cases = list(dict.fromkeys(case for case, _, _ in headline))
+    assert first_cases[:len(quick)] == quick, "the quick cases' headlines first"
+    assert all(provider == "max-autotune" for key, _, provider, _ in runs if key[0] == 3)
+    assert all(case.sweep for key, case, _, _ in runs if key[0] == 2)
+
+
 def test_case_lists():
     """Issue 19's shapes and the MNIST CCP, issue 18's MONet shapes; unique ids; the quick cases first, taking every
     family in turn; one sweep per family, on one axis, sizes increasing."""
@@ -810,6 +836,19 @@ def test_parse_pytest_log():
     assert parsed["summary"] == "1 failed, 10 passed, 1 skipped, 1 error in 12.34s"
     assert parsed["failed"] == ["FAILED tests/test_nn.py::test_gpu[x]", "ERROR tests/test_poly_ncp.py::test_gpu[cuda]"]
     assert "no pytest summary" in report.parse_pytest_log("....\nKeyboardInterrupt\n")["summary"]
+
+
+def test_parse_pytest_log_of_parallel_shards():
+    """run_gpu.sh's GPU tests run as parallel shards, their logs joined under SHARD_MARK lines: one summary adds up
+    their counts, takes the longest time and names a shard that printed none."""
+    log = (f"{report.SHARD_MARK}1/3\n....F\nFAILED tests/a.py::t[x] - boom\n"
+           "1 failed, 4 passed, 3 skipped, 600 deselected in 100.50s\n"
+           f"{report.SHARD_MARK}2/3\n.....\n5 passed, 2 errors, 600 deselected in 120.00s\n"
+           f"{report.SHARD_MARK}3/3\n...\nKeyboardInterrupt\n")
+    parsed = report.parse_pytest_log(log)
+    assert parsed["summary"] == ("1 failed, 9 passed, 3 skipped, 2 errors in 120.00s (3 shards in parallel; the "
+                                 "longest); no summary line from shard 3/3 (interrupted or crashed?)")
+    assert parsed["failed"] == ["FAILED tests/a.py::t[x]"]
 
 
 def test_list_works_without_a_gpu():
