@@ -37,7 +37,8 @@ def check_positive(name: str, value: int, what: str = "") -> None:
 
 
 def check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    # (a torch.SymInt: torch.compile(dynamic=True) may trace an int option as a symbol)
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise ValueError(f"{name} must be an int, got {value!r}")
     check_positive(name, value)
 
@@ -62,7 +63,10 @@ def check_finite_float(name: str, value) -> float:
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a 1-element tensor, got shape {tuple(value.shape)}")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # torch.compile(dynamic=True) may trace a Python number (a default eps, say) as a symbol, which math.isfinite
+    # cannot take; a comparison can (the compiled code then guards on its outcome). NaN fails it too.
+    numbers = (int, float, torch.SymInt, torch.SymFloat)
+    if isinstance(value, bool) or not isinstance(value, numbers) or not abs(value) < math.inf:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 

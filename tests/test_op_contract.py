@@ -129,6 +129,23 @@ def test_meta_tensors_give_the_output_shape(name):
     assert out.device.type == "meta" and out.shape == expected.shape and out.dtype == expected.dtype
 
 
+# ---------------------------------------------------------------- torch.compile with dynamic shapes
+@pytest.mark.parametrize("name", CASES)
+def test_torch_compile_dynamic_shapes(name):
+    """torch.compile(dynamic=True) traces sizes, and Python numbers such as a default eps, as symbols: the public
+    function, its checks and the fake implementations must take them (math.isfinite of a symbol broke this once).
+    Tracing does not depend on the backend, which runs with real values: the reference stands for all."""
+    inputs, call = case_inputs(name)
+    compiled = torch.compile(lambda *t: call(*t, backend="reference"), fullgraph=True, dynamic=True,
+                             backend="aot_eager")
+    outputs, grads, grads_out = forward_backward(compiled, inputs, backend="reference")
+    expected, expected_grads, _ = forward_backward(lambda *t: call(*t, backend="reference"), inputs, grads_out,
+                                                   backend="reference")
+    assert_close(f"{name} output", outputs[0], expected[0])
+    for i, (grad, ref) in enumerate(zip(grads, expected_grads)):
+        assert_close(f"{name} grad of input {i}", grad, ref)
+
+
 # ---------------------------------------------------------------- host syncs and CUDA graphs (GPU)
 def gradient_step(call, inputs, backend):
     """`step()` -> (output, gradients of the float inputs) for `call` on `inputs`, whose output gradient is made

@@ -49,18 +49,19 @@ def check_args(x, weight, bias, g_params, rank, dbar, activation, omega, gamma) 
     _checks.check_tensor("weight", weight, ndim=2)
     d = weight.shape[1]
     _checks.check_positive("weight.shape[1]", d, "in_features d")
-    _checks.check_shape("weight", weight, (rank * dbar, d), f"(rank * dbar, d) = ({rank} * {dbar}, d)")
+    # Plain strings: under torch.compile(dynamic=True) rank and dbar may be symbols, which an f-string cannot format.
+    _checks.check_shape("weight", weight, (rank * dbar, d), "(rank * dbar, d)")
     if x.shape[-1] != d:
         raise ValueError(f"x must have last dim {d} (weight.shape[1]), got shape {tuple(x.shape)}")
     if bias is not None:
         _checks.check_tensor("bias", bias)
-        _checks.check_shape("bias", bias, (rank * dbar,), f"(rank * dbar,) = ({rank} * {dbar},)")
+        _checks.check_shape("bias", bias, (rank * dbar,), "(rank * dbar,)")
     if activation == "mlp":
         if g_params is None:
             raise ValueError("activation 'mlp' needs g_params of shape (3, rank, dbar, h) = stack([a, w, c]), "
                              "got None")
         _checks.check_tensor("g_params", g_params, ndim=4)
-        _checks.check_shape("g_params", g_params, (3, rank, dbar, None), f"(3, rank, dbar, h) = (3, {rank}, {dbar}, h)")
+        _checks.check_shape("g_params", g_params, (3, rank, dbar, None), "(3, rank, dbar, h)")
         h = g_params.shape[3]
         if not 1 <= h <= MAX_HIDDEN:
             raise ValueError(f"g_params.shape[3] (the mlp's hidden width h) must be in [1, {MAX_HIDDEN}], got {h}")
