@@ -1,8 +1,9 @@
 """The contract every op family keeps, checked once for all of them over `hadamard_kernels._selfcheck.CASES`
 (a family joins these tests by adding its case there): the backend asked for (by argument or by
 $HADAMARD_KERNELS_BACKEND) is the one whose kernels run, forward and backward; NaN in the backward propagates as in
-the reference; torch.autocast casts activations and leaves float64 alone; meta tensors give the output's shape; on a
-GPU, the fused backends never synchronise the host and run inside a captured CUDA graph."""
+the reference; torch.autocast casts activations and leaves float64 alone; meta tensors give the output's shape;
+torch.compile traces it with dynamic shapes; on a GPU, the fused backends never synchronise the host and run inside
+a captured CUDA graph."""
 
 from __future__ import annotations
 
