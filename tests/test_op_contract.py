@@ -186,6 +186,19 @@ def test_fused_backends_never_sync_the_host(name, backend):
 @requires_cuda
 @pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("name", CASES)
+def test_fused_backends_are_deterministic(name, backend):
+    """No atomics, fixed-order sums: two runs give the same bits, output and every gradient (docs/decisions.md)."""
+    inputs, call = case_inputs(name, torch.float32)
+    step = gradient_step(call, [t.cuda() for t in inputs], backend)
+    first, second = step(), step()
+    for i, (a, b) in enumerate(zip(first, second)):
+        assert torch.equal(a, b), f"{name}: output {i} (0: the op's, then gradients) differs between two runs"
+
+
+@cuda
+@requires_cuda
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("name", CASES)
 def test_cuda_graph_replays_forward_and_backward(name, backend):
     """The op's forward and backward captured in one CUDA graph (what torch.compile(mode="reduce-overhead") and
     decoding loops do): a replay on new input values gives what an eager call on them gives."""
