@@ -231,3 +231,31 @@ def test_cli_info_reports_an_old_driver(fake_extension, capsys):
     out = capsys.readouterr().out
     assert "CUDA runtime 13.0" in out and "NVIDIA driver: CUDA 12.4" in out
     assert "the cuda backend cannot run here: the NVIDIA driver supports CUDA 12.4" in out
+
+
+def test_a_cuda_call_runs_its_backend_on_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device (and the CUDA launchers use its stream): select hands back the
+    backend with its functions run under torch.cuda.device(the tensors' device), so tensors on cuda:1 are computed
+    on cuda:1 whatever device is current. CPU calls get the module itself."""
+    import contextlib
+    import types
+
+    from hadamard_kernels.ops._library import BackendModules
+
+    current = []
+
+    @contextlib.contextmanager
+    def device(d):
+        current.append(torch.device(d))
+        yield
+        current.pop()
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(_backend, "resolve", lambda *args, **kwargs: "triton")
+    backend = types.SimpleNamespace(forward=lambda x: (x, list(current)), CHUNK=64)
+    modules = BackendModules("poly_chain", "hadamard_kernels.ops.poly_chain")
+    monkeypatch.setattr(modules, "module", lambda name: backend)
+    on_gpu1 = modules.select(None, types.SimpleNamespace(device=torch.device("cuda", 1), dtype=torch.float32))
+    assert on_gpu1.forward(3) == (3, [torch.device("cuda", 1)]) and current == []
+    assert on_gpu1.CHUNK == 64
+    assert modules.select(None, torch.zeros(1)) is backend

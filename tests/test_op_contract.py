@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from utils import (assert_close, capture_cuda_graph, cpu_backends, cuda, dispatched_ops, forward_backward,
+from utils import (HAS_CUDA, assert_close, capture_cuda_graph, cpu_backends, cuda, dispatched_ops, forward_backward,
                    gpu_backends, requires_cuda)
 
 from hadamard_kernels import _backend, _selfcheck
@@ -180,6 +180,19 @@ def test_fused_backends_never_sync_the_host(name, backend):
         step()
     finally:
         torch.cuda.set_sync_debug_mode(previous)
+
+
+@cuda
+@requires_cuda
+@pytest.mark.skipif(HAS_CUDA and torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("name", CASES)
+def test_tensors_on_a_device_that_is_not_current(name, backend):
+    """Tensors on cuda:1 while cuda:0 is current (a model spread over GPUs in one process): the kernels run on the
+    tensors' GPU (Triton would otherwise launch on the current one), forward and backward."""
+    inputs, call = case_inputs(name, torch.float32)
+    with torch.cuda.device(0):
+        check_against_reference(name, [t.to("cuda:1") for t in inputs], call, backend)
 
 
 @cuda

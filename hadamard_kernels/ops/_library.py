@@ -8,6 +8,7 @@ call `run_forward` / `run_backward`, and wires them with `register_autograd`.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import os
@@ -37,12 +38,35 @@ class BackendModules:
         return None if check is None else check(*args)
 
     def select(self, backend: str | None, like: torch.Tensor, args: Sequence = ()):
-        """The module that runs this call; `args` are the call's inputs and options, for `unsupported`."""
+        """The module that runs this call; `args` are the call's inputs and options, for `unsupported`. For CUDA
+        tensors its functions run on `like`'s device (OnDevice)."""
         name = _backend.resolve(self.op, backend, like.device, like.dtype,
                                 supports=lambda candidate: self._unsupported(candidate, args) is None)
         if (why := self._unsupported(name, args)) is not None:
             raise NotImplementedError(f"{self.op}: backend {name!r} does not support this call: {why}")
-        return self.module(name)
+        module = self.module(name)
+        return OnDevice(module, like.device) if like.device.type == "cuda" else module
+
+
+class OnDevice:
+    """A backend module whose functions run with `device` as the current CUDA device. Triton launches a kernel on the
+    current device and the CUDA launchers take its current stream, so without this a call on tensors of cuda:1
+    while cuda:0 is current (a model spread over GPUs in one process) would run on the wrong GPU."""
+
+    def __init__(self, module, device: torch.device):
+        self.module, self.device = module, device
+
+    def __getattr__(self, name: str):
+        value = getattr(self.module, name)
+        if not callable(value):
+            return value
+
+        @functools.wraps(value)
+        def on_device(*args, **kwargs):
+            with torch.cuda.device(self.device):
+                return value(*args, **kwargs)
+
+        return on_device
 
 
 def autocast_inputs(*args):
