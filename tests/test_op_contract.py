@@ -2,7 +2,7 @@
 (a family joins these tests by adding its case there): the backend asked for (by argument or by
 $HADAMARD_KERNELS_BACKEND) is the one whose kernels run, forward and backward; NaN in the backward propagates as in
 the reference; torch.autocast casts activations and leaves float64 alone; meta tensors give the output's shape;
-torch.compile traces it with dynamic shapes; on a GPU, the fused backends never synchronise the host and run inside
+activation checkpointing recomputes it; torch.compile traces it with dynamic shapes; on a GPU, the fused backends never synchronise the host and run inside
 a captured CUDA graph."""
 
 from __future__ import annotations
@@ -128,6 +128,26 @@ def test_meta_tensors_give_the_output_shape(name):
     expected = call(*inputs, backend="reference")
     out = call(*[t.to("meta") for t in inputs], backend="reference")
     assert out.device.type == "meta" and out.shape == expected.shape and out.dtype == expected.dtype
+
+
+# ---------------------------------------------------------------- activation checkpointing
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("name", CASES)
+def test_activation_checkpointing(name, use_reentrant):
+    """torch.utils.checkpoint recomputes the op in the backward: the gradients are those of a plain call. The
+    non-reentrant form unpacks saved tensors through hooks that refuse a second read of ctx.saved_tensors (the
+    autograd glue once read it twice, and every module failed under it). Backend-independent glue: the reference
+    stands for all."""
+    from torch.utils.checkpoint import checkpoint
+
+    inputs, call = case_inputs(name)
+    plain = lambda *t: call(*t, backend="reference")  # noqa: E731
+    outputs, grads, grads_out = forward_backward(
+        lambda *t: checkpoint(plain, *t, use_reentrant=use_reentrant), inputs, backend="reference")
+    expected, expected_grads, _ = forward_backward(plain, inputs, grads_out, backend="reference")
+    assert_close(f"{name} output", outputs[0], expected[0], tol=1e-15)
+    for i, (grad, ref) in enumerate(zip(grads, expected_grads)):
+        assert_close(f"{name} grad of input {i}", grad, ref, tol=1e-15)
 
 
 # ---------------------------------------------------------------- torch.compile with dynamic shapes

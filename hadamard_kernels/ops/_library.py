@@ -136,7 +136,8 @@ def register_autograd(forward_op, backward_op, num_inputs: int, saved_outputs: S
         if first is None and all(g is None for g in rest):  # zero (undefined) gradients: not materialized
             return (None,) * (num_inputs + len(ctx.options))
         grads = [first.contiguous(), *[g.contiguous() if g is not None and g.numel() > 0 else None for g in rest]]
-        inputs, saved = ctx.saved_tensors[:num_inputs], iter(ctx.saved_tensors[num_inputs:])
+        saved_tensors = ctx.saved_tensors  # read once: activation checkpointing refuses a second unpack
+        inputs, saved = saved_tensors[:num_inputs], iter(saved_tensors[num_inputs:])
         kept = [next(saved) if was_saved else first.new_empty(0) for was_saved in ctx.kept]
         input_grads = backward_op(*grads, *inputs, *kept, *ctx.options, needs)
         return (*[g if need else None for g, need in zip(input_grads, needs)], *[None] * len(ctx.options))
