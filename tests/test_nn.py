@@ -310,6 +310,18 @@ def test_module_dispatches_the_custom_op(backend, make, x, op):
     assert f"hadamard_kernels::{op}_backward" in ops, f"{type(module).__name__}: no {op}_backward: {ops}"
 
 
+@pytest.mark.parametrize("make, x, op", MODULE_OPS)
+def test_module_exports(make, x, op):
+    """torch.export keeps the op as one node (its fake implementation gives the shapes) and the exported program
+    computes what the module does."""
+    module = make("reference")
+    program = torch.export.export(module, (x,))
+    assert f"hadamard_kernels.{op}" in str(program.graph), f"{type(module).__name__}: {op} not in the exported graph"
+    out, expected = program.module()(x), module(x)
+    for got, want in zip(torch.utils._pytree.tree_leaves(out), torch.utils._pytree.tree_leaves(expected)):
+        assert_close(type(module).__name__, got, want.double(), tol=1e-6)
+
+
 # ---------------------------------------------------------------- arguments
 @pytest.mark.parametrize("make, x", [
     (lambda b: hk.nn.CCP(**SMALL, backend=b), images(SMALL)),
