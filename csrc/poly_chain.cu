@@ -1,6 +1,6 @@
 // poly_chain launchers (DESIGN.md §1): check the params, then pick the dtype's kernels. The kernels are in
 // poly_chain_kernels.cuh, compiled one dtype per translation unit (poly_chain_{f32,f16,bf16}.cu), and the opt-in
-// Hopper forward in poly_chain_forward_wgmma.cuh (poly_chain_wgmma_{f16,bf16}.cu).
+// Hopper forward in poly_chain_forward_wgmma.cuh (poly_chain_wgmma_{f16,bf16}_{ccp,product}.cu).
 
 #include <climits>
 #include <cstdint>

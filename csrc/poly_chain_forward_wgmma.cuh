@@ -1,5 +1,6 @@
-// poly_chain forward on Hopper tensor cores (sm_90a wgmma), fp16/bf16; instantiated in poly_chain_wgmma_{f16,bf16}.cu
-// and launched by poly_chain.cu when params.wgmma asks for it (opt-in until its GPU tests have passed on an H100).
+// poly_chain forward on Hopper tensor cores (sm_90a wgmma), fp16/bf16; instantiated in
+// poly_chain_wgmma_{f16,bf16}_{ccp,product}.cu and launched by poly_chain.cu when params.wgmma asks for it (opt-in
+// until its GPU tests have passed on an H100).
 //
 // The same GEMM-with-chain-epilogue as poly_chain_forward.cuh (its slot layout, SlotMap and chain_epilogue), with
 // a wider tile: 256 threads as two warpgroups, each computing 64 rows x 256 slots with wgmma.m64n256k16 (A and B
@@ -198,19 +199,26 @@ cudaError_t launch(const PolyChainParams& p, cudaStream_t stream) {
 #endif
 }
 
-// Enqueues the instance p asks for (activation, mode, bias); T is __half or __nv_bfloat16.
-template <typename T>
-cudaError_t launch_any(const PolyChainParams& p, cudaStream_t stream) {
+// Enqueues the instance of one mode that p asks for (activation, bias); T is __half or __nv_bfloat16.
+template <typename T, bool PRODUCT>
+cudaError_t launch_mode(const PolyChainParams& p, cudaStream_t stream) {
   return HK_ACTIVATION_SWITCH(p.activation, ACT, [&] {
-    return HK_BOOL_SWITCH(p.mode == kModeProduct, PRODUCT, [&] {
-      return HK_BOOL_SWITCH(p.bias != nullptr, HAS_BIAS, [&] { return launch<T, ACT, PRODUCT, HAS_BIAS>(p, stream); });
-    });
+    return HK_BOOL_SWITCH(p.bias != nullptr, HAS_BIAS, [&] { return launch<T, ACT, PRODUCT, HAS_BIAS>(p, stream); });
   });
 }
 
-// Defined in poly_chain_wgmma_{f16,bf16}.cu, a translation unit each: their 20 instances are the slowest to compile.
-extern template cudaError_t launch_any<__half>(const PolyChainParams&, cudaStream_t);
-extern template cudaError_t launch_any<__nv_bfloat16>(const PolyChainParams&, cudaStream_t);
+// Defined in poly_chain_wgmma_{f16,bf16}_{ccp,product}.cu, a translation unit each: these instances are the slowest
+// to compile (10 per unit), and four units let a parallel build finish sooner.
+extern template cudaError_t launch_mode<__half, false>(const PolyChainParams&, cudaStream_t);
+extern template cudaError_t launch_mode<__half, true>(const PolyChainParams&, cudaStream_t);
+extern template cudaError_t launch_mode<__nv_bfloat16, false>(const PolyChainParams&, cudaStream_t);
+extern template cudaError_t launch_mode<__nv_bfloat16, true>(const PolyChainParams&, cudaStream_t);
+
+// Enqueues the instance p asks for (activation, mode, bias).
+template <typename T>
+cudaError_t launch_any(const PolyChainParams& p, cudaStream_t stream) {
+  return p.mode == kModeProduct ? launch_mode<T, true>(p, stream) : launch_mode<T, false>(p, stream);
+}
 
 }  // namespace forward_wgmma
 }  // namespace poly_chain_detail

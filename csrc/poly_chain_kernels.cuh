@@ -3,8 +3,8 @@
 // poly_chain.cu checks the params and picks the dtype.
 //
 // Forward (poly_chain_forward.cuh; the opt-in Hopper kernel, poly_chain_forward_wgmma.cuh, shares its epilogue and is
-// compiled in poly_chain_wgmma_{f16,bf16}.cu): a block of 256 threads computes a 128-row x 128-slot GEMM tile, a slot
-// being a (degree, output column) pair, so each thread ends the pass over d holding every degree's z of its own output
+// compiled in poly_chain_wgmma_{f16,bf16}_{ccp,product}.cu): a block of 256 threads computes a 128-row x 128-slot
+// GEMM tile, a slot being a (degree, output column) pair, so each thread ends the pass over d holding every degree's z of its own output
 // elements and multiplies the chain in registers; the N [M, k] projections never reach memory (unless params.z asks for
 // them). d streams through a 4-stage cp.async ring in shared memory. float16/bfloat16 use mma.sync m16n8k16 with fp32
 // accumulators; float32 uses exact fp32 FMAs in the same register layout, so one epilogue serves all dtypes.

@@ -9,8 +9,10 @@
 #include "poly_chain_f32.cu"
 #include "poly_chain_f16.cu"
 #include "poly_chain_bf16.cu"
-#include "poly_chain_wgmma_f16.cu"
-#include "poly_chain_wgmma_bf16.cu"
+#include "poly_chain_wgmma_f16_ccp.cu"
+#include "poly_chain_wgmma_f16_product.cu"
+#include "poly_chain_wgmma_bf16_ccp.cu"
+#include "poly_chain_wgmma_bf16_product.cu"
 #include "emulated_module.h"
 
 namespace py = pybind11;

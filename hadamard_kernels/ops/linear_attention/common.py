@@ -51,8 +51,9 @@ def _symbolic_any(*tensors) -> bool:
 
 
 def _capturing_cuda_graph(t: torch.Tensor) -> bool:
-    """Whether a CUDA graph is being captured on the current stream: a host read of a device tensor is an error
-    there, so values are not checked (the eager call that a capture needs before it checked them)."""
+    """Whether a CUDA graph is being captured on the current stream. A host read of a device tensor is an error
+    there, so values are not checked: the eager warm-up a capture needs checked the values it had, and the graph's
+    replays read whatever the tensor then holds (README: Packed sequences)."""
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
