@@ -2,7 +2,7 @@
 (a family joins these tests by adding its case there): the backend asked for (by argument or by
 $HADAMARD_KERNELS_BACKEND) is the one whose kernels run, forward and backward; NaN in the backward propagates as in
 the reference; torch.autocast casts activations and leaves float64 alone; meta tensors give the output's shape;
-activation checkpointing recomputes it; torch.compile traces it with dynamic shapes; on a GPU, the fused backends never synchronise the host and run inside
+its gradients are differentiable (double backward); activation checkpointing recomputes it; torch.compile traces it with dynamic shapes; on a GPU, the fused backends never synchronise the host and run inside
 a captured CUDA graph."""
 
 from __future__ import annotations
@@ -128,6 +128,16 @@ def test_meta_tensors_give_the_output_shape(name):
     expected = call(*inputs, backend="reference")
     out = call(*[t.to("meta") for t in inputs], backend="reference")
     assert out.device.type == "meta" and out.shape == expected.shape and out.dtype == expected.dtype
+
+
+# ---------------------------------------------------------------- double backward
+@pytest.mark.parametrize("name, backend", backend_cases())
+def test_double_backward(name, backend):
+    """create_graph=True (gradient penalties, physics-informed losses): the gradients are differentiable, since such
+    a backward runs the reference formulas in plain PyTorch; gradgradcheck on the float64 case."""
+    inputs, call = case_inputs(name)
+    leaves = [t.requires_grad_() for t in inputs]
+    assert torch.autograd.gradgradcheck(lambda *t: call(*t, backend=backend), leaves, fast_mode=True)
 
 
 # ---------------------------------------------------------------- activation checkpointing

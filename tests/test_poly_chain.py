@@ -225,10 +225,13 @@ def test_save_projections_matches_reference(backend, dtype, mode, activation, bi
 
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_save_projections_gradcheck(backend):
+    """First and second order: the kept projections were saved detached, so a double backward must recompute them
+    from the inputs (reading the kept ones would drop their dependence on x and the weights)."""
     x, weight, bias = make_inputs(lead=(4,), d=5, k=3, N=3)
     fn = lambda *t: hk.poly_chain(*t, mode="product", activation="tanh", scale=0.9,  # noqa: E731
                                   save_projections=True, backend=backend)
     assert torch.autograd.gradcheck(fn, [t.requires_grad_() for t in (x, weight, bias)])
+    assert torch.autograd.gradgradcheck(fn, [x, weight, bias])
 
 
 def saved_by_autograd(fn, inputs, unpack=lambda t: t):

@@ -12,6 +12,7 @@ import functools
 import importlib
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -109,17 +110,46 @@ def fake_backward(num_inputs: int, num_grads: int = 1) -> Callable:
     return fake
 
 
+_BACKWARD_BODIES: dict = {}  # backward custom op -> (its name, its Python body), from backward_custom_op
+_DIFFERENTIABLE_BACKWARD_WARNED: set[str] = set()
+
+
+def backward_custom_op(name: str) -> Callable:
+    """`torch.library.custom_op(name)` for a family's backward op, its body kept for register_autograd: a backward
+    that is itself differentiated (create_graph=True) runs that body on the reference backend."""
+
+    def decorate(body):
+        op = torch.library.custom_op(name, mutates_args=())(body)
+        _BACKWARD_BODIES[op] = (name, body)
+        return op
+
+    return decorate
+
+
+def _warn_differentiable_backward_once(name: str) -> None:
+    if name in _DIFFERENTIABLE_BACKWARD_WARNED:
+        return
+    _DIFFERENTIABLE_BACKWARD_WARNED.add(name)
+    warnings.warn(f"{name}: a backward with create_graph=True runs the reference formulas (plain PyTorch, which "
+                  "autograd can differentiate), not the fused kernels, which compute first-order gradients only. "
+                  "Shown once per op.", stacklevel=2)
+
+
 def register_autograd(forward_op, backward_op, num_inputs: int, saved_outputs: Sequence[int] = ()) -> None:
     """Autograd for `forward_op(*inputs[num_inputs], *options)`: saves the inputs (never intermediates) and calls
     `backward_op(*grads, *inputs, *options, needs)` with one gradient per output, which recomputes what it needs.
     The gradient of an extra output (after the first) that is None or empty (an empty placeholder) is passed as
-    None.
+    None. The options end with `backend`. Under create_graph=True (double backward: gradient penalties,
+    physics-informed losses) the backward op's body (defined with backward_custom_op) runs with the reference
+    backend instead, in plain PyTorch, so autograd differentiates it.
 
     saved_outputs: indices of outputs that are intermediates the forward was asked to keep (poly_chain's
     projections with save_projections=True), an empty placeholder otherwise. They are not differentiable and get no
     gradient argument; each is saved when not empty (so the graph holds only what was asked for) and passed to
     backward_op after the inputs: `backward_op(*grads, *inputs, *kept, *options, needs)`. Gradients are then not
     materialized (no zeros the size of a kept output): the first output's gradient must be defined unless all are."""
+
+    name, body = _BACKWARD_BODIES[backward_op]  # (a KeyError: define the backward op with backward_custom_op)
 
     def setup_context(ctx, inputs, output):
         kept = [output[i] for i in saved_outputs]
@@ -139,7 +169,16 @@ def register_autograd(forward_op, backward_op, num_inputs: int, saved_outputs: S
         saved_tensors = ctx.saved_tensors  # read once: activation checkpointing refuses a second unpack
         inputs, saved = saved_tensors[:num_inputs], iter(saved_tensors[num_inputs:])
         kept = [next(saved) if was_saved else first.new_empty(0) for was_saved in ctx.kept]
-        input_grads = backward_op(*grads, *inputs, *kept, *ctx.options, needs)
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradients must be differentiable themselves. The backward op's body on the
+            # reference backend is plain PyTorch that autograd records; kept projections are left out (they were
+            # saved detached, so the reference recomputes them from the inputs, differentiably).
+            if first.is_cuda:  # where the fused kernels would have run
+                _warn_differentiable_backward_once(name.removesuffix("_backward"))
+            kept = [first.new_empty(0) for _ in kept]
+            input_grads = body(*grads, *inputs, *kept, *ctx.options[:-1], "reference", needs)
+        else:
+            input_grads = backward_op(*grads, *inputs, *kept, *ctx.options, needs)
         return (*[g if need else None for g, need in zip(input_grads, needs)], *[None] * len(ctx.options))
 
     forward_op.register_autograd(backward, setup_context=setup_context)

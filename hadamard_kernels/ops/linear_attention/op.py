@@ -8,7 +8,14 @@ import torch
 from torch import Tensor
 
 from ... import _checks
-from .._library import BackendModules, autocast_inputs, fake_backward, grads_to_tensors, register_autograd
+from .._library import (
+    BackendModules,
+    autocast_inputs,
+    backward_custom_op,
+    fake_backward,
+    grads_to_tensors,
+    register_autograd,
+)
 from .common import check_args, state_dtype
 
 _IMPLS = BackendModules("causal_linear_attention", __package__)
@@ -51,7 +58,7 @@ def _(q, k, v, initial_state, initial_key_sum, feature_map, normalize, scale, ep
     return q.new_empty(v.shape), q.new_empty(state_shape, dtype=dtype), q.new_empty(key_sum_shape, dtype=dtype)
 
 
-@torch.library.custom_op("hadamard_kernels::causal_linear_attention_backward", mutates_args=())
+@backward_custom_op("hadamard_kernels::causal_linear_attention_backward")
 def causal_linear_attention_backward_op(
         grad_o: Tensor, grad_final_state: Optional[Tensor], grad_final_key_sum: Optional[Tensor], q: Tensor,
         k: Tensor, v: Tensor, initial_state: Optional[Tensor], initial_key_sum: Optional[Tensor], feature_map: str,

@@ -12,6 +12,7 @@ from ... import _checks
 from .._library import (
     BackendModules,
     autocast_inputs,
+    backward_custom_op,
     empty_batch_grads,
     fake_backward,
     grads_to_tensors,
@@ -39,7 +40,7 @@ def _(x, weight, bias, g_params, rank, dbar, activation, omega, gamma, backend):
     return x.new_empty((*x.shape[:-1], rank))
 
 
-@torch.library.custom_op("hadamard_kernels::lrnn_product_backward", mutates_args=())
+@backward_custom_op("hadamard_kernels::lrnn_product_backward")
 def lrnn_product_backward_op(grad_phi: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
                              g_params: Optional[Tensor], rank: int, dbar: int, activation: str, omega: float,
                              gamma: float, backend: Optional[str], needs: list[bool]) -> list[Tensor]:

@@ -11,6 +11,7 @@ from ... import _checks
 from .._library import (
     BackendModules,
     autocast_inputs,
+    backward_custom_op,
     empty_batch_grads,
     fake_backward,
     grads_to_tensors,
@@ -48,7 +49,7 @@ def _(x, weight, bias, mode, activation, scale, save_projections, backend):
     return _fake_outputs(x, weight, save_projections)
 
 
-@torch.library.custom_op("hadamard_kernels::poly_chain_backward", mutates_args=())
+@backward_custom_op("hadamard_kernels::poly_chain_backward")
 def poly_chain_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], projections: Tensor,
                            mode: str, activation: str, scale: float, save_projections: bool, backend: Optional[str],
                            needs: list[bool]) -> list[Tensor]:

@@ -11,6 +11,7 @@ from ... import _checks
 from .._library import (
     BackendModules,
     autocast_inputs,
+    backward_custom_op,
     empty_batch_grads,
     fake_backward,
     grads_to_tensors,
@@ -39,7 +40,7 @@ def _(a, b, ln1_weight, ln1_bias, ln2_weight, ln2_bias, alpha, eps, spatial_shif
     return torch.empty_like(a)
 
 
-@torch.library.custom_op("hadamard_kernels::poly_gate_backward", mutates_args=())
+@backward_custom_op("hadamard_kernels::poly_gate_backward")
 def poly_gate_backward_op(grad_y: Tensor, a: Tensor, b: Tensor, ln1_weight: Tensor, ln1_bias: Tensor,
                           ln2_weight: Tensor, ln2_bias: Tensor, alpha: Optional[Tensor], eps: float,
                           spatial_shift: bool, backend: Optional[str], needs: list[bool]) -> list[Tensor]:

@@ -10,6 +10,7 @@ from torch import Tensor
 from .._library import (
     BackendModules,
     autocast_inputs,
+    backward_custom_op,
     empty_batch_grads,
     fake_backward,
     grads_to_tensors,
@@ -37,7 +38,7 @@ def _(x, a_weight, a_bias, s_weight, s_bias, backend):
     return x.new_empty((*x.shape[:-1], a_weight.shape[1]))
 
 
-@torch.library.custom_op("hadamard_kernels::poly_ncp_backward", mutates_args=())
+@backward_custom_op("hadamard_kernels::poly_ncp_backward")
 def poly_ncp_backward_op(grad_y: Tensor, x: Tensor, a_weight: Tensor, a_bias: Optional[Tensor], s_weight: Tensor,
                          s_bias: Optional[Tensor], backend: Optional[str], needs: list[bool]) -> list[Tensor]:
     inputs = (x, a_weight, a_bias, s_weight, s_bias)

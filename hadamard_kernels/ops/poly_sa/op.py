@@ -12,6 +12,7 @@ from ... import _checks
 from .._library import (
     BackendModules,
     autocast_inputs,
+    backward_custom_op,
     empty_batch_grads,
     fake_backward,
     grads_to_tensors,
@@ -39,7 +40,7 @@ def _(z, w1, w2, mask, backend):
     return z.new_empty((z.shape[0], z.shape[2]))
 
 
-@torch.library.custom_op("hadamard_kernels::poly_sa_pool_backward", mutates_args=())
+@backward_custom_op("hadamard_kernels::poly_sa_pool_backward")
 def poly_sa_pool_backward_op(grad_m: Tensor, z: Tensor, w1: Tensor, w2: Tensor, mask: Optional[Tensor],
                              backend: Optional[str], needs: list[bool]) -> list[Tensor]:
     if z.numel() == 0:
@@ -68,7 +69,7 @@ def _(z, w1, w2, w3, alpha, beta, mask, backend):
     return torch.empty_like(z)
 
 
-@torch.library.custom_op("hadamard_kernels::poly_sa_backward", mutates_args=())
+@backward_custom_op("hadamard_kernels::poly_sa_backward")
 def poly_sa_backward_op(grad_y: Tensor, z: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, alpha: Tensor, beta: Tensor,
                         mask: Optional[Tensor], backend: Optional[str], needs: list[bool]) -> list[Tensor]:
     inputs = (z, w1, w2, w3, alpha, beta)
