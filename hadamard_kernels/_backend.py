@@ -180,20 +180,21 @@ def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dty
                     return name
                 why = "its kernel does not support this call's sizes or options"
             reasons.append(f"{name}: {why}")
-        _warn_reference_once(op, dtype, reasons)
+        warn_once(f"auto-reference:{op}", f"{op}: no fused kernel runs this call on {dtype} CUDA tensors "
+                  f"({'; '.join(reasons)}), so auto runs the reference backend (plain PyTorch, not fused). Pass "
+                  "backend='reference' to choose it and silence this warning, which is shown once per op.")
     return "reference"
 
 
-_REFERENCE_WARNED: set[str] = set()  # ops whose auto choice already warned that a CUDA call runs the reference
+_WARNED: set[str] = set()  # the keys warn_once has warned about in this process
 
 
-def _warn_reference_once(op: str, dtype: torch.dtype, reasons: list[str]) -> None:
-    if op in _REFERENCE_WARNED:
+def warn_once(key: str, message: str) -> None:
+    """warnings.warn(message) the first time `key` comes in this process: a warning per op, not per call."""
+    if key in _WARNED:
         return
-    _REFERENCE_WARNED.add(op)
-    warnings.warn(f"{op}: no fused kernel runs this call on {dtype} CUDA tensors ({'; '.join(reasons)}), so auto "
-                  "runs the reference backend (plain PyTorch, not fused). Pass backend='reference' to choose it "
-                  "and silence this warning, which is shown once per op.", stacklevel=2)
+    _WARNED.add(key)
+    warnings.warn(message, stacklevel=3)
 
 
 def available_backends(device: str | torch.device | None = None,

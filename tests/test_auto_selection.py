@@ -34,7 +34,7 @@ class Chosen(Exception):
 def auto_on_gpu(monkeypatch):
     """Inside, a call of an op raises Chosen with auto's pick for its inputs on a CUDA device."""
     monkeypatch.delenv(_backend.ENV_BACKEND, raising=False)
-    monkeypatch.setattr(_backend, "_REFERENCE_WARNED", set())
+    monkeypatch.setattr(_backend, "_WARNED", set())
     real_reason = _backend.unavailable_reason
 
     def unavailable_reason(name, device, dtype):

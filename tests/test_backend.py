@@ -82,7 +82,7 @@ def test_cli_info_and_check():
 @pytest.fixture
 def fresh_warnings(monkeypatch):
     """Forget which ops already warned that auto ran the reference on CUDA tensors."""
-    monkeypatch.setattr(_backend, "_REFERENCE_WARNED", set())
+    monkeypatch.setattr(_backend, "_WARNED", set())
 
 
 def test_auto_skips_a_backend_that_does_not_support_the_call(monkeypatch, fresh_warnings):

@@ -7,8 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from utils import (HAS_CUDA, assert_close, capture_cuda_graph, cpu_backends, cuda, forward_backward, gpu_backends,
-                   requires_cuda)
+from utils import (
+    HAS_CUDA,
+    assert_close,
+    capture_cuda_graph,
+    cpu_backends,
+    cuda,
+    forward_backward,
+    gpu_backends,
+    requires_cuda,
+)
 
 import hadamard_kernels as hk
 from hadamard_kernels.ops.linear_attention.common import FEATURE_MAPS, state_dtype

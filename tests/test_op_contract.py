@@ -2,16 +2,26 @@
 (a family joins these tests by adding its case there): the backend asked for (by argument or by
 $HADAMARD_KERNELS_BACKEND) is the one whose kernels run, forward and backward; NaN in the backward propagates as in
 the reference; torch.autocast casts activations and leaves float64 alone; meta tensors give the output's shape;
-its gradients are differentiable (double backward); activation checkpointing recomputes it; torch.compile traces it with dynamic shapes; on a GPU, the fused backends never synchronise the host and run inside
-a captured CUDA graph."""
+its gradients are differentiable (double backward); activation checkpointing recomputes it; torch.compile traces it
+with dynamic shapes; on a GPU, the fused backends never synchronise the host, give the same bits twice, run inside a
+captured CUDA graph, and run on their tensors' device when another one is current."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
-from utils import (HAS_CUDA, assert_close, capture_cuda_graph, cpu_backends, cuda, dispatched_ops, forward_backward,
-                   gpu_backends, requires_cuda)
+from utils import (
+    HAS_CUDA,
+    assert_close,
+    capture_cuda_graph,
+    cpu_backends,
+    cuda,
+    dispatched_ops,
+    forward_backward,
+    gpu_backends,
+    requires_cuda,
+)
 
 from hadamard_kernels import _backend, _selfcheck
 

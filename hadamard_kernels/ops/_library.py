@@ -12,7 +12,6 @@ import functools
 import importlib
 import math
 import os
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -111,7 +110,6 @@ def fake_backward(num_inputs: int, num_grads: int = 1) -> Callable:
 
 
 _BACKWARD_BODIES: dict = {}  # backward custom op -> (its name, its Python body), from backward_custom_op
-_DIFFERENTIABLE_BACKWARD_WARNED: set[str] = set()
 
 
 def backward_custom_op(name: str) -> Callable:
@@ -124,15 +122,6 @@ def backward_custom_op(name: str) -> Callable:
         return op
 
     return decorate
-
-
-def _warn_differentiable_backward_once(name: str) -> None:
-    if name in _DIFFERENTIABLE_BACKWARD_WARNED:
-        return
-    _DIFFERENTIABLE_BACKWARD_WARNED.add(name)
-    warnings.warn(f"{name}: a backward with create_graph=True runs the reference formulas (plain PyTorch, which "
-                  "autograd can differentiate), not the fused kernels, which compute first-order gradients only. "
-                  "Shown once per op.", stacklevel=2)
 
 
 def register_autograd(forward_op, backward_op, num_inputs: int, saved_outputs: Sequence[int] = ()) -> None:
@@ -174,7 +163,10 @@ def register_autograd(forward_op, backward_op, num_inputs: int, saved_outputs: S
             # reference backend is plain PyTorch that autograd records; kept projections are left out (they were
             # saved detached, so the reference recomputes them from the inputs, differentiably).
             if first.is_cuda:  # where the fused kernels would have run
-                _warn_differentiable_backward_once(name.removesuffix("_backward"))
+                op = name.removesuffix("_backward")
+                _backend.warn_once(f"create_graph:{op}", f"{op}: a backward with create_graph=True runs the "
+                                   "reference formulas (plain PyTorch, which autograd can differentiate), not the "
+                                   "fused kernels, which compute first-order gradients only. Shown once per op.")
             kept = [first.new_empty(0) for _ in kept]
             input_grads = body(*grads, *inputs, *kept, *ctx.options[:-1], "reference", needs)
         else:
