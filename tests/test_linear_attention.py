@@ -462,6 +462,18 @@ def test_gpu_varlen_and_decode(backend):
         assert_close(f"o at step {t}", o_t, whole[0][:, t:t + 1].double(), torch.bfloat16)
 
 
+@pytest.mark.parametrize("feature_map, normalize", [("identity", False), ("relu", True)])
+def test_double_backward_with_packed_sequences(feature_map, normalize):
+    """Gradients of gradients (create_graph=True) through packed sequences that cross a chunk boundary, with
+    initial states: gradgradcheck of the reference backward, which such a backward runs on every backend."""
+    q, k, v, S0, z0 = make_inputs(B=1, T=70, H=1, Dk=3, Dv=2, n=2, feature_map=feature_map, normalize=normalize)
+    cu = torch.tensor([0, 66, 70], dtype=torch.int32)
+    leaves = [t.requires_grad_() for t in (q, k, v, S0, z0) if t is not None]  # z0: with normalize only
+    fn = lambda *t: call(*t, cu_seqlens=cu, feature_map=feature_map, normalize=normalize,  # noqa: E731
+                         backend="reference")
+    assert torch.autograd.gradgradcheck(fn, leaves, fast_mode=True)
+
+
 def test_cu_seqlens_values_are_not_read_during_cuda_graph_capture(monkeypatch):
     """A host read of a device tensor is an error while a CUDA graph is captured, so the check then leaves
     cu_seqlens' values alone (the eager warm-up call a capture needs checked them) but still checks the rest."""

@@ -192,6 +192,17 @@ def test_gradcheck(backend, activation):
     assert torch.autograd.gradcheck(fn, leaves, fast_mode=backend != "reference")
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_double_backward(activation):
+    """A physics-informed loss on an LRNN's derivatives (du/dx in the loss) differentiates the backward: every
+    activation's second derivatives by gradgradcheck (that path runs the reference backward, whatever the
+    forward's backend: tests/test_op_contract.py)."""
+    inputs = make_inputs(lead=(3,), d=2, rank=2, dbar=3, h=2, activation=activation)
+    opts = options(2, 3, activation)
+    fn = lambda x, w, b, gp: hk.lrnn_product(x, w, b, g_params=gp, backend="reference", **opts)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, [None if t is None else t.requires_grad_() for t in inputs])
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_opcheck(backend):
     for activation, bias in (("mlp", True), ("sin", False)):
