@@ -2,8 +2,8 @@
 (a family joins these tests by adding its case there): the backend asked for (by argument or by
 $HADAMARD_KERNELS_BACKEND) is the one whose kernels run, forward and backward; NaN in the backward propagates as in
 the reference; torch.autocast casts activations and leaves float64 alone; meta tensors give the output's shape;
-its gradients are differentiable (double backward); activation checkpointing recomputes it; torch.compile traces it
-with dynamic shapes; on a GPU, the fused backends never synchronise the host, give the same bits twice, run inside a
+its fakes give the real outputs' strides; its gradients are differentiable (double backward); activation
+checkpointing recomputes it; torch.compile (Inductor) trains through it, and traces it with dynamic shapes; on a GPU, the fused backends never synchronise the host, give the same bits twice, run inside a
 captured CUDA graph, and run on their tensors' device when another one is current."""
 
 from __future__ import annotations
@@ -140,6 +140,47 @@ def test_meta_tensors_give_the_output_shape(name):
     assert out.device.type == "meta" and out.shape == expected.shape and out.dtype == expected.dtype
 
 
+# ---------------------------------------------------------------- fake implementations
+def _column_major(t):
+    """t's values with its last two dims stored transposed: dense, but not contiguous (empty_like keeps such
+    strides)."""
+    return t if t.dim() < 2 else t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "column-major"])
+@pytest.mark.parametrize("name, backend", backend_cases())
+def test_fake_implementations_give_the_real_strides(name, backend, contiguous):
+    """Inductor plans memory from the fake implementations and asserts at run time that every custom op's outputs
+    have the sizes and strides its fake gave (a reference backward once handed back a slice of a wider buffer, and
+    torch.compile training failed): forward and backward op, on contiguous and on column-major inputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.namespace == "hadamard_kernels":
+                calls.append((func, args, kwargs or {}, out))
+            return out
+
+    inputs, call = case_inputs(name)
+    leaves = [(t if contiguous else _column_major(t)).detach().requires_grad_() for t in inputs]
+    with Recorder():
+        call(*leaves, backend=backend).sum().backward()
+    assert len(calls) >= 2, f"{name}: expected the forward and the backward op, got {[c[0] for c in calls]}"
+    for func, args, kwargs, real in calls:
+        fake_mode = FakeTensorMode()
+        with fake_mode:
+            fake = func(*[fake_mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
+        real, fake = ([t] if isinstance(t, torch.Tensor) else list(t) for t in (real, fake))
+        for i, (r, f) in enumerate(zip(real, fake)):
+            assert (r.shape, r.stride()) == (f.shape, f.stride()), (
+                f"{func} output {i}: real {tuple(r.shape)} strides {r.stride()}, fake {tuple(f.shape)} strides "
+                f"{f.stride()}")
+
+
 # ---------------------------------------------------------------- double backward
 @pytest.mark.parametrize("name, backend", backend_cases())
 def test_double_backward(name, backend):
@@ -185,6 +226,20 @@ def test_torch_compile_dynamic_shapes(name):
     assert_close(f"{name} output", outputs[0], expected[0])
     for i, (grad, ref) in enumerate(zip(grads, expected_grads)):
         assert_close(f"{name} grad of input {i}", grad, ref)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_torch_compile_inductor_trains(name):
+    """Inductor, torch.compile's default backend, around the op, forward and backward: it checks the op's real
+    outputs against its fake implementation's strides (the failure test_fake_implementations_give_the_real_strides
+    pins down) and runs its own generated code beside the op (here C++ on the CPU)."""
+    inputs, call = case_inputs(name, torch.float32)
+    plain = lambda *t: call(*t, backend="reference") * 2 + 1  # noqa: E731  (work for Inductor to fuse around it)
+    outputs, grads, grads_out = forward_backward(torch.compile(plain, fullgraph=True), inputs, backend="reference")
+    expected, expected_grads, _ = forward_backward(plain, inputs, grads_out, backend="reference")
+    assert_close(f"{name} output", outputs[0], expected[0].double())
+    for i, (grad, ref) in enumerate(zip(grads, expected_grads)):
+        assert_close(f"{name} grad of input {i}", grad, ref.double())
 
 
 # ---------------------------------------------------------------- host syncs and CUDA graphs (GPU)

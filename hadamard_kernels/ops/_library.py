@@ -94,8 +94,10 @@ def empty_batch_grads(inputs: Sequence[torch.Tensor | None], needs: Sequence[boo
 
 
 def grads_to_tensors(grads: Sequence[torch.Tensor | None], like: torch.Tensor) -> list[torch.Tensor]:
-    """Custom ops cannot return None: a gradient that was not asked for travels as an empty tensor."""
-    return [like.new_empty(0) if g is None else g for g in grads]
+    """Custom ops cannot return None: a gradient that was not asked for travels as an empty tensor. The others are
+    made contiguous, as fake_backward promises (Inductor asserts that real outputs have the fake's strides; a
+    backend may hand back a view, e.g. a slice of a wider buffer)."""
+    return [like.new_empty(0) if g is None else g.contiguous() for g in grads]
 
 
 def fake_backward(num_inputs: int, num_grads: int = 1) -> Callable:
@@ -103,7 +105,8 @@ def fake_backward(num_inputs: int, num_grads: int = 1) -> Callable:
 
     def fake(*args):
         grads, inputs, needs = args[:num_grads], args[num_grads:num_grads + num_inputs], args[-1]
-        return [torch.empty_like(t) if (t is not None and need) else grads[0].new_empty(0)
+        # Contiguous whatever the input's strides (grads_to_tensors makes the real ones so).
+        return [t.new_empty(t.shape) if (t is not None and need) else grads[0].new_empty(0)
                 for t, need in zip(inputs, needs)]
 
     return fake

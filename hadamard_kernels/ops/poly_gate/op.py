@@ -29,15 +29,15 @@ def poly_gate_op(a: Tensor, b: Tensor, ln1_weight: Tensor, ln1_bias: Tensor, ln2
     # Also reached by torch.ops.hadamard_kernels.poly_gate directly, so the kernels never see unchecked input.
     check_args(a, b, ln1_weight, ln1_bias, ln2_weight, ln2_bias, alpha, eps, spatial_shift)
     if a.numel() == 0:
-        return torch.zeros_like(a)
+        return a.new_zeros(a.shape)
     args = (a, b, ln1_weight, ln1_bias, ln2_weight, ln2_bias, alpha, eps, spatial_shift)
-    return _IMPLS.select(backend, a, args).forward(*args)
+    return _IMPLS.select(backend, a, args).forward(*args).contiguous()  # the fake's strides, whatever a's
 
 
 @poly_gate_op.register_fake
 def _(a, b, ln1_weight, ln1_bias, ln2_weight, ln2_bias, alpha, eps, spatial_shift, backend):
     check_args(a, b, ln1_weight, ln1_bias, ln2_weight, ln2_bias, alpha, eps, spatial_shift)
-    return torch.empty_like(a)
+    return a.new_empty(a.shape)
 
 
 @backward_custom_op("hadamard_kernels::poly_gate_backward")

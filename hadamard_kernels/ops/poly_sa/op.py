@@ -58,15 +58,15 @@ def poly_sa_op(z: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, alpha: Tensor, bet
                backend: Optional[str]) -> Tensor:
     check_args(z, w1, w2, w3, alpha, beta, mask)
     if z.numel() == 0:
-        return torch.zeros_like(z)
+        return z.new_zeros(z.shape)
     args = (z, w1, w2, w3, alpha, beta, mask)
-    return _IMPLS.select(backend, z, args).forward(*args)
+    return _IMPLS.select(backend, z, args).forward(*args).contiguous()  # the fake's strides, whatever z's
 
 
 @poly_sa_op.register_fake
 def _(z, w1, w2, w3, alpha, beta, mask, backend):
     check_args(z, w1, w2, w3, alpha, beta, mask)
-    return torch.empty_like(z)
+    return z.new_empty(z.shape)
 
 
 @backward_custom_op("hadamard_kernels::poly_sa_backward")
