@@ -3,8 +3,9 @@
 $HADAMARD_KERNELS_BACKEND) is the one whose kernels run, forward and backward; NaN in the backward propagates as in
 the reference; torch.autocast casts activations and leaves float64 alone; meta tensors give the output's shape;
 its fakes give the real outputs' strides; its gradients are differentiable (double backward); activation
-checkpointing recomputes it; torch.compile (Inductor) trains through it, and traces it with dynamic shapes; on a GPU, the fused backends never synchronise the host, give the same bits twice, run inside a
-captured CUDA graph, and run on their tensors' device when another one is current."""
+checkpointing recomputes it; torch.compile (Inductor) trains through it, and traces it with dynamic shapes; on a
+GPU, the fused backends never synchronise the host, give the same bits twice, run inside a captured CUDA graph,
+and run on their tensors' device when another one is current."""
 
 from __future__ import annotations
 
