@@ -192,6 +192,20 @@ def test_double_backward(name, backend):
     assert torch.autograd.gradgradcheck(lambda *t: call(*t, backend=backend), leaves, fast_mode=True)
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_forward_mode_ad_is_refused(name):
+    """Forward-mode AD would pass through a custom op without a tangent, so every JVP downstream would silently miss
+    the op's part: a dual input is an error naming it, on any input."""
+    import torch.autograd.forward_ad as forward_ad
+
+    inputs, call = case_inputs(name)
+    for i in (0, len(inputs) - 1):
+        with forward_ad.dual_level():
+            duals = [forward_ad.make_dual(t, torch.ones_like(t)) if j == i else t for j, t in enumerate(inputs)]
+            with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                call(*duals, backend="reference")
+
+
 # ---------------------------------------------------------------- activation checkpointing
 @pytest.mark.parametrize("use_reentrant", [False, True])
 @pytest.mark.parametrize("name", CASES)

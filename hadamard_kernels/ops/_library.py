@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable, Sequence
 
 import torch
+from torch.autograd import forward_ad
 
 from .. import _backend
 
@@ -40,6 +41,11 @@ class BackendModules:
     def select(self, backend: str | None, like: torch.Tensor, args: Sequence = ()):
         """The module that runs this call; `args` are the call's inputs and options, for `unsupported`. For CUDA
         tensors its functions run on `like`'s device (OnDevice)."""
+        if any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in (like, *args)):
+            # torch.library has no forward-AD formula for these ops: the output would carry no tangent, and every
+            # JVP downstream would silently lack this op's part.
+            raise NotImplementedError(f"{self.op}: forward-mode AD (torch.autograd.forward_ad dual tensors) is not "
+                                      "supported; use reverse mode (torch.autograd.grad, backward)")
         name = _backend.resolve(self.op, backend, like.device, like.dtype,
                                 supports=lambda candidate: self._unsupported(candidate, args) is None)
         if (why := self._unsupported(name, args)) is not None:
