@@ -2,8 +2,9 @@
 
 A family `hadamard_kernels.ops.<family>` has backend modules `reference`, `triton` and `cuda`, each exposing
 `forward(*inputs, *options)` and `backward(grad, *inputs, *options, needs)` with the same signatures. Its op.py
-defines two torch.library custom ops (the forward and its backward, both opaque to the compiler) whose bodies
-call `run_forward` / `run_backward`, and wires them with `register_autograd`.
+defines two torch.library custom ops (the forward and its backward, defined with `backward_custom_op`; both opaque
+to the compiler) whose bodies run the module `BackendModules.select` picks, and wires them with
+`register_autograd`.
 """
 
 from __future__ import annotations
